@@ -50,13 +50,19 @@ def scb_unknown(x, mean, var, eps, rule, scope):
     return y * math.sqrt(K) if rule == "paper" else y
 
 
+def channel_prior(prior, c):
+    """Priors of channel c from priors shared by the channels (K,) or per channel (K, C)."""
+    return prior[:, c] if prior.ndim == 2 else prior
+
+
 def ucb_eval(x, prior, mean, var, eps):
     """Eq. 15."""
     y = np.zeros_like(x)
     for c in range(x.shape[1]):
-        tau = posteriors(x[:, c], prior, mean[:, c], var[:, c], eps)
-        for k in range(len(prior)):
-            y[:, c] += tau[k] / math.sqrt(prior[k]) * (x[:, c] - mean[k, c]) / math.sqrt(var[k, c] + eps)
+        p = channel_prior(prior, c)
+        tau = posteriors(x[:, c], p, mean[:, c], var[:, c], eps)
+        for k in range(len(p)):
+            y[:, c] += tau[k] / math.sqrt(p[k]) * (x[:, c] - mean[k, c]) / math.sqrt(var[k, c] + eps)
     return y
 
 
@@ -66,22 +72,26 @@ def ucb_train(x, prior, mean, var, eps):
     y = np.zeros_like(x)
     mass, E, V = np.zeros((K, C)), np.zeros((K, C)), np.zeros((K, C))
     for c in range(C):
-        xs = x[:, c]
-        tau = posteriors(xs, prior, mean[:, c], var[:, c], eps)
+        xs, p = x[:, c], channel_prior(prior, c)
+        tau = posteriors(xs, p, mean[:, c], var[:, c], eps)
         for k in range(K):
             mass[k, c] = tau[k].sum()
             tau_hat = tau[k] / tau[k].sum()
             E[k, c] = (tau_hat * xs).sum()
             V[k, c] = (tau_hat * (xs - E[k, c]) ** 2).sum()
-            y[:, c] += tau[k] / math.sqrt(prior[k]) * (xs - E[k, c]) / math.sqrt(V[k, c] + eps)
+            y[:, c] += tau[k] / math.sqrt(p[k]) * (xs - E[k, c]) / math.sqrt(V[k, c] + eps)
     return y, mass, E, V
 
 
 def running_update(prior, mean, var, mass, E, V, count, momentum):
-    """SPEC's moving-average step: component statistics, unbiased variance, mean posterior."""
-    new_prior = (1 - momentum) * prior + momentum * mass.sum(1) / mass.sum()
+    """SPEC's moving-average step: component statistics, unbiased variance, mean posterior.
+
+    Priors shared by the channels (K,) pool every channel's mass; per-channel priors (K, C) do not.
+    """
+    batch_prior = mass.sum(1) / mass.sum() if prior.ndim == 1 else mass / mass.sum(0)
+    new_prior = (1 - momentum) * prior + momentum * batch_prior
     return (
-        new_prior / new_prior.sum(),
+        new_prior / new_prior.sum(0),
         (1 - momentum) * mean + momentum * E,
         (1 - momentum) * var + momentum * V * count / (count - 1),
     )

@@ -141,6 +141,11 @@ class TestSCBNorm:
         norm.eval()
         torch.testing.assert_close(fn(x), norm(x), rtol=1e-5, atol=1e-5)
 
+    def test_finite_batch_whose_sum_overflows_passes(self):
+        x = torch.full((6, 4), 3e38)
+        y = cbnorm.SCBNorm(4, 3)(x, torch.zeros(6, dtype=torch.long))
+        assert torch.isfinite(y).all()
+
     def test_repr(self):
         assert repr(cbnorm.SCBNorm(4, 3)) == (
             "SCBNorm(4, 3, eps=1e-05, affine=False, channel_dim=1, unknown='paper', posterior='element')"

@@ -55,6 +55,17 @@ class TestUCBNormMovingAverage:
         np.testing.assert_allclose(to_numpy(norm(x)), ref.ucb_eval(to_numpy(x), *map(to_numpy, state), 1e-5), rtol=1e-10)
         assert int(norm.num_batches_tracked) == 0
 
+    def test_per_channel_priors(self):
+        prior, mean, var = mixture_state()
+        prior = torch.softmax(torch.randn(3, 4, dtype=torch.float64), 0)
+        x = bimodal()
+        y, stats = F.ucb_norm_batch(x, prior, mean, var)
+        y_ref, mass, E, V = ref.ucb_train(to_numpy(x), to_numpy(prior), to_numpy(mean), to_numpy(var), 1e-5)
+        np.testing.assert_allclose(to_numpy(y), y_ref, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(to_numpy(stats.var), V, rtol=1e-9, atol=1e-12)
+        expected = ref.ucb_eval(to_numpy(x), to_numpy(prior), to_numpy(mean), to_numpy(var), 1e-5)
+        np.testing.assert_allclose(to_numpy(F.ucb_norm(x, prior, mean, var)), expected, rtol=1e-10)
+
     def test_single_component_is_batchnorm(self):
         x = 3 * torch.randn(16, 4, 5, 5) + 2
         norm = cbnorm.UCBNorm(4, 1)

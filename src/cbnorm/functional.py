@@ -106,7 +106,8 @@ def log_responsibilities(
 
     Args:
         x: input ``(N, C, *)``.
-        prior: priors :math:`\lambda` ``(K,)``, or ``None`` for uniform priors.
+        prior: priors :math:`\lambda`, ``(K,)`` shared by the channels or ``(K, C)`` per channel;
+            ``None`` for uniform priors.
         mean, var: component statistics ``(K, C)``; ``var`` is floored at ``eps`` here.
         eps: variance floor. Default: ``1e-5``
 
@@ -116,13 +117,18 @@ def log_responsibilities(
     logits = gaussian_log_prob(x, mean, var.clamp_min(eps))
     if prior is not None:
         log_prior = prior.clamp_min(torch.finfo(prior.dtype).tiny).log()
-        logits = logits + log_prior.reshape((-1,) + (1,) * x.dim())
+        logits = logits + _per_component(_channel_prior(log_prior), x)
     return torch.log_softmax(logits, dim=0)
+
+
+def _channel_prior(prior: Tensor) -> Tensor:
+    """Priors ``(K,)`` shared by all channels as ``(K, 1)``; per-channel ``(K, C)`` as they are."""
+    return prior.unsqueeze(1) if prior.dim() == 1 else prior
 
 
 def _mixture_transform(x: Tensor, resp: Tensor, prior: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     r""":math:`\sum_k \tau_k(x_i)\,\lambda_k^{-1/2}\,(x_i-\mu_{k,c})/\sqrt{\sigma^2_{k,c}+\epsilon}`."""
-    scale = (prior.unsqueeze(1) * (var + eps)).rsqrt()
+    scale = (_channel_prior(prior) * (var + eps)).rsqrt()
     return (resp * (x - _per_component(mean, x)) * _per_component(scale, x)).sum(0)
 
 
@@ -252,7 +258,7 @@ def ucb_norm(
         \hat x_i = \sum_{k=1}^K \frac{\tau_k(x_i)}{\sqrt{\lambda_k}}\,
                    \frac{x_i - \mu_{k,c}}{\sqrt{\sigma^2_{k,c} + \epsilon}}
 
-    Shape: ``x`` ``(N, C, *)``; ``prior`` ``(K,)``; ``mean``, ``var`` ``(K, C)``; output like ``x``.
+    Shape: ``x`` ``(N, C, *)``; ``prior`` ``(K,)`` or ``(K, C)``; ``mean``, ``var`` ``(K, C)``; output like ``x``.
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
@@ -284,6 +290,8 @@ def ucb_norm_batch(
 
     .. math::
         \hat x_i = \sum_k \frac{\tau_k(x_i)}{\sqrt{\lambda_k}}\,\frac{x_i - E_k}{\sqrt{V_k+\epsilon}}
+
+    Shape: ``x`` ``(N, C, *)``; ``prior`` ``(K,)`` or ``(K, C)``; ``mean``, ``var`` ``(K, C)``.
 
     Gradients flow through :math:`\tau`, :math:`E` and :math:`V` (not into ``prior, mean, var``,
     which are running state). A component whose mass :math:`\sum\tau_k` is below float epsilon gets

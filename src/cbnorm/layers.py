@@ -373,11 +373,13 @@ class SCBNormBase(_SupervisedClusterNorm):
 class _RunningMixtureNorm(_ClusterNorm):
     """Running mixture state ``(running_prior, running_mean, running_var)`` and its update rule.
 
-    Shared by UCB-Norm's ``moving_average`` mode and Mixture Normalization.
+    Shared by UCB-Norm's ``moving_average`` mode (priors ``(K,)`` shared by the channels) and
+    Mixture Normalization (a mixture per channel, priors ``(K, C)``).
     """
 
-    def _register_running_state(self, num_components: int, factory_kwargs: dict) -> None:
-        self.register_buffer("running_prior", torch.empty(num_components, **factory_kwargs))
+    def _register_running_state(self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False) -> None:
+        prior_shape = (num_components, self.num_features) if per_channel_prior else (num_components,)
+        self.register_buffer("running_prior", torch.empty(prior_shape, **factory_kwargs))
         self.register_buffer("running_mean", torch.empty(num_components, self.num_features, **factory_kwargs))
         self.register_buffer("running_var", torch.empty(num_components, self.num_features, **factory_kwargs))
         self.register_buffer(
@@ -405,14 +407,13 @@ class _RunningMixtureNorm(_ClusterNorm):
         unbiased_var = stats.var * (stats.count / (stats.count - 1))
         for running, batch in ((self.running_mean, stats.mean), (self.running_var, unbiased_var)):
             running.copy_(torch.where(filled, torch.lerp(running, batch.to(running.dtype), factor), running))
-        component_mass = stats.mass.sum(1)
-        batch_prior = (component_mass / component_mass.sum()).to(self.running_prior.dtype)
+        # Priors shared by the channels (K,) pool the mass of all channels; per-channel (K, C) do not.
+        mass = stats.mass.sum(1) if self.running_prior.dim() == 1 else stats.mass
+        batch_prior = (mass / mass.sum(0)).to(self.running_prior.dtype)
         prior = torch.where(
-            component_mass > torch.finfo(stats.mass.dtype).eps,
-            torch.lerp(self.running_prior, batch_prior, factor),
-            self.running_prior,
+            mass > torch.finfo(mass.dtype).eps, torch.lerp(self.running_prior, batch_prior, factor), self.running_prior
         )
-        self.running_prior.copy_(prior / prior.sum())
+        self.running_prior.copy_(prior / prior.sum(0))
         self.num_batches_tracked.add_(1)
 
 
