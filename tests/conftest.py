@@ -1,9 +1,31 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
 
+_DATA_CANDIDATES = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real datasets (MNIST, CIFAR-10): ``$CBNORM_DATA``, else ``shared/data`` beside the checkout.
+
+    When ``CBNORM_DATA`` is set (CI sets it) a missing folder fails the test instead of skipping it.
+    """
+    if os.environ.get("CBNORM_DATA"):
+        root = Path(os.environ["CBNORM_DATA"])
+        if not root.is_dir():
+            pytest.fail(f"CBNORM_DATA={root} is not a directory")
+        return root
+    for root in _DATA_CANDIDATES:
+        if root.is_dir():
+            return root
+    pytest.skip("real datasets not found: set CBNORM_DATA to the folder holding mnist/ and cifar10/")
