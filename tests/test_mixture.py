@@ -120,6 +120,13 @@ class TestFitMixture1d:
         assert occupied == 2 and (fit.prior[:, 1] <= 1e-5).sum() == 1  # the surplus component is empty
         torch.testing.assert_close(fit.mean[fit.prior[:, 1] > 1e-5, 1], torch.tensor([-1.0, 1.0]))
 
+    def test_single_point_component_takes_the_row_variance(self):
+        x = torch.cat([torch.linspace(-1, 1, 49), torch.tensor([30.0])]).unsqueeze(0)
+        fit = fit_mixture_1d(x, 2, steps=0, generator=0)  # the outlier is a cluster of its own
+        torch.testing.assert_close(fit.mean[:, 0], torch.tensor([0.0, 30.0]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(fit.var[1, 0], x.var(correction=0))
+        torch.testing.assert_close(fit.var[0, 0], torch.linspace(-1, 1, 49).var(correction=0))
+
     def test_empty_component_keeps_its_state(self):
         x = torch.randn(2, 40, dtype=torch.float64)
         start = (torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64),
@@ -171,6 +178,15 @@ class TestGaussianMixture:
             np.testing.assert_allclose(to_numpy(got), want, rtol=1e-7, atol=1e-9)
         np.testing.assert_allclose(to_numpy(ours.score_samples(x)), sk.score_samples(to_numpy(x)), rtol=1e-9)
         np.testing.assert_allclose(to_numpy(ours.predict_proba(x)), sk.predict_proba(to_numpy(x)), atol=1e-7)
+
+    def test_kmeans_init_is_converged_kmeans(self):
+        x = overlapping(0, n=600)
+        for init, lloyd in (("kmeans", True), ("kmeans++", False)):
+            gmm = GaussianMixture(3, init=init, max_iter=0, seed=4).fit(x)  # the initial mixture
+            centers, labels = kmeans(x, 3, seed=4)
+            assert gmm.n_iter_ == 0 and torch.allclose(gmm.means_, centers) == lloyd
+            counts = torch.bincount(labels, minlength=3).double()
+            assert torch.allclose(gmm.weights_, counts / 600, atol=1e-12) == lloyd
 
     def test_means_init_alone(self):
         x, _ = blobs(600, [0.5, 0.5], [[-3.0, 0.0], [3.0, 1.0]], [[1.0, 1.0], [0.5, 2.0]])

@@ -54,11 +54,12 @@ _SEED_LLOYD_STEPS = 10
 Seed = Union[int, torch.Generator, None]
 
 
-# -- the batched core: x (B, M, D); responsibilities (B, K, M); components (B, K, D) ---------------
+# -- the batched core: x (B, M, D); components (K, B, D); responsibilities (K, B, M) ---------------
+# Components come first, as in cbnorm.functional: sums over K are then elementwise over (B, M).
 class _Mixture(NamedTuple):
-    weight: Tensor  # (B, K)
-    mean: Tensor  # (B, K, D)
-    var: Tensor  # (B, K, D)
+    weight: Tensor  # (K, B)
+    mean: Tensor  # (K, B, D)
+    var: Tensor  # (K, B, D)
 
 
 def _generator(seed: Seed, device) -> Optional[torch.Generator]:
@@ -68,61 +69,65 @@ def _generator(seed: Seed, device) -> Optional[torch.Generator]:
 
 
 def _sq_dist(x: Tensor, mean: Tensor, var: Optional[Tensor] = None) -> Tensor:
-    r""":math:`\sum_d (x_{md} - \mu_{kd})^2 / \sigma^2_{kd}` (``var=None``: Euclidean), ``(B, K, M)``."""
+    r""":math:`\sum_d (x_{bmd} - \mu_{kbd})^2 / \sigma^2_{kbd}` (``var=None``: Euclidean), ``(K, B, M)``."""
     if x.shape[-1] == 1:  # exact, and in 1-D no larger than the result
-        dist = (x.transpose(1, 2) - mean).square()
-        return dist if var is None else dist / var
+        dist = (x[..., 0] - mean).square_()
+        return dist if var is None else dist.div_(var)
     precision = torch.ones_like(mean) if var is None else var.reciprocal()
-    dist = torch.baddbmm(
-        (mean.square() * precision).sum(-1, keepdim=True), mean * precision, x.transpose(1, 2), alpha=-2
-    )
-    return dist.baddbmm_(precision, x.square().transpose(1, 2)).clamp_min_(0)
+    dist = torch.einsum("kbd,bmd->kbm", precision, x.square()) - 2 * torch.einsum("kbd,bmd->kbm", mean * precision, x)
+    return dist.add_((mean.square() * precision).sum(-1, keepdim=True)).clamp_min_(0)
 
 
-def _e_step(x: Tensor, mix: _Mixture) -> tuple[Tensor, Tensor]:
-    """Per-point log-likelihoods ``(B, M)`` and responsibilities ``(B, K, M)``."""
+def _log_joint(x: Tensor, mix: _Mixture) -> Tensor:
+    r""":math:`\log\lambda_k + \log\mathcal{N}(x_{bm};\mu_{kb},\sigma^2_{kb})` of every point and component, ``(K, B, M)``."""
     log_weight = mix.weight.clamp_min(torch.finfo(mix.weight.dtype).tiny).log()
     log_norm = log_weight - 0.5 * (x.shape[-1] * _LOG_2PI + mix.var.log().sum(-1))
-    log_joint = log_norm.unsqueeze(-1) - 0.5 * _sq_dist(x, mix.mean, mix.var)
-    log_lik = log_joint.logsumexp(1)
-    return log_lik, (log_joint - log_lik.unsqueeze(1)).exp_()
+    return _sq_dist(x, mix.mean, mix.var).mul_(-0.5).add_(log_norm.unsqueeze(-1))
+
+
+def _e_step(x: Tensor, mix: _Mixture) -> Tensor:
+    """Responsibilities ``(K, B, M)``: a softmax over components (one fused kernel, no log-sum-exp pass)."""
+    return _log_joint(x, mix).softmax(0)
 
 
 def _m_step(x: Tensor, resp: Tensor, previous: _Mixture, reg: float, floor: float) -> _Mixture:
-    """Weights, means and variances from responsibilities ``(B, K, M)``; empty components keep ``previous``."""
+    """Weights, means and variances from responsibilities ``(K, B, M)``; empty components keep ``previous``."""
     eps = torch.finfo(x.dtype).eps
     mass = resp.sum(-1, keepdim=True)
-    empty = mass <= eps
-    mean = torch.where(empty, previous.mean, torch.bmm(resp, x) / mass.clamp_min(eps))
+    empty, nk = mass <= eps, mass.clamp_min(eps)
     if x.shape[-1] == 1:  # exact two-pass variance, as cheap as the moments in 1-D
-        var = (resp * (x.transpose(1, 2) - mean).square()).sum(-1, keepdim=True)
+        points = x[..., 0]
+        mean = (resp * points).sum(-1, keepdim=True) / nk
+        var = (points - mean).square_().mul_(resp).sum(-1, keepdim=True)
     else:
-        var = (torch.bmm(resp, x.square()) - mass * mean.square()).clamp_min_(0)
-    var = torch.where(empty, previous.var, (var / mass.clamp_min(eps) + reg).clamp_min_(floor))
+        mean = torch.einsum("kbm,bmd->kbd", resp, x) / nk
+        var = (torch.einsum("kbm,bmd->kbd", resp, x.square()) - mass * mean.square()).clamp_min_(0)
+    mean = torch.where(empty, previous.mean, mean)
+    var = torch.where(empty, previous.var, (var / nk + reg).clamp_min_(floor))
     weight = (mass + 10 * eps).squeeze(-1)
-    return _Mixture(weight / weight.sum(1, keepdim=True), mean, var)
+    return _Mixture(weight / weight.sum(0), mean, var)
 
 
 def _kmeans_plusplus(x: Tensor, k: int, seed: Seed) -> Tensor:
-    """k-means++ seeds ``(B, k, D)`` of each of the ``B`` point sets (Arthur & Vassilvitskii, 2007)."""
+    """k-means++ seeds ``(k, B, D)`` of each of the ``B`` point sets (Arthur & Vassilvitskii, 2007)."""
     generator = _generator(seed, x.device)
     num_sets, num_points, _ = x.shape
     sets = torch.arange(num_sets, device=x.device)
     pick = torch.randint(num_points, (num_sets,), generator=generator, device=x.device)
     centers = [x[sets, pick]]
-    dist2 = _sq_dist(x, centers[0].unsqueeze(1)).squeeze(1)
+    dist2 = _sq_dist(x, centers[0].unsqueeze(0))[0]
     for _ in range(1, k):  # sequential by definition; k is small
         weights = torch.where(dist2.sum(1, keepdim=True) > 0, dist2, torch.ones_like(dist2))
         pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
         centers.append(x[sets, pick])
-        dist2 = torch.minimum(dist2, _sq_dist(x, centers[-1].unsqueeze(1)).squeeze(1))
-    return torch.stack(centers, 1)
+        dist2 = torch.minimum(dist2, _sq_dist(x, centers[-1].unsqueeze(0))[0])
+    return torch.stack(centers)
 
 
 def _nearest(x: Tensor, centers: Tensor) -> Tensor:
-    """One-hot assignment ``(B, K, M)`` of every point to its nearest center (ties: lowest index)."""
-    labels = _sq_dist(x, centers).argmin(1)
-    return torch.nn.functional.one_hot(labels, centers.shape[1]).transpose(1, 2).to(x.dtype)
+    """One-hot assignment ``(K, B, M)`` of every point to its nearest center (ties: lowest index)."""
+    labels = _sq_dist(x, centers).argmin(0)
+    return torch.nn.functional.one_hot(labels, centers.shape[0]).permute(2, 0, 1).to(x.dtype)
 
 
 def _lloyd(x: Tensor, centers: Tensor, max_steps: int, until_stable: bool = False) -> Tensor:
@@ -130,7 +135,8 @@ def _lloyd(x: Tensor, centers: Tensor, max_steps: int, until_stable: bool = Fals
     for _ in range(max_steps):
         assigned = _nearest(x, centers)
         counts = assigned.sum(-1, keepdim=True)
-        moved = torch.where(counts > 0, torch.bmm(assigned, x) / counts.clamp_min(1), centers)
+        sums = torch.einsum("kbm,bmd->kbd", assigned, x)
+        moved = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
         if until_stable and torch.equal(moved, centers):
             break
         centers = moved
@@ -138,14 +144,14 @@ def _lloyd(x: Tensor, centers: Tensor, max_steps: int, until_stable: bool = Fals
 
 
 def _partition_mixture(x: Tensor, centers: Tensor, reg: float, floor: float) -> tuple[_Mixture, Tensor]:
-    """The mixture of the nearest-center partition, and the cluster sizes ``(B, K)``.
+    """The mixture of the nearest-center partition, and the cluster sizes ``(K, B)``.
 
     Weights are the cluster fractions, means the cluster means (an empty cluster keeps its
     center), variances the cluster variances; a cluster of fewer than two points has no spread
     and takes the variance of its whole point set instead.
     """
     assigned = _nearest(x, centers)
-    overall = (x.var(1, correction=0, keepdim=True) + reg).clamp_min(floor).expand_as(centers)
+    overall = (x.var(1, correction=0) + reg).clamp_min(floor).expand_as(centers)
     mix = _m_step(x, assigned, _Mixture(None, centers, overall), reg, floor)
     counts = assigned.sum(-1)
     return mix._replace(var=torch.where(counts.unsqueeze(-1) < 2, overall, mix.var)), counts
@@ -182,7 +188,7 @@ def kmeans_plusplus_1d(x: Tensor, k: int, generator=None) -> Tensor:
     Returns:
         ``(C, k)`` centers, sorted ascending in each row.
     """
-    return _kmeans_plusplus(x.unsqueeze(-1), k, generator).squeeze(-1).sort(dim=1).values
+    return _kmeans_plusplus(x.unsqueeze(-1), k, generator)[..., 0].T.sort(dim=1).values
 
 
 def kmeans_1d(x: Tensor, k: int, iters: int = _SEED_LLOYD_STEPS, generator=None) -> Tensor:
@@ -191,12 +197,12 @@ def kmeans_1d(x: Tensor, k: int, iters: int = _SEED_LLOYD_STEPS, generator=None)
     A center that loses all its points stays where it is. Returns ``(C, k)`` sorted centers.
     """
     seeds = _kmeans_plusplus(x.unsqueeze(-1), k, generator)
-    return _lloyd(x.unsqueeze(-1), seeds, iters).squeeze(-1).sort(dim=1).values
+    return _lloyd(x.unsqueeze(-1), seeds, iters)[..., 0].T.sort(dim=1).values
 
 
 def _kmeans_mixture_1d(x: Tensor, k: int, floor: float, generator) -> tuple[_Mixture, Tensor]:
     """The mixture of each row's k-means partition (components sorted by mean), and cluster sizes."""
-    return _partition_mixture(x.unsqueeze(-1), kmeans_1d(x, k, generator=generator).unsqueeze(-1), 0.0, floor)
+    return _partition_mixture(x.unsqueeze(-1), kmeans_1d(x, k, generator=generator).T.unsqueeze(-1), 0.0, floor)
 
 
 def init_mixture_1d(x: Tensor, k: int, eps: float = 1e-5, generator=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,8 +217,8 @@ def init_mixture_1d(x: Tensor, k: int, eps: float = 1e-5, generator=None) -> tup
         ``(prior (k,), mean (k, C), var (k, C))``, components sorted by mean in each row.
     """
     mix, counts = _kmeans_mixture_1d(x, k, eps, generator)
-    prior = (counts.sum(0) + 1) / (counts.sum() + k)
-    return prior, mix.mean.squeeze(-1).T.contiguous(), mix.var.squeeze(-1).T.contiguous()
+    prior = (counts.sum(1) + 1) / (counts.sum() + k)
+    return prior, mix.mean[..., 0], mix.var[..., 0]
 
 
 def fit_mixture_1d(
@@ -231,7 +237,8 @@ def fit_mixture_1d(
     ``init = (prior, mean, var)``, each ``(K, C)``, EM warm-starts from that mixture (and nothing
     is random). Then ``steps`` EM steps (M-step in the module docstring, no regulariser, variances
     floored at ``var_floor``). The number of steps is fixed, so there is no host synchronisation
-    and the function traces under ``torch.compile``.
+    and the function traces under ``torch.compile``. The fit carries no gradient, and runs in
+    ``x.dtype`` with autocast off.
 
     Degenerate rows never give NaN: a component that receives no points (a row with fewer
     distinct values than ``k``, a constant row) gets a prior of about zero and keeps its mean and
@@ -260,22 +267,22 @@ def fit_mixture_1d(
     if init is not None and any(tuple(t.shape) != (k, x.shape[0]) for t in init):
         raise ValueError(f"fit_mixture_1d: expected init (prior, mean, var) of shape ({k}, {x.shape[0]}) each, "
                          f"got {[tuple(t.shape) for t in init]}")
-    with torch.autocast(x.device.type, enabled=False):  # EM in x.dtype even under autocast
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # EM in x.dtype even under autocast
         points = x.unsqueeze(-1)
         if init is None:
             mix = _kmeans_mixture_1d(x, k, var_floor, generator)[0]
         else:
-            prior, mean, var = (t.detach().to(x.dtype).T for t in init)
+            prior, mean, var = (t.to(x.dtype) for t in init)
             mix = _Mixture(prior, mean.unsqueeze(-1), var.unsqueeze(-1))
         for _ in range(steps):
-            mix = _m_step(points, _e_step(points, mix)[1], mix, 0.0, var_floor)
-    return Mixture1d(mix.weight.T, mix.mean.squeeze(-1).T, mix.var.squeeze(-1).T)
+            mix = _m_step(points, _e_step(points, mix), mix, 0.0, var_floor)
+    return Mixture1d(mix.weight, mix.mean[..., 0], mix.var[..., 0])
 
 
 # -- one mixture of (N, D) features -----------------------------------------------------------------
 def _check_features(owner: str, features, min_rows: int, what: str) -> Tensor:
     """``features`` as a finite float64 ``(N, D)`` tensor with at least ``min_rows`` distinct rows."""
-    x = torch.as_tensor(features)
+    x = torch.as_tensor(features).detach()
     if x.dim() != 2:
         raise ValueError(f"{owner}: expected features of shape (N, D), got shape {tuple(x.shape)}")
     x = x.to(torch.float64)
@@ -318,7 +325,7 @@ def kmeans(features, k: int, *, max_iter: int = 300, seed: Seed = None) -> tuple
     _check_k("kmeans", "k", k)
     x = _check_features("kmeans", features, k, "k").unsqueeze(0)
     centers = _lloyd(x, _kmeans_plusplus(x, k, seed), max_iter, until_stable=True)
-    return centers[0], _sq_dist(x, centers)[0].argmin(0)
+    return centers[:, 0], _sq_dist(x, centers)[:, 0].argmin(0)
 
 
 class GaussianMixture:
@@ -417,7 +424,7 @@ class GaussianMixture:
             raise ValueError(f"GaussianMixture: expected {name} to be finite" + ("" if name == "means_init" else " and positive"))
         if name == "weights_init" and abs(float(value.sum()) - 1) > 1e-6:
             raise ValueError(f"GaussianMixture: expected weights_init to sum to 1, got {float(value.sum()):.6g}")
-        return value.unsqueeze(0)
+        return value.unsqueeze(1)
 
     def _initial(self, x: Tensor, generator: Optional[torch.Generator]) -> _Mixture:
         k, dims = self.n_components, x.shape[-1]
@@ -440,9 +447,9 @@ class GaussianMixture:
         floor = torch.finfo(x.dtype).tiny
         bound, converged, iterations = -math.inf, False, 0
         while iterations < self.max_iter and not converged:
-            log_lik, resp = _e_step(x, mix)
-            mix = _m_step(x, resp, mix, self.reg_covar, floor)
-            previous, bound = bound, float(log_lik.mean())
+            log_joint = _log_joint(x, mix)
+            mix = _m_step(x, log_joint.softmax(0), mix, self.reg_covar, floor)
+            previous, bound = bound, float(log_joint.logsumexp(0).mean())
             converged, iterations = abs(bound - previous) < self.tol, iterations + 1
         return bound, mix, converged, iterations
 
@@ -459,14 +466,15 @@ class GaussianMixture:
         runs = 1 if self.means_init is not None else self.n_init
         best = max((self._em(x, self._initial(x, generator)) for _ in range(runs)), key=lambda run: run[0])
         self.lower_bound_, mix, self.converged_, self.n_iter_ = best
-        self.weights_, self.means_, self.variances_ = mix.weight[0], mix.mean[0] + self._offset, mix.var[0]
+        self.weights_, self.means_, self.variances_ = mix.weight[:, 0], mix.mean[:, 0] + self._offset, mix.var[:, 0]
         if not self.converged_ and self.max_iter > 0:
             warnings.warn(f"GaussianMixture: EM did not converge in max_iter={self.max_iter} iterations "
                           f"(tol={self.tol}); raise max_iter or tol", RuntimeWarning, stacklevel=2)
         return self
 
     # -- using the fit ----------------------------------------------------------------------------
-    def _fitted(self, X) -> tuple[Tensor, Tensor]:
+    def _log_joint(self, X) -> Tensor:
+        """Log-joint ``(K, N)`` of every component and sample of ``X``, under the fitted mixture."""
         if not hasattr(self, "means_"):
             raise ValueError("GaussianMixture: this instance is not fitted yet; call fit(X) first")
         x = _check_features("GaussianMixture", X, 1, "")
@@ -474,11 +482,12 @@ class GaussianMixture:
             raise ValueError(f"GaussianMixture: expected {self.means_.shape[1]} features per sample "
                              f"(as in fit), got {x.shape[1]}")
         x = (x.to(self.means_.device) - self._offset).unsqueeze(0)
-        return _e_step(x, _Mixture(self.weights_[None], (self.means_ - self._offset)[None], self.variances_[None]))
+        mix = _Mixture(self.weights_[:, None], (self.means_ - self._offset)[:, None], self.variances_[:, None])
+        return _log_joint(x, mix)[:, 0]
 
     def score_samples(self, X) -> Tensor:
         """Log-likelihood :math:`\\log p(x_n)` of every sample, ``(N,)`` float64."""
-        return self._fitted(X)[0][0]
+        return self._log_joint(X).logsumexp(0)
 
     def score(self, X) -> float:
         """Mean log-likelihood per sample of ``X`` under the fitted mixture."""
@@ -486,7 +495,7 @@ class GaussianMixture:
 
     def predict_proba(self, X) -> Tensor:
         """Posterior probability of every component for every sample, ``(N, K)`` float64."""
-        return self._fitted(X)[1][0].T
+        return self._log_joint(X).softmax(0).T
 
     def predict(self, X) -> Tensor:
         """The most probable component of every sample, ``(N,)`` int64."""
