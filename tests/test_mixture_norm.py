@@ -84,6 +84,10 @@ class TestMixtureNorm:
         # near the two modes, sorted, priors near the per-channel fraction of the lower mode
         torch.testing.assert_close(norm.fit_mean, torch.tensor([[-2.0] * 4, [1.5] * 4], dtype=torch.float64), atol=0.3, rtol=0)
         torch.testing.assert_close(norm.fit_prior[0], (x < -0.5).double().mean((0, 2)), atol=0.02, rtol=0)
+        norm.reset_running_stats()  # back to the start: the next batch fits from k-means again
+        assert not norm.initialized and not norm._initialized and int(norm.num_batches_tracked) == 0
+        assert torch.equal(norm.fit_mean, torch.zeros(2, 4, dtype=torch.float64))
+        assert torch.equal(norm.running_prior, torch.full((2, 4), 0.5, dtype=torch.float64))
 
     def test_warm_start_from_previous_fit(self):
         norm = warm_mn(em_steps=3)

@@ -242,7 +242,8 @@ def fit_mixture_1d(
 
     Degenerate rows never give NaN: a component that receives no points (a row with fewer
     distinct values than ``k``, a constant row) gets a prior of about zero and keeps its mean and
-    variance; a component on a single value gets variance ``var_floor``. ``x`` must be finite.
+    variance; a component that collapses onto one value gets variance ``var_floor``. ``x`` must be
+    finite (not checked here: that would synchronise with the device).
 
     Args:
         x: the data, one row per mixture, ``(C, M)``; the fit runs in ``x.dtype``.
@@ -261,6 +262,7 @@ def fit_mixture_1d(
         >>> fit = cbnorm.mixture.fit_mixture_1d(rows, 3, steps=5)
         >>> fit = cbnorm.mixture.fit_mixture_1d(next_rows, 3, steps=2, init=fit)  # warm start
     """
+    _check_k("fit_mixture_1d", "k", k)
     if x.dim() != 2 or not x.is_floating_point() or x.shape[1] == 0:
         raise ValueError(f"fit_mixture_1d: expected a floating-point (C, M) tensor with M > 0, "
                          f"got {x.dtype} of shape {tuple(x.shape)}")
