@@ -33,6 +33,8 @@ class TestImageFeatures:
         _, _, vh = np.linalg.svd(flat, full_matrices=False)
         exact = flat @ vh[:3].T
         np.testing.assert_allclose(np.abs(feats.numpy()), np.abs(exact), atol=1e-8)  # up to each axis's sign
+        loadings = torch.from_numpy(flat).T @ feats  # column j is proportional to axis j, by a positive factor
+        assert (loadings.gather(0, loadings.abs().argmax(0, keepdim=True)) > 0).all()  # the largest loading is positive
         assert feats.dtype == torch.float64 and (feats.var(0)[:-1] >= feats.var(0)[1:]).all()
 
     def test_layout_scale_and_determinism(self):

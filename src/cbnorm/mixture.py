@@ -10,8 +10,9 @@ dims (``x`` of shape ``(B, M, D)``). It has two front ends:
 * One mixture of ``(N, D)`` features (``B = 1``) for dataset-level clustering:
   :class:`GaussianMixture`, with scikit-learn's names, and :func:`kmeans`.
 
-EM is scikit-learn's ``GaussianMixture(covariance_type="diag")``. The E-step takes the
-log-posteriors with log-sum-exp; with responsibilities :math:`\tau_{ik}` the M-step is
+EM is scikit-learn's ``GaussianMixture(covariance_type="diag")``. The E-step normalises the
+log-joint densities over the components with a max-shifted softmax (log-sum-exp, never raw
+exponentials); with responsibilities :math:`\tau_{ik}` the M-step is
 
 .. math::
     n_k = \sum_i \tau_{ik},\quad \lambda_k = \frac{n_k + 10\epsilon}{\sum_j (n_j + 10\epsilon)},\quad
