@@ -95,3 +95,21 @@ def running_update(prior, mean, var, mass, E, V, count, momentum):
         (1 - momentum) * mean + momentum * E,
         (1 - momentum) * var + momentum * V * count / (count - 1),
     )
+
+
+def em_1d(xs, prior, mean, var, steps, floor):
+    """EM steps of one channel's scalar mixture: weights from n_k + 10 eps (as scikit-learn), means
+    and variances from n_k, variances floored at ``floor``; a component with n_k <= eps keeps its
+    mean and variance."""
+    eps = np.finfo(np.float64).eps
+    prior, mean, var = (np.array(t, dtype=np.float64) for t in (prior, mean, var))
+    for _ in range(steps):
+        tau = posteriors(xs, prior, mean, var, floor)
+        for k in range(len(prior)):
+            nk = tau[k].sum()
+            if nk > eps:
+                mean[k] = (tau[k] * xs).sum() / nk
+                var[k] = max((tau[k] * (xs - mean[k]) ** 2).sum() / nk, floor)
+            prior[k] = nk + 10 * eps
+        prior = prior / prior.sum()
+    return prior, mean, var

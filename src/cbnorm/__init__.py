@@ -7,22 +7,30 @@ Example::
     >>> y = norm(torch.randn(32, 64, 8, 8))
 """
 
-from . import functional
+from . import functional, mixture
+from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
 from .context import cluster_context
 from .factory import convert_batchnorm, create_norm_layer, get_norm_layer, norm_layer_names, register_norm_layer
 from .layers import SCBNorm, SCBNormBase, UCBNorm
+from .mixture_norm import MixtureNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MixtureNorm",
     "SCBNorm",
     "SCBNormBase",
     "UCBNorm",
+    "cached_cluster_ids",
+    "cluster_cache_path",
     "cluster_context",
+    "cluster_dataset",
     "convert_batchnorm",
     "create_norm_layer",
     "functional",
     "get_norm_layer",
+    "image_features",
+    "mixture",
     "norm_layer_names",
     "register_norm_layer",
 ]

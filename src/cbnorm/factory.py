@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional, Union
 from torch import nn
 
 from .layers import SCBNorm, SCBNormBase, UCBNorm
+from .mixture_norm import MixtureNorm
 
 __all__ = ["register_norm_layer", "get_norm_layer", "create_norm_layer", "convert_batchnorm", "norm_layer_names"]
 
@@ -17,6 +18,7 @@ _NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "batchnorm1d": nn.BatchNorm1d,
     "batchnorm2d": nn.BatchNorm2d,
     "batchnorm3d": nn.BatchNorm3d,
+    "mn": MixtureNorm,
     "scb": SCBNorm,
     "scb_base": SCBNormBase,
     "ucb": UCBNorm,

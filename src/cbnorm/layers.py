@@ -374,7 +374,8 @@ class _RunningMixtureNorm(_ClusterNorm):
     """Running mixture state ``(running_prior, running_mean, running_var)`` and its update rule.
 
     Shared by UCB-Norm's ``moving_average`` mode (priors ``(K,)`` shared by the channels) and
-    Mixture Normalization (a mixture per channel, priors ``(K, C)``).
+    Mixture Normalization (a mixture per channel, priors ``(K, C)``), with ``momentum`` and the
+    ``initialized`` flag that the first training batch sets.
     """
 
     def _register_running_state(self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False) -> None:
@@ -386,6 +387,24 @@ class _RunningMixtureNorm(_ClusterNorm):
             "num_batches_tracked",
             torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
         )
+
+    def _set_momentum(self, momentum: Optional[float]) -> None:
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{self._name}: expected momentum in [0, 1] or None, got {momentum!r}")
+        self.momentum = momentum
+
+    def _register_initialized(self, device) -> None:
+        """A boolean buffer saying whether the first training batch has set up the state."""
+        self.register_buffer("initialized", torch.tensor(False, device=device))
+        self._initialized = False
+
+    def _mark_initialized(self, value: bool) -> None:
+        self.initialized.fill_(value)
+        self._initialized = value  # a Python mirror, so that torch.compile does not branch on a tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
 
     def _momentum_factor(self) -> float:
         if self.momentum is None:  # cumulative moving average, as in BatchNorm
@@ -499,19 +518,17 @@ class UCBNorm(_RunningMixtureNorm):
         super().__init__(num_features, num_components, eps, affine, channel_dim, factory_kwargs)
         _check_choice(self._name, "update", update, self.UPDATES)
         _check_choice(self._name, "init", init, self.INITS)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{self._name}: expected momentum in [0, 1] or None, got {momentum!r}")
+        self._set_momentum(momentum)
         self.num_components = num_components
         self.update = update
         self.init = init
-        self.momentum = momentum
         if update == "weight":
             self.prior_logits = nn.Parameter(torch.empty(num_components, **factory_kwargs))
             self.loc = nn.Parameter(torch.empty(num_components, num_features, **factory_kwargs))
             self.log_var = nn.Parameter(torch.empty(num_components, num_features, **factory_kwargs))
         else:
             self._register_running_state(num_components, factory_kwargs)
-        self.register_buffer("initialized", torch.tensor(False, device=device))
+        self._register_initialized(device)
         self.reset_parameters()
 
     # -- state ---------------------------------------------------------------------------------
@@ -542,10 +559,6 @@ class UCBNorm(_RunningMixtureNorm):
             self.running_var.copy_(var)
         self._mark_initialized(True)
 
-    def _mark_initialized(self, value: bool) -> None:
-        self.initialized.fill_(value)
-        self._initialized = value  # a Python mirror, so that torch.compile does not branch on a tensor
-
     def reset_running_stats(self) -> None:
         """Back to the initial state; with ``init="kmeans++"`` the next training batch re-seeds it."""
         k, c = self.num_components, self.num_features
@@ -563,10 +576,6 @@ class UCBNorm(_RunningMixtureNorm):
     def reset_parameters(self) -> None:
         super().reset_parameters()
         self.reset_running_stats()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._initialized = bool(self.initialized)
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:

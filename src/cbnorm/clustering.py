@@ -1,0 +1,207 @@
+r"""Dataset-level clusters, the "prior knowledge" SCB-Norm is trained with.
+
+The paper gives SCB-Norm and SCB-Norm-base clusters found by EM on the data (:math:`K = 3` for the
+shallow CNN, :math:`K = 5` for DenseNet). Here that is three steps, each a function:
+
+1. :func:`image_features`: images ``(N, C, H, W)`` (or any ``(N, *)``) flattened, standardised
+   per input feature, and projected on their first ``dim`` principal components (default 32).
+2. :func:`cluster_dataset`: one cluster id per sample, by a diagonal Gaussian mixture fitted with
+   EM (:class:`cbnorm.mixture.GaussianMixture`) or by k-means.
+3. :func:`cached_cluster_ids`: the ids of step 2 kept in a file keyed by dataset, ``k``, method and
+   seed, computed (and written atomically) only when no valid file exists.
+
+Everything is torch and deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+from .mixture import GaussianMixture, kmeans
+
+__all__ = ["FEATURE_DIM", "METHODS", "cached_cluster_ids", "cluster_cache_path", "cluster_dataset", "image_features"]
+
+FEATURE_DIM = 32
+METHODS = ("gmm", "kmeans")
+# Bump when the ids a given (dataset, k, method, seed) produces change, so old cache files are recomputed.
+_CACHE_FORMAT = 1
+_OVERSAMPLE, _POWER_ITERS = 10, 7
+
+
+def _pca(x: Tensor, dim: int, seed: int) -> Tensor:
+    """Scores of centred ``x`` ``(N, D)`` on its top ``dim`` principal axes, by randomized SVD.
+
+    Halko, Martinsson & Tropp (2011): a Gaussian sketch with ``dim + 10`` columns, seven power
+    iterations re-orthonormalised by QR, then an exact SVD in the sketch's span. Each axis's sign
+    makes its largest loading positive, so the result does not depend on the SVD's sign choices.
+    """
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    width = min(dim + _OVERSAMPLE, *x.shape)
+    basis = x @ torch.randn(x.shape[1], width, generator=generator, dtype=x.dtype, device=x.device)
+    for _ in range(_POWER_ITERS):
+        basis = x @ torch.linalg.qr(x.T @ torch.linalg.qr(basis).Q).Q
+    basis = torch.linalg.qr(basis).Q
+    axes = torch.linalg.svd(basis.T @ x, full_matrices=False).Vh[:dim]
+    signs = axes.gather(1, axes.abs().argmax(1, keepdim=True)).sign()
+    return x @ (axes * signs).T
+
+
+def image_features(images, dim: int = FEATURE_DIM, *, seed: int = 0) -> Tensor:
+    """Features for dataset-level clustering: flatten, standardise, PCA to ``dim`` dims.
+
+    Every input feature (pixel and colour channel) is centred and divided by its standard
+    deviation over the data set (a constant feature is only centred); the result is projected on
+    its first ``dim`` principal axes (randomized SVD, deterministic given ``seed``).
+
+    Args:
+        images: ``(N, C, H, W)``, ``(N, D)`` or any ``(N, *)`` tensor or array; integer (e.g.
+            uint8) or floating point. The layout does not matter, only that it is the same for every sample.
+        dim: number of principal components kept. Default: ``32``
+        seed: seed of the randomized SVD's sketch. Default: ``0``
+
+    Returns:
+        ``(N, dim)`` features, float32 (float64 for float64 input), with decreasing variance per column.
+
+    Example::
+
+        >>> feats = cbnorm.image_features(torch.from_numpy(x_train).permute(0, 3, 1, 2))  # (50000, 32)
+    """
+    x = torch.as_tensor(images)
+    if x.dim() < 2 or x.shape[0] < 2:
+        raise ValueError(f"image_features: expected images of shape (N, *) with N >= 2, got shape {tuple(x.shape)}")
+    x = x.reshape(x.shape[0], -1)
+    if not 1 <= dim <= min(x.shape):
+        raise ValueError(f"image_features: expected 1 <= dim <= min(N, features)={min(x.shape)}, got dim={dim}")
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("image_features: expected finite images, got NaN or Inf")
+    std, mean = torch.std_mean(x, 0, correction=0)
+    x = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    return _pca(x, dim, seed)
+
+
+def cluster_dataset(features, k: int, *, method: str = "gmm", seed: int = 0) -> Tensor:
+    """One cluster id per sample of ``features`` ``(N, D)``.
+
+    ``method="gmm"``: the most probable component of a diagonal Gaussian mixture fitted by EM
+    (:class:`~cbnorm.mixture.GaussianMixture` with ``init="kmeans"``, ``max_iter=200``). ``"kmeans"``:
+    the nearest center of a k-means (k-means++ seeds, Lloyd steps to convergence). Ids are ordered
+    by cluster size, 0 the largest, so they do not depend on the order the algorithm found the
+    clusters in.
+
+    Args:
+        features: ``(N, D)`` tensor or array, e.g. from :func:`image_features`; finite, at least ``k`` distinct rows.
+        k: number of clusters.
+        method: ``"gmm"`` or ``"kmeans"``. Default: ``"gmm"``
+        seed: seed of the k-means++ draws. Default: ``0``
+
+    Returns:
+        ``(N,)`` int64 ids in ``[0, k)``.
+
+    Example::
+
+        >>> ids = cbnorm.cluster_dataset(cbnorm.image_features(images), 3)
+    """
+    if method not in METHODS:
+        raise ValueError(f"cluster_dataset: expected method to be one of {METHODS}, got {method!r}")
+    if method == "gmm":
+        mixture = GaussianMixture(k, init="kmeans", max_iter=200, seed=seed)
+        labels = mixture.fit(features).predict(features)
+    else:
+        labels = kmeans(features, k, seed=seed)[1]
+    order = torch.bincount(labels, minlength=k).argsort(descending=True, stable=True)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(k, device=order.device))[labels]
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def cluster_cache_path(cache_dir: Union[str, os.PathLike], dataset: str, k: int, *, method: str = "gmm", seed: int = 0) -> Path:
+    """The file :func:`cached_cluster_ids` uses: ``cache_dir/{dataset}-k{k}-{method}-seed{seed}.pt``."""
+    if not isinstance(dataset, str) or not _NAME.fullmatch(dataset):
+        raise ValueError(f"cluster_cache_path: expected a dataset name of letters, digits, '_', '.', '-', got {dataset!r}")
+    if method not in METHODS:
+        raise ValueError(f"cluster_cache_path: expected method to be one of {METHODS}, got {method!r}")
+    return Path(cache_dir) / f"{dataset}-k{k}-{method}-seed{seed}.pt"
+
+
+def _load_valid(path: Path, key: dict, num_samples) -> Union[Tensor, None]:
+    """The ids stored at ``path`` if the file is readable, was written for ``key`` and holds sane ids."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated or not a torch file: all mean "compute again"
+        return None
+    ids = stored.get("ids") if isinstance(stored, dict) else None
+    if not isinstance(ids, Tensor) or any(stored.get(name) != value for name, value in key.items()):
+        return None
+    if ids.dtype != torch.int64 or ids.dim() != 1 or (num_samples is not None and len(ids) != num_samples):
+        return None
+    if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < key["k"]):
+        return None
+    return ids
+
+
+def cached_cluster_ids(
+    cache_dir: Union[str, os.PathLike],
+    dataset: str,
+    k: int,
+    features: Union[Tensor, Callable[[], Tensor]],
+    *,
+    method: str = "gmm",
+    seed: int = 0,
+    num_samples: Union[int, None] = None,
+) -> Tensor:
+    """Cluster ids of a data set, read from a cache file or computed by :func:`cluster_dataset` and cached.
+
+    The file (:func:`cluster_cache_path`) is used when it loads and records the same ``dataset``,
+    ``k``, ``method``, ``seed`` and cache format, and its ids are int64 in ``[0, k)`` (and
+    ``num_samples`` of them, when given; a tensor ``features`` gives its own length). Otherwise
+    the ids are computed and the file is written atomically (a temporary file in ``cache_dir``,
+    then a rename), so a crash or a concurrent reader never sees half a file.
+
+    Args:
+        cache_dir: folder of the cache files; created if missing.
+        dataset: the data set's name, part of the file name (e.g. ``"cifar10-train"``).
+        k: number of clusters.
+        features: ``(N, D)`` features, or a function returning them, called only when the ids
+            must be computed (features are the slow part).
+        method: ``"gmm"`` or ``"kmeans"``. Default: ``"gmm"``
+        seed: the clustering's seed. Default: ``0``
+        num_samples: the expected number of ids. Default: ``None`` (the length of a tensor ``features``)
+
+    Returns:
+        ``(N,)`` int64 cluster ids, on the CPU.
+
+    Example::
+
+        >>> ids = cbnorm.cached_cluster_ids("runs/clusters", "cifar10-train", 3, lambda: cbnorm.image_features(x))
+    """
+    path = cluster_cache_path(cache_dir, dataset, k, method=method, seed=seed)
+    key = {"format": _CACHE_FORMAT, "dataset": dataset, "k": k, "method": method, "seed": seed}
+    if num_samples is None and isinstance(features, Tensor):
+        num_samples = len(features)
+    ids = _load_valid(path, key, num_samples)
+    if ids is not None:
+        return ids
+    ids = cluster_dataset(features() if callable(features) else features, k, method=method, seed=seed).cpu()
+    if num_samples is not None and len(ids) != num_samples:
+        raise ValueError(f"cached_cluster_ids: expected features of {num_samples} samples, got {len(ids)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save({**key, "ids": ids}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return ids
