@@ -68,6 +68,7 @@ def _train_config(given: dict):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import train as train_module
     from .data import DATASETS
 
     parser = argparse.ArgumentParser(prog="cbnorm", description="Cluster-Based Normalization: experiments")
@@ -85,8 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = commands.add_parser("train", help="train one model (resumable); flags are TrainConfig's fields",
-                            description=__import__("cbnorm.experiments.train", fromlist=["_"]).__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description=train_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(p)
 
     p = commands.add_parser("reproduce", help="reproduce Table V (table5) or the DenseNet experiment (densenet)")
@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", action="store_true", help="activation histograms with their fitted mixture")
     p.add_argument("--layer", help="module whose output --activations shows (default: the model's probe layer)")
     p.add_argument("--tsne", action="store_true", help="t-SNE of the classifier's inputs at each snapshot")
+    p.add_argument("--points", type=int, default=512, help="test images for --activations and --tsne (default: 512)")
     p.add_argument("--data-dir", help="data root, if not the one the runs used")
 
     p = commands.add_parser("data", help="list, download or verify data sets")
@@ -158,7 +159,7 @@ def _run(args) -> None:
     elif args.command == "train":
         from .train import train
 
-        given = {k: v for k, v in vars(args).items() if k != "command"}
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
         train(_train_config(given))
     elif args.command == "reproduce":
         from .reproduce import densenet_dataset, reproduce
@@ -168,13 +169,13 @@ def _run(args) -> None:
         else:
             name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
         reproduce(name, dataset, args.scale, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
-                  device=args.device, amp=args.amp, progress=args.progress)
+                  device=args.device, amp=args.amp, progress=args.progress, command=args.command_line)
     elif args.command == "plot":
         from .plots import plot_runs
 
         out = args.out or args.runs[0]
         for path in plot_runs(args.runs, out, metrics=args.metric, activations=args.activations, tsne=args.tsne,
-                              layer=args.layer, data_dir=args.data_dir):
+                              layer=args.layer, points=args.points, data_dir=args.data_dir):
             print(path)
     elif args.command == "data":
         _data(args)
@@ -193,7 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; errors in the input (bad flags, missing data) print one line and return 2."""
     from .data import DataError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.command_line = "cbnorm " + " ".join(argv)
     try:
         _run(args)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as error:

@@ -31,7 +31,7 @@ __all__ = ["ClusterIds", "cluster_dataset", "image_features", "load_cluster_ids"
 # --     from cbnorm import cluster_dataset, image_features
 
 
-def image_features(images: Tensor, dim: int = 50, seed: int = 0, fit_size: int = 10_000) -> Tensor:
+def image_features(images: Tensor, dim: int = 50, seed: int = 0, fit_size: int = 5000) -> Tensor:
     """Images ``(N, C, H, W)`` -> ``(N, dim)`` float32: flattened, centred per pixel and scaled by
     one global std, projected by a PCA fitted on at most ``fit_size`` of them. (A per-pixel std
     would blow up the near-constant border pixels of digit images.)"""
@@ -46,22 +46,23 @@ def image_features(images: Tensor, dim: int = 50, seed: int = 0, fit_size: int =
     return torch.from_numpy(np.concatenate(chunks)).float()
 
 
-def cluster_dataset(features: Tensor, k: int, *, method: str = "gmm", seed: int = 0) -> Tensor:
+def cluster_dataset(features: Tensor, k: int, *, method: str = "gmm", seed: int = 0, fit_size: int = 20_000) -> Tensor:
     """One cluster id in ``[0, k)`` per row of ``features`` ``(N, D)``: a diagonal Gaussian mixture
-    fitted by EM (``"gmm"``) or k-means (``"kmeans"``), seeded by ``seed``."""
+    fitted by EM (``"gmm"``) or k-means (``"kmeans"``) on at most ``fit_size`` rows, seeded by ``seed``."""
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
 
     if features.dim() != 2 or len(features) < k:
         raise ValueError(f"expected features (N, D) with N >= k={k}, got shape {tuple(features.shape)}")
     x = features.double().numpy()
+    fit = x[np.random.default_rng(seed).permutation(len(x))[:fit_size]]
     if method == "gmm":
         model = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-4)
     elif method == "kmeans":
         model = KMeans(k, n_init=4, random_state=seed)
     else:
         raise ValueError(f"unknown clustering method {method!r}; expected 'gmm' or 'kmeans'")
-    return torch.from_numpy(model.fit(x).predict(x)).long()
+    return torch.from_numpy(model.fit(fit).predict(x)).long()
 
 
 # -- END INTERIM

@@ -210,6 +210,10 @@ def _unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
 
 
+def _names(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
 def _cifar_images(rows) -> Tensor:
     """The official CHW-flat uint8 rows ``(N, 3072)`` as ``(N, 3, 32, 32)``."""
     rows = np.asarray(rows, dtype=np.uint8)
@@ -244,7 +248,7 @@ def _read_cifar10(spec: DatasetSpec, folder: Path) -> Dataset:
                 parts[name] = Split(_cifar_images(parts[name]["data"]), _labels(parts[name]["labels"], 10))
     train = [parts[f"data_batch_{i}"] for i in range(1, 6)]
     train = Split(torch.cat([s.images for s in train]), torch.cat([s.labels for s in train]))
-    return Dataset(spec.name, train, parts["test_batch"], list(parts["batches.meta"]["label_names"]))
+    return Dataset(spec.name, train, parts["test_batch"], _names(parts["batches.meta"]["label_names"]))
 
 
 def _read_cifar100(spec: DatasetSpec, folder: Path) -> Dataset:
@@ -254,7 +258,7 @@ def _read_cifar100(spec: DatasetSpec, folder: Path) -> Dataset:
         with _reading(spec, folder, base / name):
             content = _unpickle(base / name)
             if name == "meta":
-                classes, coarse = list(content["fine_label_names"]), list(content["coarse_label_names"])
+                classes, coarse = _names(content["fine_label_names"]), _names(content["coarse_label_names"])
             else:
                 splits[name] = Split(
                     _cifar_images(content["data"]),

@@ -100,7 +100,7 @@ def _mixture_1d(values: np.ndarray, k: int, seed: int = 0):
 
 
 def activation_figure(activations: dict[str, Tensor], path: PathLike, k: int = 3, channels: int = 128,
-                      max_values: int = 20_000, title: str = "") -> Path:
+                      max_values: int = 5000, title: str = "") -> Path:
     """Figure 2: per model, a histogram of the activations ``(N, C, *)`` of up to ``channels``
     channels, the density of a ``k``-component Gaussian mixture fitted to them (solid green) and
     its weighted components (dashed)."""
@@ -142,7 +142,8 @@ def tsne_figure(rows: dict[str, Sequence[tuple[int, Tensor, Tensor]]], path: Pat
             epoch, features, predicted = snapshots[c]
             features = features.flatten(1).double().numpy()
             perplexity = min(30.0, (len(features) - 1) / 3)
-            embedded = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+            method = "exact" if len(features) <= 600 else "barnes_hut"  # exact is the faster below that
+            embedded = TSNE(2, perplexity=perplexity, init="pca", method=method, random_state=seed).fit_transform(features)
             ax.scatter(embedded[:, 0], embedded[:, 1], c=predicted.numpy(), cmap="tab10" if int(predicted.max()) < 10
                        else "tab20", s=4)
             ax.set_title(f"{label}, epoch {epoch}", fontsize=9)
@@ -203,18 +204,20 @@ def plot_runs(
     activations: bool = False,
     tsne: bool = False,
     layer: Optional[str] = None,
+    points: int = 512,
     data_dir: Optional[str] = None,
 ) -> list[Path]:
     """Draw ``out/curves.png`` for the runs and, on request, ``out/activations.png`` (Figure 2, from
-    each run's final model) and ``out/tsne-<run>.png`` (Figure 1, from each run's snapshots)."""
+    each run's final model) and ``out/tsne-<run>.png`` (Figure 1, from each run's snapshots), both
+    on the same ``points`` test images."""
     run_dirs = [Path(d) for d in run_dirs]
     out = Path(out)
     histories = {d.name: [read_metrics(d)[1]] for d in run_dirs}
     paths = [curves_figure({"": histories}, out / "curves.png", metrics)]
     if activations:
-        captured = {d.name: run_activations(d, layer, data_dir=data_dir) for d in run_dirs}
+        captured = {d.name: run_activations(d, layer, points, data_dir=data_dir) for d in run_dirs}
         paths.append(activation_figure(captured, out / "activations.png"))
     if tsne:
         for d in run_dirs:
-            paths.append(tsne_figure({d.name: run_snapshots(d, data_dir=data_dir)}, out / f"tsne-{d.name}.png"))
+            paths.append(tsne_figure({d.name: run_snapshots(d, points, data_dir=data_dir)}, out / f"tsne-{d.name}.png"))
     return paths

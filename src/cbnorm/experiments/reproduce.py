@@ -227,7 +227,7 @@ def reproduce(
     experiment = EXPERIMENTS[experiment] if isinstance(experiment, str) else experiment
     scale = SCALES[experiment.name][scale] if isinstance(scale, str) else scale
     seeds = tuple(seeds) if seeds else scale.seeds
-    command = command or "cbnorm " + " ".join(sys.argv[1:])
+    command = command or "cbnorm " + " ".join(sys.argv[1:])  # what produced the results, for the table
     started = time.perf_counter()
     data = data if data is not None else load_dataset(dataset, data_dir)
     root = Path(out) / "results" / f"{experiment.name}-{dataset}" / scale.name
