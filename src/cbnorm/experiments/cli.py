@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="BN vs SCB-Norm vs UCB-Norm on a small data set, about a minute on CPU")
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA); digits needs none")
-    p.add_argument("--epochs", type=int, help="epochs (default: 5 for digits, 3 otherwise)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 8 for digits, 3 otherwise)")
     p.add_argument("--train-size", type=int, help="training images (default: all digits, 5000 otherwise)")
     p.add_argument("--test-size", type=int, help="test images (default: all digits, 1000 otherwise)")
     p.add_argument("--out", default=".", help="writes OUT/results/demo-DATASET/ (default: .)")
@@ -196,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    args.command_line = "cbnorm " + " ".join(argv)
+    args.command_line = shlex.join(["cbnorm", *argv])
     try:
         _run(args)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as error:

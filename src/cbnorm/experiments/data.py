@@ -375,9 +375,14 @@ def _read_digits(spec: DatasetSpec, folder: Path) -> Dataset:
     )
 
 
-_MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-_FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _IDX = "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"
+
+
+def _idx_sources(base_url: str, *checksums: str) -> tuple[Source, ...]:
+    """The four IDX files under ``base_url``: train images, train labels, test images, test labels."""
+    names = [f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+    return tuple(Source(base_url + name, checksum) for name, checksum in zip(names, checksums))
+
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -395,21 +400,23 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             "mnist", "mnist", _IDX,
-            (
-                Source(_MNIST + "train-images-idx3-ubyte.gz", "sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-                Source(_MNIST + "train-labels-idx1-ubyte.gz", "sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-                Source(_MNIST + "t10k-images-idx3-ubyte.gz", "sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-                Source(_MNIST + "t10k-labels-idx1-ubyte.gz", "sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+            _idx_sources(
+                "https://ossci-datasets.s3.amazonaws.com/mnist/",
+                "sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                "sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                "sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                "sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
             ),
             _read_idx_dataset([str(d) for d in range(10)]), flip=False, crop_padding=0,
         ),
         DatasetSpec(
             "fashion-mnist", "fashion-mnist", _IDX,
-            (
-                Source(_FASHION + "train-images-idx3-ubyte.gz", "md5:8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-                Source(_FASHION + "train-labels-idx1-ubyte.gz", "md5:25c81989df183df01b3e8a0aad5dffbe"),
-                Source(_FASHION + "t10k-images-idx3-ubyte.gz", "md5:bef4ecab320f06d8554ea6380940ec79"),
-                Source(_FASHION + "t10k-labels-idx1-ubyte.gz", "md5:bb300cfdad3c16e7a12a480ee83cd310"),
+            _idx_sources(
+                "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                "md5:8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "md5:25c81989df183df01b3e8a0aad5dffbe",
+                "md5:bef4ecab320f06d8554ea6380940ec79",
+                "md5:bb300cfdad3c16e7a12a480ee83cd310",
             ),
             _read_idx_dataset(["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                                "Bag", "Ankle boot"]),

@@ -42,6 +42,8 @@ def _save(fig, path: PathLike) -> Path:
 def curves_figure(panels: dict[str, dict[str, Histories]], path: PathLike, metrics: Sequence[str] = ("test_error",)):
     """One row per metric, one column per panel; in each, one line per label: the mean over its
     histories (seeds), with a band of ± one standard deviation when there are several."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = _figure(len(metrics), len(panels))
     for col, (title, lines) in enumerate(panels.items()):
         for row, metric in enumerate(metrics):
@@ -58,6 +60,7 @@ def curves_figure(panels: dict[str, dict[str, Histories]], path: PathLike, metri
                     std = values.std(0, ddof=1)
                     ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set(title=title, xlabel="epoch", ylabel=metric.replace("_", " "))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     return _save(fig, path)
@@ -77,7 +80,7 @@ def capture(model: nn.Module, layer: str, images: Tensor, ids: Optional[Tensor] 
     seen = []
 
     def hook(module, args, output):
-        seen.append((args[0] if inputs else output).detach())
+        seen.append((args[0] if inputs else output).detach().clone())  # an in-place ReLU may follow
 
     handle = modules[layer].register_forward_hook(hook)
     model.eval()
@@ -90,6 +93,9 @@ def capture(model: nn.Module, layer: str, images: Tensor, ids: Optional[Tensor] 
     finally:
         handle.remove()
     return seen[0]
+
+
+_COMPONENT_COLOURS = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 
 
 def _mixture_1d(values: np.ndarray, k: int, seed: int = 0):
@@ -116,8 +122,9 @@ def activation_figure(activations: dict[str, Tensor], path: PathLike, k: int = 3
             stds[:, None] * np.sqrt(2 * np.pi))
         ax.hist(values, bins=80, range=(grid[0], grid[-1]), density=True, color="0.75")
         ax.plot(grid, components.sum(0), color="green", linewidth=2, label="mixture pdf")
-        for j, component in enumerate(components):
-            ax.plot(grid, component, linestyle="--", linewidth=1.2, label=f"component {j + 1}")
+        for j, component in enumerate(components):  # any colour but the mixture's green
+            ax.plot(grid, component, linestyle="--", linewidth=1.2, color=_COMPONENT_COLOURS[j % len(_COMPONENT_COLOURS)],
+                    label=f"component {j + 1}")
         ax.set(title=label, xlabel="activation", ylabel="density")
         ax.legend(fontsize=7)
     if title:

@@ -146,7 +146,7 @@ def norm_kwargs(norm: str, k: int, extra: dict) -> dict:
     return {**kwargs, **extra}
 
 
-def _supervised_norm(norm: str) -> bool:
+def supervised_norm(norm: str) -> bool:
     """Whether the layer takes cluster ids (``forward(x, cluster=...)``, as the SCB layers do)."""
     if norm == "none":
         return False
@@ -164,7 +164,7 @@ def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
     train_index, test_index = _subset(data.train, config.train_size), _subset(data.test, config.test_size)
     clusters = None
     k = config.num_clusters
-    if _supervised_norm(config.norm):
+    if supervised_norm(config.norm):
         cache = Path(config.out).parent / "clusters"
         clusters = prior_clusters(data, config.clusters, config.num_clusters, config.cluster_method, 0, cache)
         k = clusters.k
@@ -228,6 +228,13 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     milestones = [config.epochs // 2, (3 * config.epochs) // 4] if config.schedule == "step" else []
     milestones = [m for m in milestones if m >= 1]  # a 1-epoch run has no epoch boundary to decay at
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+
+
+def _grad_scaler(enabled: bool):
+    """Loss scaling for float16 autocast (CUDA); a no-op scaler otherwise."""
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def _clustered(ids: Optional[Tensor]):
@@ -332,7 +339,7 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
     test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, device=device)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    scaler = _grad_scaler(config.amp and device.type == "cuda")
     history: list[dict] = []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
