@@ -63,6 +63,16 @@ def test_mn_rows_appear_once_mn_is_registered(tmp_path, monkeypatch):
     assert json.loads((root / "runs" / "mn-lr0.001-seed0" / "config.json").read_text())["norm"] == "mn"
 
 
+def test_reproduce_tsne_at_quarters_of_training(tmp_path):
+    experiment = rep.Experiment("table5", "t", "shallow_cnn", (("UCB-Norm", "ucb"),), (0.001,), 3, "adamw", "constant",
+                                64, ("test_error",), "figure5", "figure1", "test_acc")
+    root = rep.reproduce(experiment, "digits", rep.Scale("tiny", 64, 64, 4, (0,), tsne_points=32), out=tmp_path,
+                         progress=False)
+    snapshots = sorted(p.name for p in (root / "runs" / "ucb-lr0.001-seed0" / "snapshots").iterdir())
+    assert snapshots == ["epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]
+    assert is_png(root / "figure1.png")
+
+
 def test_reproduce_densenet_protocol(tmp_path, capsys):
     root = rep.reproduce("densenet40", "digits", rep.Scale("tiny", 32, 32, 2, (0,)), out=tmp_path, progress=False)
     summary = json.loads((root / "summary.json").read_text())
@@ -124,6 +134,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     assert len(err.splitlines()) == 1 and message.replace("{tmp}", str(tmp_path)) in err
 
 
-def test_python_dash_m(tmp_path):
+def test_python_dash_m_and_the_library_alone(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cbnorm", "reproduce", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "{smoke,small,paper}" in result.stdout
+    alone = "import sys, cbnorm; assert not [m for m in sys.modules if m.startswith('cbnorm.experiments')]"
+    assert subprocess.run([sys.executable, "-c", alone]).returncode == 0

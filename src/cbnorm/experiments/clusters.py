@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Dataset, _atomic_write
+from .data import Dataset, atomic_write
 
 __all__ = ["ClusterIds", "cluster_dataset", "image_features", "load_cluster_ids", "prior_clusters", "save_cluster_ids"]
 
@@ -82,7 +82,7 @@ def save_cluster_ids(path: Union[str, os.PathLike], ids: ClusterIds, dataset: st
     def write(f) -> None:
         np.savez(f, train=ids.train.numpy(), test=ids.test.numpy(), k=ids.k, dataset=dataset, source=ids.source)
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def load_cluster_ids(path: Union[str, os.PathLike], data: Dataset) -> ClusterIds:

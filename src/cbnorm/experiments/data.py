@@ -30,7 +30,6 @@ import gzip
 import hashlib
 import os
 import pickle
-import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -49,9 +48,12 @@ __all__ = [
     "Dataset",
     "Loader",
     "Split",
+    "atomic_write",
+    "available",
     "data_root",
     "download",
     "load_dataset",
+    "random_crop_flip",
     "verify",
 ]
 
@@ -353,7 +355,7 @@ def _read_tiny_imagenet(spec: DatasetSpec, folder: Path) -> Dataset:
     train = Split(_read_jpegs(train_paths, spec, folder), torch.tensor(train_labels))
     test = Split(_read_jpegs(test_paths, spec, folder), torch.tensor(test_labels))
     with contextlib.suppress(OSError):  # a read-only copy is simply not cached
-        _atomic_write(cache, lambda f: np.savez(f, x_train=train.images.numpy(), y_train=train.labels.numpy(),
+        atomic_write(cache, lambda f: np.savez(f, x_train=train.images.numpy(), y_train=train.labels.numpy(),
                                                 x_test=test.images.numpy(), y_test=test.labels.numpy()))
     return Dataset(spec.name, train, test, [names.get(w, w) for w in wnids])
 
@@ -471,7 +473,7 @@ def available(name: str, data_dir: Optional[PathLike] = None) -> bool:
 # -- downloads ------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
+def atomic_write(path: Path, write: Callable) -> None:
     """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -498,7 +500,7 @@ def _fetch(source: Source, path: Path, progress: bool) -> None:
                     bar.update(len(block))
 
     try:
-        _atomic_write(path, write)
+        atomic_write(path, write)
     except OSError as error:
         raise DataError(f"could not download {source.url}: {error}") from error
 

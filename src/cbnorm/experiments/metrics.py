@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Sequence, Union
 
-from .data import _atomic_write
+from .data import atomic_write
 
 __all__ = ["COLUMNS", "at_fraction", "format_header", "format_row", "mean_std", "read_metrics", "write_metrics"]
 
@@ -49,9 +49,9 @@ def write_metrics(run_dir: Union[str, os.PathLike], config: dict, history: Seque
     writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({key: row[key] for key in COLUMNS} for row in history)
-    _atomic_write(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+    atomic_write(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
     content = json.dumps({"config": config, "history": list(history)}, indent=1)
-    _atomic_write(run_dir / "metrics.json", lambda f: f.write(content.encode()))
+    atomic_write(run_dir / "metrics.json", lambda f: f.write(content.encode()))
 
 
 def read_metrics(run_dir: Union[str, os.PathLike]) -> tuple[dict, list[dict]]:

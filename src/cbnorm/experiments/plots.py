@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .data import Loader
 from .metrics import read_metrics
 
 __all__ = ["activation_figure", "capture", "curves_figure", "plot_runs", "run_activations", "run_snapshots", "tsne_figure"]
@@ -171,8 +172,9 @@ def _load_run(run_dir: Path, data_dir: Optional[str] = None, data=None):
 def _probe_batch(run, size: int, seed: int = 0):
     """A fixed random batch of ``size`` test images, normalised as in training, with their ids."""
     index = torch.randperm(len(run.test), generator=torch.Generator().manual_seed(seed))[:size]
-    images = (run.test.images[index].float() / 255 - run.mean.view(1, -1, 1, 1)) / run.std.view(1, -1, 1, 1)
-    return images, None if run.test_ids is None else run.test_ids[index]
+    ids = None if run.test_ids is None else run.test_ids[index]
+    images, _, ids = next(Loader(run.test.subset(index), size, run.mean, run.std, cluster_ids=ids).epoch())
+    return images, ids
 
 
 def run_activations(run_dir: PathLike, layer: Optional[str] = None, batch: int = 256, data_dir=None, data=None) -> Tensor:

@@ -36,7 +36,7 @@ import cbnorm
 from cbnorm.factory import get_norm_layer
 
 from .clusters import ClusterIds, prior_clusters
-from .data import DATASETS, Dataset, Loader, Split, _atomic_write, load_dataset
+from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
 from .metrics import format_header, format_row, write_metrics
 from .models import build_model
 
@@ -351,7 +351,8 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
     saved_config = dataclasses.asdict(config)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(saved_config, indent=1) + "\n")
+        content = json.dumps(saved_config, indent=1) + "\n"
+        atomic_write(out / "config.json", lambda f: f.write(content.encode()))
         write_metrics(out, saved_config, history)
 
     log(_describe(config, run, device, len(train_loader)))
@@ -380,9 +381,9 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
                 "rng": _rng_states(device),
                 "history": history,
             }
-            _atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+            atomic_write(checkpoint_path, lambda f: torch.save(state, f))
             if epoch in snapshot_epochs:
-                _atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))
+                atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))
             write_metrics(out, saved_config, history)
             log(format_row(row))
     return history
