@@ -358,6 +358,8 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
     log(_describe(config, run, device, len(train_loader)))
     if history:
         log(f"resumed after epoch {len(history)}")
+    elif config.resume:
+        log(f"no checkpoint in {out}: starting at epoch 1")
     log(format_header())
     for row in history:
         log(format_row(row))
