@@ -29,3 +29,14 @@ def data_root() -> Path:
         if root.is_dir():
             return root
     pytest.skip("real datasets not found: set CBNORM_DATA to the folder holding mnist/ and cifar10/")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the training tests run tiny models, for which a second thread
+    only adds synchronisation, and on a busy machine a thread waiting for a descheduled partner at
+    every op's barrier makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

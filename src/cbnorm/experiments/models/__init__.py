@@ -1,5 +1,33 @@
-"""One readable file per model; every model takes its norm layer through :func:`cbnorm.create_norm_layer`."""
+"""One readable file per model; every model takes its norm layer through :func:`cbnorm.create_norm_layer`.
 
+:func:`build_model` makes any of them by name for the training script.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+from torch import nn
+
+from cbnorm.factory import NormLayer
+
+from .densenet import DenseNet
 from .shallow_cnn import ShallowCNN
 
-__all__ = ["ShallowCNN"]
+__all__ = ["DenseNet", "MODELS", "ShallowCNN", "build_model"]
+
+MODELS = {
+    "shallow_cnn": ShallowCNN,
+    "densenet40": functools.partial(DenseNet, 40),
+    "densenet100": functools.partial(DenseNet, 100),
+}
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, norm_layer: Optional[NormLayer], norm_kwargs: Optional[dict] = None
+) -> nn.Module:
+    """Model ``name`` (a key of :data:`MODELS`) with ``norm_layer`` where that model puts the layer under test."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](num_classes=num_classes, norm_layer=norm_layer, in_channels=in_channels, norm_kwargs=norm_kwargs)

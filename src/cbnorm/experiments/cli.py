@@ -1,0 +1,211 @@
+"""The ``cbnorm`` command line (also ``python -m cbnorm``).
+
+    cbnorm demo                                            # BN vs SCB-Norm vs UCB-Norm on digits, ~1 min
+    cbnorm train --dataset cifar10 --norm ucb --out runs/ucb
+    cbnorm reproduce table5 --dataset cifar10 --scale small
+    cbnorm reproduce densenet --depth 40 --scale small
+    cbnorm plot runs/bn runs/ucb [--activations] [--tsne]
+    cbnorm data list | download NAME | verify NAME
+    cbnorm clusters cifar10 --k 3 --out cifar10-k3.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import shlex
+import sys
+import typing
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _kwargs(text: str) -> dict:
+    """``"unknown=map,affine=True"`` -> ``{"unknown": "map", "affine": True}``."""
+    result = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {item!r}")
+        try:
+            result[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            result[key.strip()] = value.strip()
+    return result
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, none with a default: only the flags given are set."""
+    from .train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind is dict:
+            parser.add_argument(flag, type=_kwargs, default=argparse.SUPPRESS, metavar="K=V,...", help=help_text)
+        else:
+            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[str] -> str
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def _train_config(given: dict):
+    """The config of ``cbnorm train``: the flags given, over the run's saved config when resuming."""
+    from .train import TrainConfig
+
+    base = {}
+    saved = Path(given.get("out", TrainConfig.out)) / "config.json"
+    if given.get("resume") and saved.is_file():
+        base = json.loads(saved.read_text())
+    return TrainConfig(**{**base, **given})
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import train as train_module
+    from .data import DATASETS
+
+    parser = argparse.ArgumentParser(prog="cbnorm", description="Cluster-Based Normalization: experiments")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("demo", help="BN vs SCB-Norm vs UCB-Norm on a small data set, about a minute on CPU")
+    p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
+    p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA); digits needs none")
+    p.add_argument("--epochs", type=int, help="epochs (default: 8 for digits, 3 otherwise)")
+    p.add_argument("--train-size", type=int, help="training images (default: all digits, 5000 otherwise)")
+    p.add_argument("--test-size", type=int, help="test images (default: all digits, 1000 otherwise)")
+    p.add_argument("--out", default=".", help="writes OUT/results/demo-DATASET/ (default: .)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = commands.add_parser("train", help="train one model (resumable); flags are TrainConfig's fields",
+                            description=train_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_flags(p)
+
+    p = commands.add_parser("reproduce", help="reproduce Table V (table5) or the DenseNet experiment (densenet)")
+    p.add_argument("experiment", choices=["table5", "densenet"])
+    p.add_argument("--dataset", help="table5: cifar10 (default), cifar100, tiny-imagenet, ...; "
+                                     "densenet: cifar100 when present, else cifar10")
+    p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
+    p.add_argument("--scale", choices=["smoke", "small", "paper"], default="smoke")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the scale's seeds")
+    p.add_argument("--out", default=".", help="writes OUT/results/EXPERIMENT-DATASET/SCALE/ (default: .)")
+    p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="mixed precision")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = commands.add_parser("plot", help="curves of runs; --activations: Figure 2; --tsne: Figures 1/9")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output folder (default: the first run's folder)")
+    p.add_argument("--metric", nargs="+", default=["test_error"],
+                   help="metrics.csv columns to draw (default: test_error)")
+    p.add_argument("--activations", action="store_true", help="activation histograms with their fitted mixture")
+    p.add_argument("--layer", help="module whose output --activations shows (default: the model's probe layer)")
+    p.add_argument("--tsne", action="store_true", help="t-SNE of the classifier's inputs at each snapshot")
+    p.add_argument("--points", type=int, default=512, help="test images for --activations and --tsne (default: 512)")
+    p.add_argument("--data-dir", help="data root, if not the one the runs used")
+
+    p = commands.add_parser("data", help="list, download or verify data sets")
+    p.add_argument("action", choices=["list", "download", "verify"])
+    p.add_argument("name", nargs="?", choices=sorted(DATASETS), metavar="NAME", help=", ".join(DATASETS))
+    p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = commands.add_parser("clusters", help="write SCB-Norm cluster ids of a data set (its Gaussian mixture)")
+    p.add_argument("dataset", choices=sorted(DATASETS))
+    p.add_argument("--k", type=int, default=3, help="clusters (default: 3)")
+    p.add_argument("--method", choices=["gmm", "kmeans"], default="gmm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the .npz ids file to write")
+    p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
+    return parser
+
+
+def _data(args) -> None:
+    from . import data
+
+    if args.action == "list":
+        for name, spec in data.DATASETS.items():
+            try:
+                where = "bundled" if name == "digits" else data.data_root(args.data_dir) / spec.folder
+                state = "present" if name == "digits" or Path(where).is_dir() else "missing"
+            except data.DataError:
+                where, state = spec.folder + "/", "no data root"
+            print(f"{name:<14} {state:<12} {where}")
+        return
+    if args.name is None:
+        raise ValueError(f"`cbnorm data {args.action}` needs a data set name: one of {sorted(data.DATASETS)}")
+    if args.action == "download":
+        folder = data.download(args.name, args.data_dir, progress=args.progress)
+        print(f"{args.name}: downloaded and verified in {folder}")
+    for line in data.verify(args.name, args.data_dir):
+        print(line)
+
+
+def _run(args) -> None:
+    if args.command == "demo":
+        from .demo import demo
+
+        demo(args.dataset, data_dir=args.data_dir, epochs=args.epochs, train_size=args.train_size,
+             test_size=args.test_size, out=args.out, seed=args.seed, device=args.device, progress=args.progress)
+    elif args.command == "train":
+        from .train import train
+
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
+        train(_train_config(given))
+    elif args.command == "reproduce":
+        from .reproduce import densenet_dataset, reproduce
+
+        if args.experiment == "table5":
+            name, dataset = "table5", args.dataset or "cifar10"
+        else:
+            name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
+        reproduce(name, dataset, args.scale, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
+                  device=args.device, amp=args.amp, progress=args.progress, command=args.command_line)
+    elif args.command == "plot":
+        from .plots import plot_runs
+
+        out = args.out or args.runs[0]
+        for path in plot_runs(args.runs, out, metrics=args.metric, activations=args.activations, tsne=args.tsne,
+                              layer=args.layer, points=args.points, data_dir=args.data_dir):
+            print(path)
+    elif args.command == "data":
+        _data(args)
+    elif args.command == "clusters":
+        from .clusters import mixture_clusters, save_cluster_ids
+        from .data import load_dataset
+
+        data = load_dataset(args.dataset, args.data_dir)
+        ids = mixture_clusters(data, args.k, args.method, args.seed)
+        save_cluster_ids(args.out, ids, args.dataset)
+        sizes = ", ".join(str(int(n)) for n in ids.train.bincount(minlength=args.k))
+        print(f"{args.out}: {args.k} clusters ({ids.source}) of {args.dataset}; training images per cluster: {sizes}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; errors in the input (bad flags, missing data) print one line and return 2."""
+    from .data import DataError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["cbnorm", *argv])
+    try:
+        _run(args)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"cbnorm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def console_main() -> None:
+    """Entry point of the ``cbnorm`` script."""
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Per-epoch metrics: the files a run writes (``metrics.csv``, ``metrics.json``), the progress table,
+and the numbers the reproduction tables read back.
+
+Each row holds ``epoch``, ``train_loss``, ``train_acc``, ``train_error``, ``test_loss``, ``test_acc``,
+``test_error`` (accuracies and errors as fractions), the learning rate ``lr`` of the epoch and its wall-clock ``seconds``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+from .data import atomic_write
+
+__all__ = ["COLUMNS", "at_fraction", "format_header", "format_row", "mean_std", "read_metrics", "write_metrics"]
+
+COLUMNS = ["epoch", "train_loss", "train_acc", "train_error", "test_loss", "test_acc", "test_error", "lr", "seconds"]
+
+# The progress table: (column, header, width, format); percentages for the accuracies.
+_TABLE = [
+    ("epoch", "epoch", 5, "{:d}"),
+    ("train_loss", "train loss", 10, "{:.4f}"),
+    ("train_acc", "train acc", 9, "{:.2%}"),
+    ("test_loss", "test loss", 9, "{:.4f}"),
+    ("test_acc", "test acc", 8, "{:.2%}"),
+    ("lr", "lr", 8, "{:.2e}"),
+    ("seconds", "time", 7, "{:.1f}s"),
+]
+
+
+def format_header() -> str:
+    header = " | ".join(f"{title:>{width}}" for _, title, width, _ in _TABLE)
+    return f"{header}\n{'-' * len(header)}"
+
+
+def format_row(row: dict) -> str:
+    return " | ".join(f"{fmt.format(row[key]):>{width}}" for key, _, width, fmt in _TABLE)
+
+
+def write_metrics(run_dir: Union[str, os.PathLike], config: dict, history: Sequence[dict]) -> None:
+    """Rewrite ``metrics.csv`` and ``metrics.json`` from the whole history, each atomically."""
+    run_dir = Path(run_dir)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: row[key] for key in COLUMNS} for row in history)
+    atomic_write(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+    content = json.dumps({"config": config, "history": list(history)}, indent=1)
+    atomic_write(run_dir / "metrics.json", lambda f: f.write(content.encode()))
+
+
+def read_metrics(run_dir: Union[str, os.PathLike]) -> tuple[dict, list[dict]]:
+    """``(config, history)`` of a run directory, from its ``metrics.json``."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: expected {path} (written by `cbnorm train`)")
+    content = json.loads(path.read_text())
+    return content["config"], content["history"]
+
+
+def at_fraction(history: Sequence[dict], fraction: float, epochs: int, key: str = "test_acc") -> float:
+    """``key`` at ``fraction`` of a run of ``epochs`` epochs (NaN if the run has not got there yet)."""
+    epoch = max(1, round(fraction * epochs))
+    return next((row[key] for row in history if row["epoch"] == epoch), math.nan)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of the finite ``values``; NaNs if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    if len(finite) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))

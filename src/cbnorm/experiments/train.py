@@ -1,0 +1,391 @@
+"""Train one model on one data set: the paper's classification loop, resumable at every epoch.
+
+    cbnorm train --dataset cifar10 --norm ucb --lr 0.001 --epochs 100 --out runs/ucb      # Table V's protocol
+    cbnorm train --out runs/ucb --resume                                                 # after a crash
+    cbnorm train --model densenet40 --norm scb --num-clusters 5 --optimizer sgd --lr 0.1 \\
+        --schedule step --batch-size 64 --epochs 200 --out runs/densenet40-scb           # IV-C's protocol
+
+Every epoch prints a row of the progress table, rewrites RUN/metrics.csv and RUN/metrics.json and
+saves RUN/checkpoint.pt atomically: model, optimiser, scheduler, AMP scaler, every RNG state and the
+history. The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so ``--resume``
+continues exactly where the last checkpoint left off and a crash loses at most one epoch.
+
+Distributed training is prepared for but not enabled: the device follows ``LOCAL_RANK``, the
+:class:`~cbnorm.experiments.data.Loader` takes ``rank``/``world_size`` (its sampler), and only rank 0
+prints or writes. What is left is wrapping the model in DDP and all-reducing the epoch sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import cbnorm
+from cbnorm.factory import get_norm_layer
+
+from .clusters import ClusterIds, prior_clusters
+from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
+from .metrics import format_header, format_row, write_metrics
+from .models import build_model
+
+__all__ = ["Setup", "TrainConfig", "setup", "train"]
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as RUN/config.json. Each field is a ``cbnorm train`` flag."""
+
+    # data
+    dataset: str = _help("dataset name: " + ", ".join(DATASETS), default="cifar10")
+    data_dir: Optional[str] = _help("data root (default: $CBNORM_DATA)", default=None)
+    train_size: int = _help("train on a fixed random subset of this many images (0: all)", default=0)
+    test_size: int = _help("test on a fixed random subset of this many images (0: all)", default=0)
+    augment: bool = _help("random crops and flips where the dataset allows them", default=True)
+    # model
+    model: str = _help("shallow_cnn, densenet40 or densenet100", default="shallow_cnn")
+    norm: str = _help("the layer under test, a registry name (batchnorm, scb, scb_base, ucb, mn, ...) or none",
+                      default="batchnorm")
+    num_clusters: int = _help("K: mixture components of UCB/MN, clusters of the dataset mixture for SCB", default=3)
+    norm_kwargs: dict = _help("more arguments of the layer, e.g. unknown=map,affine=True", default_factory=dict)
+    clusters: str = _help("SCB prior clusters: mixture (of the whole data set, fitted with seed 0), superclass, "
+                          "or an ids file from `cbnorm clusters`", default="mixture")
+    cluster_method: str = _help("the dataset mixture: gmm or kmeans", default="gmm")
+    test_clusters: bool = _help("give SCB layers the test images' cluster ids (else their unknown-cluster rule)",
+                                default=True)
+    # optimisation
+    optimizer: str = _help("adamw, or sgd (Nesterov)", default="adamw")
+    lr: float = _help("initial learning rate", default=1e-3)
+    weight_decay: float = _help("weight decay", default=1e-4)
+    momentum: float = _help("SGD momentum", default=0.9)
+    schedule: str = _help("constant, or step: lr / 10 at 50%% and 75%% of the epochs", default="constant")
+    epochs: int = _help("epochs", default=100)
+    batch_size: int = _help("training batch size", default=256)
+    eval_batch_size: int = _help("evaluation batch size", default=1000)
+    # the run
+    seed: int = _help("seed of the initialisation, data order and augmentation", default=0)
+    device: str = _help("auto (CUDA when present), cpu, cuda, cuda:1, ...", default="auto")
+    amp: bool = _help("mixed precision: float16 on CUDA, bfloat16 on CPU", default=False)
+    threads: int = _help("CPU threads for torch (0: torch's default)", default=0)
+    out: str = _help("run directory", default="runs/run")
+    resume: bool = _help("continue the run in --out from its checkpoint", default=False)
+    snapshots: int = _help("keep the weights at this many evenly spaced epochs (4: 25/50/75/100%%)", default=0)
+    progress: bool = _help("progress bar within epochs", default=True)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("optimizer", self.optimizer in ("adamw", "sgd"), "adamw or sgd"),
+            ("schedule", self.schedule in ("constant", "step"), "constant or step"),
+            ("epochs", self.epochs >= 1, "a positive int"),
+            ("batch_size", self.batch_size >= 1, "a positive int"),
+            ("lr", self.lr > 0, "a positive float"),
+            ("num_clusters", self.num_clusters >= 1, "a positive int"),
+            ("snapshots", 0 <= self.snapshots <= self.epochs, f"between 0 and epochs={self.epochs}"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: expected {name} to be {expected}, got {getattr(self, name)!r}")
+
+
+# Fields that may change when a run is resumed: they do not change what is computed.
+RUN_CONTROL = {"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"}
+
+
+def config_diff(saved: dict, config: TrainConfig) -> list[str]:
+    """The fields (outside :data:`RUN_CONTROL`) where ``config`` differs from a saved config."""
+    now = dataclasses.asdict(config)
+    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RUN_CONTROL and saved.get(k) != now[k]]
+
+
+# -- what a run is made of -------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """A run's data (subsets), cluster ids, model and normalisation, built from its config."""
+
+    data: Dataset
+    train: Split
+    test: Split
+    train_ids: Optional[Tensor]
+    test_ids: Optional[Tensor]
+    clusters: Optional[ClusterIds]
+    model: nn.Module
+    mean: Tensor
+    std: Tensor
+
+
+def _subset(split: Split, size: int) -> Tensor:
+    """Indices of a fixed random subset (seed 0, whatever the run's seed), sorted; all when ``size`` is 0."""
+    if not size or size >= len(split):
+        return torch.arange(len(split))
+    return torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:size].sort().values
+
+
+def norm_kwargs(norm: str, k: int, extra: dict) -> dict:
+    """``K`` under the name the layer's constructor takes (``num_clusters`` or ``num_components``), then ``extra``."""
+    if norm == "none":
+        return dict(extra)
+    parameters = inspect.signature(get_norm_layer(norm)).parameters
+    kwargs = {name: k for name in ("num_clusters", "num_components") if name in parameters}
+    return {**kwargs, **extra}
+
+
+def supervised_norm(norm: str) -> bool:
+    """Whether the layer takes cluster ids (``forward(x, cluster=...)``, as the SCB layers do)."""
+    if norm == "none":
+        return False
+    layer = get_norm_layer(norm)
+    return inspect.isclass(layer) and "cluster" in inspect.signature(layer.forward).parameters
+
+
+def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
+    """Load the data (or use ``data``), draw the subsets, get SCB's clusters and build the model.
+
+    The model is initialised from ``config.seed``. SCB layers take ``K`` from their clusters (20
+    for CIFAR-100's superclasses); other layers take ``config.num_clusters``.
+    """
+    data = data if data is not None else load_dataset(config.dataset, config.data_dir)
+    train_index, test_index = _subset(data.train, config.train_size), _subset(data.test, config.test_size)
+    clusters = None
+    k = config.num_clusters
+    if supervised_norm(config.norm):
+        cache = Path(config.out).parent / "clusters"
+        clusters = prior_clusters(data, config.clusters, config.num_clusters, config.cluster_method, 0, cache)
+        k = clusters.k
+    torch.manual_seed(config.seed)
+    norm = None if config.norm == "none" else config.norm
+    model = build_model(config.model, data.num_classes, data.in_channels, norm,
+                        norm_kwargs(config.norm, k, config.norm_kwargs))
+    mean, std = data.channel_stats()
+    return Setup(
+        data,
+        data.train.subset(train_index),
+        data.test.subset(test_index),
+        None if clusters is None else clusters.train[train_index],
+        None if clusters is None or not config.test_clusters else clusters.test[test_index],
+        clusters,
+        model,
+        mean,
+        std,
+    )
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _rng_states(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay)
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Per-epoch schedule: constant, or divided by 10 at 50% and 75% of the epochs (``step``)."""
+    milestones = [config.epochs // 2, (3 * config.epochs) // 4] if config.schedule == "step" else []
+    milestones = [m for m in milestones if m >= 1]  # a 1-epoch run has no epoch boundary to decay at
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+
+
+def _grad_scaler(enabled: bool):
+    """Loss scaling for float16 autocast (CUDA); a no-op scaler otherwise."""
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def _clustered(ids: Optional[Tensor]):
+    return contextlib.nullcontext() if ids is None else cbnorm.cluster_context(ids)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=enabled)
+
+
+def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: TrainConfig, device, bar) -> dict:
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step, (images, labels, ids) in enumerate(loader.epoch(epoch)):
+        with _autocast(device, config.amp), _clustered(ids):
+            logits = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix_str(f"loss {loss.item():.4f}")
+    accuracy = correct.item() / seen
+    return {"train_loss": loss_sum.item() / seen, "train_acc": accuracy, "train_error": 1 - accuracy}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool = False) -> dict:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``loader``'s split."""
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels, ids in loader.epoch():
+        with _autocast(device, amp), _clustered(ids):
+            logits = model(images).float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+    return {"test_loss": loss_sum / seen, "test_acc": correct / seen, "test_error": 1 - correct / seen}
+
+
+def _snapshot_epochs(config: TrainConfig) -> set[int]:
+    return {round(i * config.epochs / config.snapshots) for i in range(1, config.snapshots + 1)}
+
+
+def _describe(config: TrainConfig, run: Setup, device: torch.device, batches: int) -> str:
+    norm = config.norm
+    if run.clusters is not None:
+        norm += f" (K={run.clusters.k} clusters: {run.clusters.source})"
+    elif "num_components" in norm_kwargs(config.norm, config.num_clusters, {}):
+        norm += f" (K={config.num_clusters})"
+    return (
+        f"{config.dataset} ({len(run.train)} train / {len(run.test)} test) | {config.model} + {norm} | "
+        f"{config.optimizer} lr {config.lr:g} wd {config.weight_decay:g} {config.schedule} | "
+        f"{config.epochs} epochs x {batches} batches of {config.batch_size} | seed {config.seed} | {device} | {config.out}"
+    )
+
+
+def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
+    """Run (or resume, with ``config.resume``) the training ``config`` describes; returns the history.
+
+    ``data`` skips loading the dataset (the reproduction loads it once for all its runs). A run
+    directory that holds a checkpoint is only continued with ``resume=True``, and only with the
+    config it was started with (fields in :data:`RUN_CONTROL` may differ).
+    """
+    from tqdm.auto import tqdm
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        raise RuntimeError("cbnorm train: distributed training is not implemented yet; run one process")
+    is_main = rank == 0
+    log = print if is_main else (lambda *args, **kwargs: None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint = None
+    if checkpoint_path.exists():
+        if not config.resume:
+            raise FileExistsError(f"{out} already holds a run ({checkpoint_path}); pass --resume to continue it "
+                                  f"or choose another --out")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        changed = config_diff(checkpoint["config"], config)
+        if changed:
+            raise ValueError(f"cannot resume {out} with a different config: {'; '.join(changed)}")
+
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    run = setup(config, data)
+    model = run.model.to(device)
+    train_loader = Loader(run.train, config.batch_size, run.mean, run.std, train=True, cluster_ids=run.train_ids,
+                          flip=config.augment and DATASETS[config.dataset].flip,
+                          crop_padding=DATASETS[config.dataset].crop_padding if config.augment else 0,
+                          seed=config.seed, rank=rank, world_size=world_size, device=device)
+    test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, device=device)
+    optimizer = _optimizer(config, model)
+    scheduler = _scheduler(config, optimizer)
+    scaler = _grad_scaler(config.amp and device.type == "cuda")
+    history: list[dict] = []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        _set_rng_states(checkpoint["rng"], device)
+        history = checkpoint["history"]
+    saved_config = dataclasses.asdict(config)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        content = json.dumps(saved_config, indent=1) + "\n"
+        atomic_write(out / "config.json", lambda f: f.write(content.encode()))
+        write_metrics(out, saved_config, history)
+
+    log(_describe(config, run, device, len(train_loader)))
+    if history:
+        log(f"resumed after epoch {len(history)}")
+    elif config.resume:
+        log(f"no checkpoint in {out}: starting at epoch 1")
+    log(format_header())
+    for row in history:
+        log(format_row(row))
+    snapshot_epochs = _snapshot_epochs(config)
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        with tqdm(total=len(train_loader), desc=f"epoch {epoch}", leave=False, disable=None if config.progress and is_main else True) as bar:
+            row = {"epoch": epoch, **_train_epoch(model, train_loader, epoch, optimizer, scaler, config, device, bar)}
+        scheduler.step()
+        row.update(evaluate(model, test_loader, device, config.amp))
+        row.update(lr=lr, seconds=time.perf_counter() - start)
+        history.append(row)
+        if is_main:
+            state = {
+                "config": saved_config,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_states(device),
+                "history": history,
+            }
+            atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+            if epoch in snapshot_epochs:
+                atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))
+            write_metrics(out, saved_config, history)
+            log(format_row(row))
+    return history
