@@ -31,7 +31,7 @@ __all__ = ["FEATURE_DIM", "METHODS", "cached_cluster_ids", "cluster_cache_path",
 FEATURE_DIM = 32
 METHODS = ("gmm", "kmeans")
 # Bump when the ids a given (dataset, k, method, seed) produces change, so old cache files are recomputed.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _OVERSAMPLE, _POWER_ITERS = 10, 7
 
 
@@ -56,9 +56,12 @@ def _pca(x: Tensor, dim: int, seed: int) -> Tensor:
 def image_features(images, dim: int = FEATURE_DIM, *, seed: int = 0) -> Tensor:
     """Features for dataset-level clustering: flatten, standardise, PCA to ``dim`` dims.
 
-    Every input feature (pixel and colour channel) is centred and divided by its standard
-    deviation over the data set (a constant feature is only centred); the result is projected on
-    its first ``dim`` principal axes (randomized SVD, deterministic given ``seed``).
+    Every input feature (pixel and colour channel) is centred over the data set, and all are
+    divided by one scale, the root mean square of their standard deviations (so the features have
+    unit variance on average); the result is projected on its first ``dim`` principal axes
+    (randomized SVD, deterministic given ``seed``). One scale for all features, not one each:
+    dividing a nearly constant pixel (a digit's border) by its tiny deviation would turn its rare
+    non-zero values into outliers that dominate the principal axes and the clusters.
 
     Args:
         images: ``(N, C, H, W)``, ``(N, D)`` or any ``(N, *)`` tensor or array; integer (e.g.
@@ -82,9 +85,9 @@ def image_features(images, dim: int = FEATURE_DIM, *, seed: int = 0) -> Tensor:
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("image_features: expected finite images, got NaN or Inf")
-    std, mean = torch.std_mean(x, 0, correction=0)
-    x = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
-    return _pca(x, dim, seed)
+    x = x - x.mean(0)
+    scale = x.square().mean().sqrt()
+    return _pca(x / scale if scale > 0 else x, dim, seed)
 
 
 def cluster_dataset(features, k: int, *, method: str = "gmm", seed: int = 0) -> Tensor:

@@ -22,50 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cbnorm import cached_cluster_ids, image_features
+
 from .data import Dataset, atomic_write
 
-__all__ = ["ClusterIds", "cluster_dataset", "image_features", "load_cluster_ids", "prior_clusters", "save_cluster_ids"]
-
-# -- INTERIM: the mixture issue (issue 3) brings cbnorm.cluster_dataset and an image-features helper.
-# -- When it lands, replace this block (down to END INTERIM) with:
-# --     from cbnorm import cluster_dataset, image_features
-
-
-def image_features(images: Tensor, dim: int = 50, seed: int = 0, fit_size: int = 5000) -> Tensor:
-    """Images ``(N, C, H, W)`` -> ``(N, dim)`` float32: flattened, centred per pixel and scaled by
-    one global std, projected by a PCA fitted on at most ``fit_size`` of them. (A per-pixel std
-    would blow up the near-constant border pixels of digit images.)"""
-    from sklearn.decomposition import PCA
-
-    flat = images.reshape(len(images), -1)
-    fit = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[:fit_size]].float()
-    mean, scale = fit.mean(0), fit.std().clamp_min(1e-6)
-    dim = min(dim, *fit.shape)
-    pca = PCA(dim, svd_solver="randomized", random_state=seed).fit(((fit - mean) / scale).numpy())
-    chunks = [pca.transform(((chunk.float() - mean) / scale).numpy()) for chunk in flat.split(8192)]
-    return torch.from_numpy(np.concatenate(chunks)).float()
-
-
-def cluster_dataset(features: Tensor, k: int, *, method: str = "gmm", seed: int = 0, fit_size: int = 20_000) -> Tensor:
-    """One cluster id in ``[0, k)`` per row of ``features`` ``(N, D)``: a diagonal Gaussian mixture
-    fitted by EM (``"gmm"``) or k-means (``"kmeans"``) on at most ``fit_size`` rows, seeded by ``seed``."""
-    from sklearn.cluster import KMeans
-    from sklearn.mixture import GaussianMixture
-
-    if features.dim() != 2 or len(features) < k:
-        raise ValueError(f"expected features (N, D) with N >= k={k}, got shape {tuple(features.shape)}")
-    x = features.double().numpy()
-    fit = x[np.random.default_rng(seed).permutation(len(x))[:fit_size]]
-    if method == "gmm":
-        model = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-4)
-    elif method == "kmeans":
-        model = KMeans(k, n_init=4, random_state=seed)
-    else:
-        raise ValueError(f"unknown clustering method {method!r}; expected 'gmm' or 'kmeans'")
-    return torch.from_numpy(model.fit(fit).predict(x)).long()
-
-
-# -- END INTERIM
+__all__ = ["ClusterIds", "load_cluster_ids", "mixture_clusters", "prior_clusters", "save_cluster_ids"]
 
 
 @dataclass
@@ -105,10 +66,17 @@ def load_cluster_ids(path: Union[str, os.PathLike], data: Dataset) -> ClusterIds
     return ids
 
 
-def mixture_clusters(data: Dataset, k: int, method: str = "gmm", seed: int = 0) -> ClusterIds:
-    """The dataset-level mixture: ``k`` clusters of the PCA features of all images, train then test."""
-    features = image_features(torch.cat([data.train.images, data.test.images]), seed=seed)
-    ids = cluster_dataset(features, k, method=method, seed=seed)
+def mixture_clusters(data: Dataset, k: int, method: str = "gmm", seed: int = 0, cache_dir: Optional[Path] = None) -> ClusterIds:
+    """The dataset-level mixture: ``k`` clusters of the PCA features of all images, train then test.
+
+    The ids are cached by :func:`cbnorm.cached_cluster_ids` in ``cache_dir`` (default
+    ``$CBNORM_CACHE``, else ``~/.cache/cbnorm``), keyed by the dataset, ``k``, method and seed.
+    """
+    images = torch.cat([data.train.images, data.test.images])
+    cache = Path(cache_dir or os.environ.get("CBNORM_CACHE") or Path.home() / ".cache" / "cbnorm")
+    ids = cached_cluster_ids(
+        cache, data.name, k, lambda: image_features(images, seed=seed), method=method, seed=seed, num_samples=len(images)
+    )
     return ClusterIds(ids[: len(data.train)], ids[len(data.train) :], k, f"{method} k={k} seed={seed}")
 
 
@@ -122,11 +90,5 @@ def prior_clusters(
             raise ValueError(f"{data.name} has no superclasses (cifar100 has); use clusters 'mixture' or an ids file")
         return ClusterIds(data.train.coarse_labels, data.test.coarse_labels, len(data.coarse_classes), "superclass")
     if source == "mixture":
-        cache = Path(cache_dir or os.environ.get("CBNORM_CACHE") or Path.home() / ".cache" / "cbnorm")
-        path = cache / f"clusters-{data.name}-{method}-k{k}-seed{seed}.npz"
-        if path.exists():
-            return load_cluster_ids(path, data)
-        ids = mixture_clusters(data, k, method, seed)
-        save_cluster_ids(path, ids, data.name)
-        return ids
+        return mixture_clusters(data, k, method, seed, cache_dir)
     return load_cluster_ids(source, data)
