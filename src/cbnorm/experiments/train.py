@@ -17,10 +17,8 @@ prints or writes. What is left is wrapping the model in DDP and all-reducing the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
-import json
 import os
 import random
 import time
@@ -32,13 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import cbnorm
 from cbnorm.factory import get_norm_layer
 
 from .clusters import ClusterIds, prior_clusters
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
-from .metrics import format_header, format_row, write_metrics
 from .models import build_model
+from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
 
 __all__ = ["Setup", "TrainConfig", "setup", "train"]
 
@@ -104,12 +101,6 @@ class TrainConfig:
 
 # Fields that may change when a run is resumed: they do not change what is computed.
 RUN_CONTROL = {"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"}
-
-
-def config_diff(saved: dict, config: TrainConfig) -> list[str]:
-    """The fields (outside :data:`RUN_CONTROL`) where ``config`` differs from a saved config."""
-    now = dataclasses.asdict(config)
-    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RUN_CONTROL and saved.get(k) != now[k]]
 
 
 # -- what a run is made of -------------------------------------------------------------------------
@@ -189,33 +180,6 @@ def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
 # -- the loop --------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def _rng_states(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_states(states: dict, device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(states["python"])
-
-
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), config.lr, weight_decay=config.weight_decay)
@@ -230,28 +194,13 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
 
-def _grad_scaler(enabled: bool):
-    """Loss scaling for float16 autocast (CUDA); a no-op scaler otherwise."""
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
-
-
-def _clustered(ids: Optional[Tensor]):
-    return contextlib.nullcontext() if ids is None else cbnorm.cluster_context(ids)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=enabled)
-
-
 def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: TrainConfig, device, bar) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for step, (images, labels, ids) in enumerate(loader.epoch(epoch)):
-        with _autocast(device, config.amp), _clustered(ids):
+        with autocast(device, config.amp), clustered(ids):
             logits = model(images)
             loss = nn.functional.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -274,7 +223,7 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool =
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels, ids in loader.epoch():
-        with _autocast(device, amp), _clustered(ids):
+        with autocast(device, amp), clustered(ids):
             logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(1) == labels).sum())
@@ -312,21 +261,11 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
     if world_size > 1:
         raise RuntimeError("cbnorm train: distributed training is not implemented yet; run one process")
     is_main = rank == 0
-    log = print if is_main else (lambda *args, **kwargs: None)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     out = Path(config.out)
-    checkpoint_path = out / "checkpoint.pt"
-    checkpoint = None
-    if checkpoint_path.exists():
-        if not config.resume:
-            raise FileExistsError(f"{out} already holds a run ({checkpoint_path}); pass --resume to continue it "
-                                  f"or choose another --out")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        changed = config_diff(checkpoint["config"], config)
-        if changed:
-            raise ValueError(f"cannot resume {out} with a different config: {'; '.join(changed)}")
+    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL, is_main=is_main)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -339,30 +278,10 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
     test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, device=device)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
-    scaler = _grad_scaler(config.amp and device.type == "cuda")
-    history: list[dict] = []
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        _set_rng_states(checkpoint["rng"], device)
-        history = checkpoint["history"]
-    saved_config = dataclasses.asdict(config)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        content = json.dumps(saved_config, indent=1) + "\n"
-        atomic_write(out / "config.json", lambda f: f.write(content.encode()))
-        write_metrics(out, saved_config, history)
-
-    log(_describe(config, run, device, len(train_loader)))
-    if history:
-        log(f"resumed after epoch {len(history)}")
-    elif config.resume:
-        log(f"no checkpoint in {out}: starting at epoch 1")
-    log(format_header())
-    for row in history:
-        log(format_row(row))
+    scaler = grad_scaler(config.amp and device.type == "cuda")
+    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    history = folder.restore(device, **stateful)
+    folder.start(_describe(config, run, device, len(train_loader)))
     snapshot_epochs = _snapshot_epochs(config)
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
@@ -372,20 +291,7 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
         scheduler.step()
         row.update(evaluate(model, test_loader, device, config.amp))
         row.update(lr=lr, seconds=time.perf_counter() - start)
-        history.append(row)
-        if is_main:
-            state = {
-                "config": saved_config,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_states(device),
-                "history": history,
-            }
-            atomic_write(checkpoint_path, lambda f: torch.save(state, f))
-            if epoch in snapshot_epochs:
-                atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))
-            write_metrics(out, saved_config, history)
-            log(format_row(row))
-    return history
+        if is_main and epoch in snapshot_epochs:  # before the checkpoint: a checkpointed epoch has its snapshot
+            atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))
+        folder.save(row, device, **stateful)
+    return folder.history
