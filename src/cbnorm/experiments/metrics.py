@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Union
 
 from .data import atomic_write
 
-__all__ = ["COLUMNS", "at_fraction", "format_header", "format_row", "mean_std", "read_metrics", "write_metrics"]
+__all__ = ["COLUMNS", "at_fraction", "format_header", "format_row", "macro_scores", "mean_std", "read_metrics",
+           "write_metrics"]
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "train_error", "test_loss", "test_acc", "test_error", "lr", "seconds"]
 
@@ -82,3 +83,27 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if len(finite) == 1:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def macro_scores(predicted, labels) -> dict:
+    """Accuracy and the macro-averaged precision, recall and F1 of class predictions ``(N,)`` against
+    ``labels`` ``(N,)``, as scikit-learn's ``precision_recall_fscore_support(average="macro",
+    zero_division=0)``: per class ``c`` (every class that occurs in ``labels`` or ``predicted``),
+    ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``, ``F1 = 2PR / (P + R)``, each 0 where
+    its denominator is 0; then the unweighted mean over those classes. Fractions, not percentages."""
+    import torch
+
+    predicted, labels = torch.as_tensor(predicted).long().cpu(), torch.as_tensor(labels).long().cpu()
+    if predicted.shape != labels.shape or predicted.dim() != 1 or not len(labels):
+        raise ValueError(f"macro_scores: expected two non-empty (N,) tensors, got shapes {tuple(predicted.shape)} "
+                         f"and {tuple(labels.shape)}")
+    classes = torch.cat([predicted, labels]).unique()
+    tp = torch.stack([((predicted == c) & (labels == c)).sum() for c in classes]).double()
+    predicted_count = torch.stack([(predicted == c).sum() for c in classes]).double()
+    true_count = torch.stack([(labels == c).sum() for c in classes]).double()
+    precision = torch.where(predicted_count > 0, tp / predicted_count.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(true_count > 0, tp / true_count.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
+                     torch.zeros_like(tp))
+    return {"acc": float((predicted == labels).double().mean()), "precision": float(precision.mean()),
+            "recall": float(recall.mean()), "f1": float(f1.mean())}

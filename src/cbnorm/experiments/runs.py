@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import random
+from dataclasses import field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -34,8 +35,13 @@ import cbnorm
 from .data import atomic_write
 from .metrics import COLUMNS, format_header, format_row, write_metrics
 
-__all__ = ["RunFolder", "autocast", "clustered", "config_diff", "grad_scaler", "resolve_device", "rng_states",
-           "set_rng_states"]
+__all__ = ["RunFolder", "autocast", "clustered", "config_diff", "grad_scaler", "keyed_generator", "option",
+           "resolve_device", "rng_states", "set_rng_states"]
+
+
+def option(text: str, **kwargs):
+    """A config dataclass field with its command-line help (``cbnorm`` makes one flag per field)."""
+    return field(metadata={"help": text}, **kwargs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,6 +69,12 @@ def grad_scaler(enabled: bool):
 def clustered(ids: Optional[Tensor]):
     """:func:`cbnorm.cluster_context` for ``ids``; nothing when they are ``None``."""
     return contextlib.nullcontext() if ids is None else cbnorm.cluster_context(ids)
+
+
+def keyed_generator(*keys: int) -> torch.Generator:
+    """A CPU generator that depends only on ``keys`` (e.g. ``(seed, epoch)``): what a resumed run redraws."""
+    state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def rng_states(device: torch.device) -> dict:

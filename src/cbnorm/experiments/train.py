@@ -22,7 +22,7 @@ import inspect
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,12 +36,9 @@ from .clusters import ClusterIds, prior_clusters
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
 from .models import build_model
 from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
+from .runs import option as _help
 
 __all__ = ["Setup", "TrainConfig", "setup", "train"]
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
