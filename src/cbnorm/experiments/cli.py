@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="mixed precision")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch (0: its default); on a busy 2-core machine 1 is faster")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = commands.add_parser("plot", help="curves of runs; --activations: Figure 2; --tsne: Figures 1/9")
@@ -172,7 +174,7 @@ def _run(args) -> None:
 
         reproduce_superclass(args.model, args.dataset or default_dataset(args.model, args.data_dir), args.scale,
                              out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                             progress=args.progress, command=args.command_line)
+                             threads=args.threads, progress=args.progress, command=args.command_line)
     elif args.command == "reproduce":
         from .reproduce import densenet_dataset, reproduce
 
@@ -181,7 +183,8 @@ def _run(args) -> None:
         else:
             name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
         reproduce(name, dataset, args.scale, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
-                  device=args.device, amp=args.amp, progress=args.progress, command=args.command_line)
+                  device=args.device, amp=args.amp, threads=args.threads, progress=args.progress,
+                  command=args.command_line)
     elif args.command == "plot":
         from .plots import plot_runs
 

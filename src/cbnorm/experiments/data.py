@@ -10,16 +10,18 @@ What each dataset's folder under the data root holds (``cbnorm data download NAM
 name            folder          files
 ==============  ==============  ===================================================================
 cifar10         cifar10/        ``cifar10.npz``, or ``cifar-10-batches-py/`` (official pickles)
-                                superclasses: vehicle (airplane, automobile, ship, truck), animal
 cifar100        cifar100/       ``cifar-100-python/{train,test,meta}`` (fine and coarse labels)
 mnist           mnist/          ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``
 fashion-mnist   fashion-mnist/  the same four IDX files
 svhn            svhn/           ``{train,test}_32x32.mat``
 tiny-imagenet   tiny-imagenet/  ``tiny-imagenet-200/`` (the official zip, extracted); test = ``val/``
-oxford-pet      oxford-iiit-pet ``images/*.jpg``, ``annotations/{trainval,test}.txt`` (the official
-                                archives, extracted); 37 breeds, superclasses cat and dog; resized to 64x64
 digits          (none)          bundled with scikit-learn; a fixed stratified 80/20 split
 ==============  ==============  ===================================================================
+
+``oxford-pet`` (Oxford-IIIT Pet) lives in ``oxford-iiit-pet/``: ``images/*.jpg`` and
+``annotations/{trainval,test}.txt``, the two official archives extracted; its 37 breeds fall in the
+superclasses cat and dog, and every image is resized to 64 x 64. CIFAR-10's superclasses are ours:
+vehicle (airplane, automobile, ship, truck) and animal (the other six).
 
 A missing file or one that does not parse raises :class:`DataError`, which names the files expected
 and the checksum of the official file they come from. The pickles are Python pickles, as the
@@ -206,8 +208,8 @@ def _expect(condition: bool, message: str) -> None:
 
 CIFAR10_NPZ_SHA256 = "sha256:a44cc18e4ad961b5158c7da062a6232fb65938b615bf013046199b823b75c43d"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-# CIFAR-10 has no official superclasses; these two (the paper's IV-F experiment, on CIFAR-10) split
-# the classes into the machines and the living things.
+# CIFAR-10 has no official superclasses. These two, machines and living things, stand in for
+# CIFAR-100's 20 in the superclass experiment (paper IV-F) where CIFAR-100 is absent.
 CIFAR10_SUPERCLASSES = {
     "vehicle": ["airplane", "automobile", "ship", "truck"],
     "animal": ["bird", "cat", "deer", "dog", "frog", "horse"],
