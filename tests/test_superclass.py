@@ -327,6 +327,8 @@ def test_reproduce_superclass_oxford_cnn_protocol(tmp_path, cifar10, monkeypatch
 
 
 def test_superclass_data_sets(tmp_path):
+    with pytest.raises(ValueError, match="expected an unknown-cluster rule in .*'uniform'.*, got 'guess'"):
+        sc.evaluate_unknown(tmp_path, "guess")
     with pytest.raises(ValueError, match="needs a data set with superclasses .*, got digits"):
         sc.reproduce_superclass("vit", "digits", "smoke", out=tmp_path, data=load_dataset("digits"))
     assert sc.default_dataset("vit", str(tmp_path)) == "cifar10" == sc.default_dataset("oxford_cnn", str(tmp_path))

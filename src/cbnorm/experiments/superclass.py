@@ -133,6 +133,9 @@ def evaluate_unknown(run_dir: Union[str, os.PathLike], rule: str, data: Optional
     ``rule`` is SCB-Norm's unknown-cluster rule (``"paper"``, ``"posterior"`` or ``"map"``) or
     ``"uniform"`` for SCB-Norm-base (its uniform soft assignment, the only rule it has).
     """
+    rules = (*cbnorm.functional.UNKNOWN_RULES, "uniform")
+    if rule not in rules:
+        raise ValueError(f"expected an unknown-cluster rule in {rules}, got {rule!r}")
     run_dir = Path(run_dir)
     device = resolve_device(device)
     run = _load_run(run_dir, data=data)
