@@ -4,6 +4,7 @@
     cbnorm train --dataset cifar10 --norm ucb --out runs/ucb
     cbnorm reproduce table5 --dataset cifar10 --scale small
     cbnorm reproduce densenet --depth 40 --scale small
+    cbnorm reproduce superclass --model vit --scale small
     cbnorm plot runs/bn runs/ucb [--activations] [--tsne]
     cbnorm data list | download NAME | verify NAME
     cbnorm clusters cifar10 --k 3 --out cifar10-k3.npz
@@ -90,17 +91,23 @@ def _parser() -> argparse.ArgumentParser:
                             description=train_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(p)
 
-    p = commands.add_parser("reproduce", help="reproduce Table V (table5) or the DenseNet experiment (densenet)")
-    p.add_argument("experiment", choices=["table5", "densenet"])
+    p = commands.add_parser("reproduce", help="reproduce Table V (table5), the DenseNet experiment (densenet) or "
+                                              "Tables VII-VIII (superclass)")
+    p.add_argument("experiment", choices=["table5", "densenet", "superclass"])
     p.add_argument("--dataset", help="table5: cifar10 (default), cifar100, tiny-imagenet, ...; "
-                                     "densenet: cifar100 when present, else cifar10")
+                                     "densenet: cifar100 when present, else cifar10; superclass: cifar100 (vit) or "
+                                     "oxford-pet (oxford_cnn) when present, else cifar10")
     p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
+    p.add_argument("--model", choices=["vit", "oxford_cnn"], default="vit",
+                   help="superclass: the ViT of Table VII or the OxfordCNN of Table VIII (default: vit)")
     p.add_argument("--scale", choices=["smoke", "small", "paper"], default="smoke")
     p.add_argument("--seeds", type=int, nargs="+", help="override the scale's seeds")
     p.add_argument("--out", default=".", help="writes OUT/results/EXPERIMENT-DATASET/SCALE/ (default: .)")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="mixed precision")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch (0: its default); on a busy 2-core machine 1 is faster")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = commands.add_parser("plot", help="curves of runs; --activations: Figure 2; --tsne: Figures 1/9")
@@ -162,6 +169,12 @@ def _run(args) -> None:
 
         given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
         train(_train_config(given))
+    elif args.command == "reproduce" and args.experiment == "superclass":
+        from .superclass import default_dataset, reproduce_superclass
+
+        reproduce_superclass(args.model, args.dataset or default_dataset(args.model, args.data_dir), args.scale,
+                             out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
+                             threads=args.threads, progress=args.progress, command=args.command_line)
     elif args.command == "reproduce":
         from .reproduce import densenet_dataset, reproduce
 
@@ -170,7 +183,8 @@ def _run(args) -> None:
         else:
             name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
         reproduce(name, dataset, args.scale, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
-                  device=args.device, amp=args.amp, progress=args.progress, command=args.command_line)
+                  device=args.device, amp=args.amp, threads=args.threads, progress=args.progress,
+                  command=args.command_line)
     elif args.command == "plot":
         from .plots import plot_runs
 
