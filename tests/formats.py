@@ -112,3 +112,30 @@ def write_tiny_imagenet(folder: Path, wnids=("n02085620", "n01443537"), per_clas
         annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
     (base / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
     return colours
+
+
+def write_oxford_pet(folder: Path) -> dict:
+    """``images/<breed>_<n>.jpg`` of assorted sizes and modes and ``annotations/{trainval,test}.txt``
+    (``IMAGE CLASS-ID SPECIES BREED-ID``, ids from 1; species 1 cat, 2 dog), as the official archives
+    extract. Each image is one flat colour, so its pixels survive JPEG and resizing."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "annotations").mkdir()
+    # (image, class id, species, breed id within the species, size, mode)
+    rows = {
+        "trainval": [("Abyssinian_1", 1, 1, 1, (120, 90), "RGB"), ("american_bulldog_10", 2, 2, 1, (64, 64), "L"),
+                     ("pug_3", 26, 2, 20, (200, 300), "RGB"), ("Sphynx_7", 34, 1, 12, (50, 70), "RGBA")],
+        "test": [("Abyssinian_2", 1, 1, 1, (80, 80), "RGB"), ("pug_4", 26, 2, 20, (33, 65), "CMYK")],
+    }
+    colours = {}
+    for split, entries in rows.items():
+        lines = ["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog"]
+        for name, class_id, species, breed, size, mode in entries:
+            colour = (30 + 6 * class_id, 200 - 5 * class_id, 60 + 40 * species)
+            image = Image.new("RGB", size, colour).convert(mode)
+            image.save(folder / "images" / f"{name}.jpg", format="JPEG" if mode != "RGBA" else "PNG", quality=95)
+            colours[name] = np.asarray(image.convert("RGB"))[0, 0].tolist()
+            lines.append(f"{name} {class_id} {species} {breed}")
+        (folder / "annotations" / f"{split}.txt").write_text("\n".join(lines[3:] if split == "test" else lines) + "\n")
+    return {"rows": rows, "colours": colours}

@@ -104,8 +104,8 @@ class TestTrain:
         assert norm_kwargs("mn", 4, {}) == {"num_components": 4}
 
     def test_config_errors(self):
-        with pytest.raises(ValueError, match="expected optimizer to be adamw or sgd, got 'adam'"):
-            TrainConfig(optimizer="adam")
+        with pytest.raises(ValueError, match="expected optimizer to be adamw, adam or sgd, got 'rmsprop'"):
+            TrainConfig(optimizer="rmsprop")
         with pytest.raises(ValueError, match="expected snapshots to be between 0 and epochs=2, got 3"):
             TrainConfig(epochs=2, snapshots=3)
 

@@ -132,7 +132,7 @@ class TestUCBNormMovingAverage:
         x = torch.randn(8, 16)
         stats = F.ucb_norm_batch(x, *before)[1]
         norm(x)  # no re-seeding: only the running update moves the state (where a component has mass)
-        filled = stats.mass > torch.finfo(torch.float32).eps
+        filled = stats.mass >= cbnorm.layers.MIN_MASS
         torch.testing.assert_close(norm.mean, torch.where(filled, torch.lerp(before[1], stats.mean, 0.1), before[1]))
 
     def test_empty_component_keeps_state_and_stays_finite(self):
@@ -149,6 +149,35 @@ class TestUCBNormMovingAverage:
         assert torch.isfinite(norm.prior).all() and abs(float(norm.prior.sum()) - 1) < 1e-12
         # component 0 moves to 0.9 * 0.5 + 0.1 * 1, component 1 keeps 0.5, then both are renormalised
         torch.testing.assert_close(norm.prior, torch.tensor([0.55, 0.5], dtype=torch.float64) / 1.05)
+
+    def test_component_with_less_than_one_activation_of_mass_keeps_its_state(self):
+        prior = torch.tensor([0.5, 0.5], dtype=torch.float64)
+        mean = torch.tensor([[0.0] * 4, [4.5] * 4], dtype=torch.float64)
+        var = torch.ones(2, 4, dtype=torch.float64)
+        x = torch.zeros(16, 4, 3, dtype=torch.float64)
+        x[0, :, 0] = 1.5  # component 1's mass: about 0.035 per channel, far above float eps, below 1
+        stats = F.ucb_norm_batch(x, prior, mean, var)[1]
+        assert (stats.mass[1] > 1e-3).all() and (stats.mass[1] < 1).all() and (stats.mass[0] > 1).all()
+        norm = ucb_with_state(prior, mean, var)
+        norm(x)
+        torch.testing.assert_close(norm.mean[1], mean[1])
+        torch.testing.assert_close(norm.var[1], var[1])
+        torch.testing.assert_close(norm.mean[0], torch.lerp(mean[0], stats.mean[0], 0.1))
+        moved = torch.lerp(prior[0], stats.mass[0].sum() / stats.mass.sum(), 0.1)
+        torch.testing.assert_close(norm.prior, torch.stack([moved, prior[1]]) / (moved + prior[1]))
+
+    def test_inference_stays_stable_when_a_component_fades(self, tmp_path):
+        """Regression: following batches that hold almost none of a fading component drove its
+        prior to ~1e-6 and its variance to ~1e-3; Eq. 15's tau/sqrt(prior) then blew up the test
+        activations near it, and test accuracy fell from 99% to 27% in epochs 7-8 while training
+        accuracy stayed at 99%."""
+        from cbnorm.experiments.train import TrainConfig, train
+
+        torch.set_num_threads(1)
+        config = TrainConfig(dataset="digits", norm="ucb", epochs=8, batch_size=64, seed=2, progress=False,
+                             out=str(tmp_path / "run"))
+        history = train(config)
+        assert min(row["test_acc"] for row in history[-3:]) > 0.9
 
     def test_constant_channel_is_finite(self):
         x = torch.randn(16, 4, 3)

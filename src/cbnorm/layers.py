@@ -22,6 +22,10 @@ __all__ = ["SCBNorm", "SCBNormBase", "UCBNorm"]
 # k-means++ initialisation looks at no more than this many entries of each channel.
 _INIT_SAMPLES = 4096
 
+#: A component whose posterior mass in a channel's batch is below one activation's worth has
+#: received "almost no responsibility" (SPEC): its running state is left where it was.
+MIN_MASS = 1.0
+
 
 def _check_positive_int(layer: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -416,22 +420,26 @@ class _RunningMixtureNorm(_ClusterNorm):
         r"""Fold one batch's component statistics into the running state (one online-EM step).
 
         :math:`\mu_k \leftarrow (1-m)\mu_k + m E_k`, :math:`\sigma^2_k \leftarrow (1-m)\sigma^2_k +
-        m V_k \cdot n/(n-1)`, :math:`\lambda_k \leftarrow (1-m)\lambda_k + m\,\mathrm{mean}_i\tau_k(x_i)`.
-        A component (or channel of it) with no responsibility keeps its state; the priors are then
-        renormalised. A non-finite batch raises and changes nothing.
+        m V_k \cdot n/(n-1)`, :math:`\lambda_k \leftarrow (1-m)\lambda_k + m\,\mathrm{mean}_i\tau_k(x_i)`,
+        then the priors are renormalised. A component that received almost no responsibility keeps
+        its state: a channel of it whose mass :math:`\sum_{B_c}\tau_k` is below one activation's
+        worth (:data:`MIN_MASS`) keeps its mean and variance, and its prior is kept when its mass
+        averaged over the channels (or, for per-channel priors, in the channel) is below that.
+        Such a batch holds less than one sample of the component, so its :math:`E_k, V_k` estimate
+        nothing; following them anyway drives the prior and variance of a fading component toward
+        zero, and Eq. 15's :math:`\tau_k/\sqrt{\lambda_k}` then blows up the activations that
+        land near it at inference. A non-finite batch raises and changes nothing.
         """
         self._check_finite(torch.cat([stats.mass.flatten(), stats.mean.flatten(), stats.var.flatten()]))
         factor = self._momentum_factor()
-        filled = stats.mass > torch.finfo(stats.mass.dtype).eps
+        filled = stats.mass >= MIN_MASS
         unbiased_var = stats.var * (stats.count / (stats.count - 1))
         for running, batch in ((self.running_mean, stats.mean), (self.running_var, unbiased_var)):
             running.copy_(torch.where(filled, torch.lerp(running, batch.to(running.dtype), factor), running))
         # Priors shared by the channels (K,) pool the mass of all channels; per-channel (K, C) do not.
-        mass = stats.mass.sum(1) if self.running_prior.dim() == 1 else stats.mass
+        mass = stats.mass.mean(1) if self.running_prior.dim() == 1 else stats.mass
         batch_prior = (mass / mass.sum(0)).to(self.running_prior.dtype)
-        prior = torch.where(
-            mass > torch.finfo(mass.dtype).eps, torch.lerp(self.running_prior, batch_prior, factor), self.running_prior
-        )
+        prior = torch.where(mass >= MIN_MASS, torch.lerp(self.running_prior, batch_prior, factor), self.running_prior)
         self.running_prior.copy_(prior / prior.sum(0))
         self.num_batches_tracked.add_(1)
 

@@ -86,7 +86,7 @@ from cbnorm.layers import SCBNorm
 
 from . import augment
 from .data import Dataset, Split, atomic_write, available, load_dataset
-from .metrics import macro_scores, mean_std
+from .metrics import confusion_matrix, macro_scores, mean_std
 from .models.wide_resnet import WideResNet
 from .runs import RunFolder, autocast, clustered, keyed_generator, option, resolve_device
 from .train import _subset, norm_kwargs, supervised_norm
@@ -413,7 +413,7 @@ def rules(norm: str) -> list[dict]:
 def evaluate(model: nn.Module, split: Split, domain: int, rule: dict, batch_size: int, device, amp: bool) -> dict:
     """Cross-entropy, accuracy and macro precision/recall/F1 of ``model`` (eval mode) on one domain's test split."""
     model.eval()
-    predictions, loss_sum = [], 0.0
+    confusion, loss_sum = 0, 0.0
     ids_domain = {"source": SOURCE, "domain": domain, None: None}[rule["ids"]]
     with inference_rule(model, rule.get("unknown"), rule.get("posterior")):
         for images, labels in zip(split.images.split(batch_size), split.labels.split(batch_size)):
@@ -421,8 +421,10 @@ def evaluate(model: nn.Module, split: Split, domain: int, rule: dict, batch_size
             with autocast(device, amp, torch.bfloat16), clustered(ids):
                 logits = model(_to_input(images, device)).float()
             loss_sum += nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
-            predictions.append(logits.argmax(1).cpu())
-    return {"loss": loss_sum / len(split), **macro_scores(torch.cat(predictions), split.labels)}
+            confusion = confusion + confusion_matrix(logits.argmax(1).cpu(), labels, logits.shape[1])
+    scores = macro_scores(confusion)
+    return {"loss": loss_sum / len(split), "acc": scores["accuracy"],
+            **{k: scores[k] for k in ("precision", "recall", "f1")}}
 
 
 def _evaluate_both(model, data: Domains, rule: dict, config: AdaMatchConfig, device) -> dict:
@@ -645,6 +647,7 @@ def reproduce_adamatch(
     seeds: Optional[Sequence[int]] = None,
     device: str = "auto",
     amp: bool = False,
+    threads: int = 0,
     progress: bool = True,
     command: Optional[str] = None,
     norms: Sequence[tuple[str, str]] = ADAMATCH_NORMS,
@@ -671,7 +674,7 @@ def reproduce_adamatch(
             source=source, target=target, data_dir=data_dir, source_train_size=scale.source_train,
             target_train_size=scale.target_train, source_test_size=scale.source_test,
             target_test_size=scale.target_test, norm=norm, epochs=scale.epochs, batch_size=scale.batch_size,
-            seed=seed, device=device, amp=amp, out=str(run), resume=True, progress=progress,
+            seed=seed, device=device, amp=amp, threads=threads, out=str(run), resume=True, progress=progress,
         )
         try:
             histories.setdefault(label, []).append(train_adamatch(config, source_data, target_data))

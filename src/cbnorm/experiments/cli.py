@@ -4,6 +4,7 @@
     cbnorm train --dataset cifar10 --norm ucb --out runs/ucb
     cbnorm reproduce table5 --dataset cifar10 --scale small
     cbnorm reproduce densenet --depth 40 --scale small
+    cbnorm reproduce superclass --model vit --scale small
     cbnorm gan --norm ucb --out runs/dcgan-ucb             # one DCGAN run with FID
     cbnorm reproduce dcgan --scale small                   # DCGAN-BN/MN/UCB-Norm, Figures 10-11
     cbnorm adamatch --target digits --norm scb --out runs/da-scb
@@ -112,11 +113,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(p, adamatch_module.AdaMatchConfig)
 
     p = commands.add_parser("reproduce", help="reproduce Table V (table5), the DenseNet experiment (densenet), "
-                                              "the DCGAN experiment (dcgan) or Table VI (adamatch)")
-    p.add_argument("experiment", choices=["table5", "densenet", "dcgan", "adamatch"])
+                                              "Tables VII-VIII (superclass), the DCGAN experiment (dcgan) or "
+                                              "Table VI (adamatch)")
+    p.add_argument("experiment", choices=["table5", "densenet", "superclass", "dcgan", "adamatch"])
     p.add_argument("--dataset", help="table5: cifar10 (default), cifar100, tiny-imagenet, ...; "
-                                     "densenet and dcgan: cifar100 when present, else cifar10")
+                                     "densenet and dcgan: cifar100 when present, else cifar10; superclass: cifar100 "
+                                     "(vit) or oxford-pet (oxford_cnn) when present, else cifar10")
     p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
+    p.add_argument("--model", choices=["vit", "oxford_cnn"], default="vit",
+                   help="superclass: the ViT of Table VII or the OxfordCNN of Table VIII (default: vit)")
     p.add_argument("--fid-features", choices=["auto", "inception", "random-conv"], default="auto",
                    help="dcgan: FID features (default: auto, the Inception weights when installed)")
     p.add_argument("--source", default="mnist", help="adamatch: labelled source data set (default: mnist)")
@@ -127,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="mixed precision")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch (0: its default); on a busy 2-core machine 1 is faster")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = commands.add_parser("plot", help="curves of runs; --activations: Figure 2; --tsne: Figures 1/9")
@@ -188,6 +195,12 @@ def _run(args) -> None:
 
         given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
         train(_train_config(given))
+    elif args.command == "reproduce" and args.experiment == "superclass":
+        from .superclass import default_dataset, reproduce_superclass
+
+        reproduce_superclass(args.model, args.dataset or default_dataset(args.model, args.data_dir), args.scale,
+                             out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
+                             threads=args.threads, progress=args.progress, command=args.command_line)
     elif args.command == "gan":
         from .gan import GANConfig, train_gan
 
@@ -203,14 +216,14 @@ def _run(args) -> None:
 
         reproduce_adamatch(args.source, args.target or adamatch_target(args.data_dir), args.scale, out=args.out,
                            data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                           progress=args.progress, command=args.command_line)
+                           threads=args.threads, progress=args.progress, command=args.command_line)
     elif args.command == "reproduce" and args.experiment == "dcgan":
         from .gan import reproduce_dcgan
         from .reproduce import densenet_dataset
 
         reproduce_dcgan(args.dataset or densenet_dataset(args.data_dir), args.scale, out=args.out,
                         data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                        progress=args.progress, fid_features=args.fid_features, command=args.command_line)
+                        threads=args.threads, progress=args.progress, fid_features=args.fid_features, command=args.command_line)
     elif args.command == "reproduce":
         from .reproduce import densenet_dataset, reproduce
 
@@ -219,7 +232,8 @@ def _run(args) -> None:
         else:
             name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
         reproduce(name, dataset, args.scale, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
-                  device=args.device, amp=args.amp, progress=args.progress, command=args.command_line)
+                  device=args.device, amp=args.amp, threads=args.threads, progress=args.progress,
+                  command=args.command_line)
     elif args.command == "plot":
         from .plots import plot_runs
 

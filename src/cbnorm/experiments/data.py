@@ -18,6 +18,11 @@ tiny-imagenet   tiny-imagenet/  ``tiny-imagenet-200/`` (the official zip, extrac
 digits          (none)          bundled with scikit-learn; a fixed stratified 80/20 split
 ==============  ==============  ===================================================================
 
+``oxford-pet`` (Oxford-IIIT Pet) lives in ``oxford-iiit-pet/``: ``images/*.jpg`` and
+``annotations/{trainval,test}.txt``, the two official archives extracted; its 37 breeds fall in the
+superclasses cat and dog, and every image is resized to 64 x 64. CIFAR-10's superclasses are ours:
+vehicle (airplane, automobile, ship, truck) and animal (the other six).
+
 A missing file or one that does not parse raises :class:`DataError`, which names the files expected
 and the checksum of the official file they come from. The pickles are Python pickles, as the
 official CIFAR archives ship them: load only archives whose checksum matches.
@@ -70,7 +75,7 @@ class DataError(RuntimeError):
 @dataclass
 class Split:
     """One split in memory: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``, and for
-    datasets with superclasses (CIFAR-100) ``coarse_labels`` int64 ``(N,)``."""
+    datasets with superclasses (CIFAR-100, CIFAR-10, Oxford-IIIT Pet) ``coarse_labels`` int64 ``(N,)``."""
 
     images: Tensor
     labels: Tensor
@@ -203,6 +208,23 @@ def _expect(condition: bool, message: str) -> None:
 
 CIFAR10_NPZ_SHA256 = "sha256:a44cc18e4ad961b5158c7da062a6232fb65938b615bf013046199b823b75c43d"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# CIFAR-10 has no official superclasses. These two, machines and living things, stand in for
+# CIFAR-100's 20 in the superclass experiment (paper IV-F) where CIFAR-100 is absent.
+CIFAR10_SUPERCLASSES = {
+    "vehicle": ["airplane", "automobile", "ship", "truck"],
+    "animal": ["bird", "cat", "deer", "dog", "frog", "horse"],
+}
+CIFAR10_COARSE = torch.tensor([
+    next(i for i, members in enumerate(CIFAR10_SUPERCLASSES.values()) if name in members) for name in CIFAR10_CLASSES
+])  # class -> superclass: 0 vehicle, 1 animal
+
+
+def _cifar10_dataset(spec: DatasetSpec, train: Split, test: Split, classes: list[str]) -> Dataset:
+    """CIFAR-10 with its two superclasses as the splits' ``coarse_labels``."""
+    _expect(classes == CIFAR10_CLASSES, f"expected the CIFAR-10 classes {CIFAR10_CLASSES}, got {classes}")
+    for split in (train, test):
+        split.coarse_labels = CIFAR10_COARSE[split.labels]
+    return Dataset(spec.name, train, test, classes, list(CIFAR10_SUPERCLASSES))
 
 
 def _unpickle(path: Path) -> dict:
@@ -240,7 +262,7 @@ def _read_cifar10(spec: DatasetSpec, folder: Path) -> Dataset:
                     for s in ("train", "test")
                 ]
                 _expect(all(split.images.shape[1:] == (3, 32, 32) for split in splits), "expected 32x32 RGB images")
-        return Dataset(spec.name, *splits, CIFAR10_CLASSES)
+        return _cifar10_dataset(spec, *splits, CIFAR10_CLASSES)
     base = folder / "cifar-10-batches-py"
     parts = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
@@ -250,7 +272,8 @@ def _read_cifar10(spec: DatasetSpec, folder: Path) -> Dataset:
                 parts[name] = Split(_cifar_images(parts[name]["data"]), _labels(parts[name]["labels"], 10))
     train = [parts[f"data_batch_{i}"] for i in range(1, 6)]
     train = Split(torch.cat([s.images for s in train]), torch.cat([s.labels for s in train]))
-    return Dataset(spec.name, train, parts["test_batch"], _names(parts["batches.meta"]["label_names"]))
+    with _reading(spec, folder, base / "batches.meta"):
+        return _cifar10_dataset(spec, train, parts["test_batch"], _names(parts["batches.meta"]["label_names"]))
 
 
 def _read_cifar100(spec: DatasetSpec, folder: Path) -> Dataset:
@@ -312,14 +335,16 @@ def _read_svhn(spec: DatasetSpec, folder: Path) -> Dataset:
     return Dataset(spec.name, *splits, [str(d) for d in range(10)])
 
 
-def _read_jpegs(paths: list[Path], spec: DatasetSpec, folder: Path) -> Tensor:
+def _read_jpegs(paths: list[Path], spec: DatasetSpec, folder: Path, size: int = 64, resize: bool = False) -> Tensor:
+    """RGB images ``(N, 3, size, size)``; with ``resize``, each is first resized (bilinear) to ``size x size``."""
     from PIL import Image
 
-    images = np.empty((len(paths), 64, 64, 3), dtype=np.uint8)
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         with _reading(spec, folder, path):
             with Image.open(path) as image:
-                images[i] = np.asarray(image.convert("RGB"))  # a few training images are greyscale
+                image = image.convert("RGB")  # a few images are greyscale, RGBA or CMYK
+                images[i] = np.asarray(image.resize((size, size), Image.BILINEAR) if resize else image)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
@@ -358,6 +383,45 @@ def _read_tiny_imagenet(spec: DatasetSpec, folder: Path) -> Dataset:
         atomic_write(cache, lambda f: np.savez(f, x_train=train.images.numpy(), y_train=train.labels.numpy(),
                                                 x_test=test.images.numpy(), y_test=test.labels.numpy()))
     return Dataset(spec.name, train, test, [names.get(w, w) for w in wnids])
+
+
+PET_SIZE = 64  # Oxford-IIIT Pet images come in all sizes; each is resized (squashed) to PET_SIZE x PET_SIZE
+PET_CLASSES = 37
+
+
+def _read_pet_list(spec: DatasetSpec, folder: Path, name: str) -> tuple[list[str], Tensor, Tensor]:
+    """``annotations/NAME``: one ``IMAGE CLASS-ID SPECIES BREED-ID`` line per image, ids from 1, species
+    1 (cat) or 2 (dog). Returns the image names, the 37-breed labels and the species, from 0."""
+    with _reading(spec, folder, folder / "annotations" / name) as path:
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        _expect(len(rows) > 0 and all(len(row) == 4 for row in rows),
+                "expected lines 'IMAGE CLASS-ID SPECIES BREED-ID' (e.g. 'Abyssinian_100 1 1 1')")
+        labels = _labels([int(row[1]) - 1 for row in rows], PET_CLASSES)
+        species = _labels([int(row[2]) - 1 for row in rows], 2)
+    return [row[0] for row in rows], labels, species
+
+
+def _read_oxford_pet(spec: DatasetSpec, folder: Path) -> Dataset:
+    lists = {split: _read_pet_list(spec, folder, f"{name}.txt") for split, name in (("train", "trainval"), ("test", "test"))}
+    breeds = {}
+    for names, labels, _ in lists.values():
+        for name, label in zip(names, labels.tolist()):
+            breeds.setdefault(label, name.rsplit("_", 1)[0])  # "Abyssinian_100": cats capitalised, "pug_12": dogs not
+    classes = [breeds.get(i, f"breed {i + 1}") for i in range(PET_CLASSES)]
+    cache = folder / f"cbnorm-cache-{PET_SIZE}.npz"  # decoding and resizing 7,349 JPEGs takes a minute: cached once
+    pixels = {}
+    if cache.exists():
+        with _reading(spec, folder, cache), np.load(cache) as z:
+            if all(z[f"names_{s}"].tolist() == lists[s][0] for s in lists):  # else the lists changed: decode again
+                pixels = {s: torch.from_numpy(z[f"x_{s}"]) for s in lists}
+    if not pixels:
+        pixels = {s: _read_jpegs([folder / "images" / f"{name}.jpg" for name in lists[s][0]], spec, folder, PET_SIZE,
+                                 resize=True) for s in lists}
+        with contextlib.suppress(OSError):  # a read-only copy is simply not cached
+            atomic_write(cache, lambda f: np.savez(f, **{f"x_{s}": pixels[s].numpy() for s in lists},
+                                                    **{f"names_{s}": np.array(lists[s][0]) for s in lists}))
+    train, test = (Split(pixels[s], lists[s][1], lists[s][2]) for s in ("train", "test"))
+    return Dataset(spec.name, train, test, classes, ["cat", "dog"])
 
 
 def _read_digits(spec: DatasetSpec, folder: Path) -> Dataset:
@@ -437,6 +501,15 @@ DATASETS: dict[str, DatasetSpec] = {
             "tiny-imagenet-200/{wnids.txt,words.txt,train/<wnid>/images/*.JPEG,val/val_annotations.txt,val/images/}",
             (Source("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "md5:90528d7ca1a48142e341f4ef8d21d0de"),),
             _read_tiny_imagenet, flip=True, crop_padding=8,
+        ),
+        DatasetSpec(
+            "oxford-pet", "oxford-iiit-pet", "images/<breed>_<n>.jpg, annotations/{trainval,test}.txt",
+            (
+                Source("https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz", "md5:5c4f3ee8e5d25df40f4fd59a7f44e54c"),
+                Source("https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz",
+                       "md5:95a8c909bbe2e81eed6a22bccdf3f68f"),
+            ),
+            _read_oxford_pet, flip=True, crop_padding=8,
         ),
         DatasetSpec("digits", "", "nothing: it ships with scikit-learn", (), _read_digits, flip=False, crop_padding=0),
     ]

@@ -358,6 +358,7 @@ def reproduce_dcgan(
     seeds: Optional[Sequence[int]] = None,
     device: str = "auto",
     amp: bool = False,
+    threads: int = 0,
     progress: bool = True,
     fid_features: str = "auto",
     command: Optional[str] = None,
@@ -386,7 +387,8 @@ def reproduce_dcgan(
         config = GANConfig(
             dataset=dataset, data_dir=data_dir, train_size=scale.train_size, norm=norm, epochs=scale.epochs,
             fid_every=scale.fid_every, fid_samples=scale.fid_samples, fid_reference=scale.fid_reference,
-            fid_features=features, seed=seed, device=device, amp=amp, out=str(run), resume=True, progress=progress,
+            fid_features=features, seed=seed, device=device, amp=amp, threads=threads, out=str(run), resume=True,
+            progress=progress,
         )
         try:
             histories.setdefault(label, []).append(train_gan(config, data))

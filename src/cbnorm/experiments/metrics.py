@@ -2,7 +2,8 @@
 and the numbers the reproduction tables read back.
 
 Each row holds ``epoch``, ``train_loss``, ``train_acc``, ``train_error``, ``test_loss``, ``test_acc``,
-``test_error`` (accuracies and errors as fractions), the learning rate ``lr`` of the epoch and its wall-clock ``seconds``.
+``test_error``, the test set's macro-averaged ``test_precision``, ``test_recall`` and ``test_f1`` (all as
+fractions; :func:`macro_scores`), the learning rate ``lr`` of the epoch and its wall-clock ``seconds``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import torch
+from torch import Tensor
+
 from .data import atomic_write
 
-__all__ = ["COLUMNS", "at_fraction", "format_header", "format_row", "macro_scores", "mean_std", "read_metrics",
-           "write_metrics"]
+__all__ = ["COLUMNS", "at_fraction", "confusion_matrix", "format_header", "format_row", "macro_scores", "mean_std",
+           "read_metrics", "write_metrics"]
 
-COLUMNS = ["epoch", "train_loss", "train_acc", "train_error", "test_loss", "test_acc", "test_error", "lr", "seconds"]
+COLUMNS = ["epoch", "train_loss", "train_acc", "train_error", "test_loss", "test_acc", "test_error", "test_precision",
+           "test_recall", "test_f1", "lr", "seconds"]
 
 # The progress table: (column, header, width, format); percentages for the accuracies.
 _TABLE = [
@@ -85,25 +90,44 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
 
 
-def macro_scores(predicted, labels) -> dict:
-    """Accuracy and the macro-averaged precision, recall and F1 of class predictions ``(N,)`` against
-    ``labels`` ``(N,)``, as scikit-learn's ``precision_recall_fscore_support(average="macro",
-    zero_division=0)``: per class ``c`` (every class that occurs in ``labels`` or ``predicted``),
-    ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``, ``F1 = 2PR / (P + R)``, each 0 where
-    its denominator is 0; then the unweighted mean over those classes. Fractions, not percentages."""
-    import torch
+# -- classification scores ------------------------------------------------------------------------
 
-    predicted, labels = torch.as_tensor(predicted).long().cpu(), torch.as_tensor(labels).long().cpu()
-    if predicted.shape != labels.shape or predicted.dim() != 1 or not len(labels):
-        raise ValueError(f"macro_scores: expected two non-empty (N,) tensors, got shapes {tuple(predicted.shape)} "
-                         f"and {tuple(labels.shape)}")
-    classes = torch.cat([predicted, labels]).unique()
-    tp = torch.stack([((predicted == c) & (labels == c)).sum() for c in classes]).double()
-    predicted_count = torch.stack([(predicted == c).sum() for c in classes]).double()
-    true_count = torch.stack([(labels == c).sum() for c in classes]).double()
-    precision = torch.where(predicted_count > 0, tp / predicted_count.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(true_count > 0, tp / true_count.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
-                     torch.zeros_like(tp))
-    return {"acc": float((predicted == labels).double().mean()), "precision": float(precision.mean()),
-            "recall": float(recall.mean()), "f1": float(f1.mean())}
+
+def confusion_matrix(predicted: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Counts ``(num_classes, num_classes)``, int64: entry ``[t, p]`` counts the samples of class ``t``
+    predicted as ``p``. Confusion matrices of batches add up to the one of their union."""
+    if predicted.shape != target.shape or predicted.dim() != 1:
+        raise ValueError(f"expected predicted and target class ids of the same shape (N,), got "
+                         f"{tuple(predicted.shape)} and {tuple(target.shape)}")
+    for name, ids in (("predicted", predicted), ("target", target)):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"expected integer {name} class ids, got {ids.dtype}")
+        if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < num_classes:
+            raise ValueError(f"expected {name} class ids in [0, {num_classes}), got [{int(ids.min())}, {int(ids.max())}]")
+    flat = target.long() * num_classes + predicted.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def macro_scores(confusion: Tensor) -> dict[str, float]:
+    """Accuracy and macro-averaged precision, recall and F1 of a confusion matrix (rows: true classes).
+
+    Per class ``c``: precision ``tp / (tp + fp)``, recall ``tp / (tp + fn)``, F1 ``2 tp / (2 tp + fp + fn)``,
+    each 0 where its denominator is 0. The macro averages are the plain means over the classes that
+    occur among the targets or the predictions, which is what scikit-learn's
+    ``precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)`` computes.
+    Macro F1 is the mean of the per-class F1s, not the harmonic mean of macro precision and recall.
+    """
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"expected a square confusion matrix (C, C), got shape {tuple(confusion.shape)}")
+    counts = confusion.double()
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("expected a confusion matrix of at least one sample, got all zeros")
+    tp = counts.diagonal()
+    predicted, actual = counts.sum(0), counts.sum(1)
+    present = (predicted + actual) > 0
+    ratio = lambda num, den: torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))  # noqa: E731
+    per_class = {"precision": ratio(tp, predicted), "recall": ratio(tp, actual), "f1": ratio(2 * tp, predicted + actual)}
+    scores = {"accuracy": float(tp.sum() / total)}
+    scores.update({name: float(values[present].mean()) for name, values in per_class.items()})
+    return scores

@@ -1,5 +1,6 @@
-"""Figures: training curves (Figures 5 and 8), activation distributions with their fitted mixture
-(Figure 2) and t-SNE of activations at training snapshots (Figures 1 and 9).
+"""Figures: training curves (Figures 5, 8 and 13), activation distributions with their fitted mixture
+(Figure 2), t-SNE of activations at training snapshots (Figures 1 and 9) and PCA of a model's outputs
+coloured by superclass (Figure 14).
 
     cbnorm plot runs/bn runs/ucb                        # test-error curves of the runs -> curves.png
     cbnorm plot runs/bn runs/ucb --activations --tsne   # and Figure 2 / Figure 1 from their checkpoints
@@ -20,7 +21,8 @@ from torch import Tensor, nn
 from .data import Loader
 from .metrics import read_metrics
 
-__all__ = ["activation_figure", "capture", "curves_figure", "plot_runs", "run_activations", "run_snapshots", "tsne_figure"]
+__all__ = ["activation_figure", "capture", "curves_figure", "pca_figure", "plot_runs", "principal_components",
+           "run_activations", "run_snapshots", "tsne_figure"]
 
 PathLike = Union[str, os.PathLike]
 Histories = Sequence[Sequence[dict]]  # one history per seed
@@ -155,6 +157,60 @@ def tsne_figure(rows: dict[str, Sequence[tuple[int, Tensor, Tensor]]], path: Pat
             ax.scatter(embedded[:, 0], embedded[:, 1], c=predicted.numpy(), cmap="tab10" if int(predicted.max()) < 10
                        else "tab20", s=4)
             ax.set_title(f"{label}, epoch {epoch}", fontsize=9)
+    return _save(fig, path)
+
+
+def principal_components(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Scores ``(N, k)`` of ``x`` ``(N, D)`` (centred) on its first ``k`` principal axes, and the
+    fraction of the variance each axis holds. Exact SVD in float64; each axis's sign makes its
+    largest loading positive."""
+    x = x.flatten(1).double()
+    x = x - x.mean(0)
+    _, singular, axes = torch.linalg.svd(x, full_matrices=False)
+    axes = axes[:k]
+    signs = axes.gather(1, axes.abs().argmax(1, keepdim=True)).sign()
+    variance = singular.square()
+    return x @ (axes * signs).T, variance[:k] / variance.sum()
+
+
+def pca_figure(outputs: Tensor, groups: Tensor, names: Sequence[str], path: PathLike, components: int = 5,
+               title: str = "") -> Path:
+    """Figure 14: the first ``components`` principal components of ``outputs`` ``(N, D)``, pair by pair,
+    each point coloured by its group (superclass) ``groups`` ``(N,)`` named by ``names``. Off the
+    diagonal, one component against another; on it, each group's histogram of that component and
+    (green) the density of all points (Gaussian kernel estimate)."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from scipy.stats import gaussian_kde
+
+    if len(outputs) != len(groups):
+        raise ValueError(f"expected one group per output, got {len(groups)} groups for {len(outputs)} outputs")
+    scores, explained = principal_components(outputs, min(components, *outputs.flatten(1).shape))
+    scores, groups, k = scores.numpy(), groups.numpy(), scores.shape[1]
+    palette = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    colours = [palette(g % palette.N) for g in range(len(names))]
+    fig, axes = _figure(k, k, 2.4, 2.4)
+    for i in range(k):
+        for j in range(k):
+            ax = axes[i, j]
+            if i == j:
+                bins = np.histogram_bin_edges(scores[:, i], 30)
+                for g, name in enumerate(names):
+                    if (groups == g).any():
+                        ax.hist(scores[groups == g, i], bins=bins, density=True, histtype="step", color=colours[g])
+                if np.ptp(scores[:, i]) > 0:
+                    grid = np.linspace(bins[0], bins[-1], 200)
+                    ax.plot(grid, gaussian_kde(scores[:, i])(grid), color="green", linewidth=1.5)
+            else:
+                ax.scatter(scores[:, j], scores[:, i], c=[colours[g] for g in groups], s=3, alpha=0.6, linewidths=0)
+            if i == k - 1:
+                ax.set_xlabel(f"PC{j + 1} ({explained[j]:.0%})", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"PC{i + 1} ({explained[i]:.0%})", fontsize=8)
+            ax.tick_params(labelsize=6)
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[g], label=name) for g, name in enumerate(names)]
+    handles.append(Line2D([], [], color="green", label="pdf of all points"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6), fontsize=8, title=title or None)
     return _save(fig, path)
 
 

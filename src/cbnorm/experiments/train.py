@@ -34,6 +34,7 @@ from cbnorm.factory import get_norm_layer
 
 from .clusters import ClusterIds, prior_clusters
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
+from .metrics import confusion_matrix, macro_scores
 from .models import build_model
 from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
 from .runs import option as _help
@@ -52,7 +53,7 @@ class TrainConfig:
     test_size: int = _help("test on a fixed random subset of this many images (0: all)", default=0)
     augment: bool = _help("random crops and flips where the dataset allows them", default=True)
     # model
-    model: str = _help("shallow_cnn, densenet40 or densenet100", default="shallow_cnn")
+    model: str = _help("shallow_cnn, densenet40, densenet100, vit or oxford_cnn", default="shallow_cnn")
     norm: str = _help("the layer under test, a registry name (batchnorm, scb, scb_base, ucb, mn, ...) or none",
                       default="batchnorm")
     num_clusters: int = _help("K: mixture components of UCB/MN, clusters of the dataset mixture for SCB", default=3)
@@ -63,7 +64,7 @@ class TrainConfig:
     test_clusters: bool = _help("give SCB layers the test images' cluster ids (else their unknown-cluster rule)",
                                 default=True)
     # optimisation
-    optimizer: str = _help("adamw, or sgd (Nesterov)", default="adamw")
+    optimizer: str = _help("adamw, adam, or sgd (Nesterov)", default="adamw")
     lr: float = _help("initial learning rate", default=1e-3)
     weight_decay: float = _help("weight decay", default=1e-4)
     momentum: float = _help("SGD momentum", default=0.9)
@@ -83,7 +84,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            ("optimizer", self.optimizer in ("adamw", "sgd"), "adamw or sgd"),
+            ("optimizer", self.optimizer in ("adamw", "adam", "sgd"), "adamw, adam or sgd"),
             ("schedule", self.schedule in ("constant", "step"), "constant or step"),
             ("epochs", self.epochs >= 1, "a positive int"),
             ("batch_size", self.batch_size >= 1, "a positive int"),
@@ -180,6 +181,8 @@ def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":  # L2 penalty added to the gradient, as torch.optim.Adam does
+        return torch.optim.Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum, nesterov=True,
                            weight_decay=config.weight_decay)
 
@@ -216,16 +219,18 @@ def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: T
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool = False) -> dict:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``loader``'s split."""
+    """Mean cross-entropy, accuracy and macro precision, recall and F1 of ``model`` (in eval mode) on ``loader``'s split."""
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, seen, confusion = 0.0, 0, 0
     for images, labels, ids in loader.epoch():
         with autocast(device, amp), clustered(ids):
             logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(1) == labels).sum())
+        confusion = confusion + confusion_matrix(logits.argmax(1), labels, logits.shape[1])
         seen += len(labels)
-    return {"test_loss": loss_sum / seen, "test_acc": correct / seen, "test_error": 1 - correct / seen}
+    scores = macro_scores(confusion)
+    return {"test_loss": loss_sum / seen, "test_acc": scores["accuracy"], "test_error": 1 - scores["accuracy"],
+            "test_precision": scores["precision"], "test_recall": scores["recall"], "test_f1": scores["f1"]}
 
 
 def _snapshot_epochs(config: TrainConfig) -> set[int]:

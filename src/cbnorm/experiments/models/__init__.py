@@ -13,14 +13,18 @@ from torch import nn
 from cbnorm.factory import NormLayer
 
 from .densenet import DenseNet
+from .oxford_cnn import OxfordCNN
 from .shallow_cnn import ShallowCNN
+from .vit import ViT, ViTConfig
 
-__all__ = ["DenseNet", "MODELS", "ShallowCNN", "build_model"]
+__all__ = ["DenseNet", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig", "build_model"]
 
 MODELS = {
     "shallow_cnn": ShallowCNN,
     "densenet40": functools.partial(DenseNet, 40),
     "densenet100": functools.partial(DenseNet, 100),
+    "vit": ViT,
+    "oxford_cnn": OxfordCNN,
 }
 
 
