@@ -533,11 +533,12 @@ class AdaMatchScale:
 ADAMATCH_NORMS = (("AdaMatch", "none"), ("AdaMatch+SCB-Norm-base", "scb_base"), ("AdaMatch+SCB-Norm", "scb"),
                   ("AdaMatch+UCB-Norm", "ucb"))
 
-# `small` is sized from steps timed on 2 shared CPU cores (README, "Domain adaptation"); `paper` is the
+# `small` is sized from steps timed with --threads 1 on 2 shared CPU cores (a step of 16 + 48 images with
+# the gradient-variance probe: 4 to 5 s; the evaluations add about a minute a run); `paper` is the
 # Keras example's schedule that the paper's baseline numbers come from (10 epochs, batch 64 + 192).
 ADAMATCH_SCALES = {
     "smoke": AdaMatchScale("smoke", 8, 24, 16, 16, 2, 4),
-    "small": AdaMatchScale("small", 2000, 1437, 1000, 360, 5, 16),
+    "small": AdaMatchScale("small", 192, 1437, 500, 360, 4, 16),
     "paper": AdaMatchScale("paper", 0, 0, 0, 0, 10, 64),
 }
 
