@@ -1,19 +1,16 @@
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-import cbnorm
 from cbnorm.experiments import adamatch, augment
 from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import Dataset, Split, load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.models.wide_resnet import WideResNet
+
+from utils import kill_and_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,10 +33,6 @@ def mnist_like(digits):
 # a WRN-10-1 (one block per group) on 64 + 64 images: seconds per epoch
 TINY = dict(source_train_size=64, target_train_size=64, source_test_size=32, target_test_size=32, depth=10, width=1,
             batch_size=16, uratio=1, progress=False)
-
-
-def without_time(history):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
 class TestObjective:
@@ -198,27 +191,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, data_root):
     """SIGKILL an AdaMatch run after its second epoch, resume it: the same metrics and weights."""
     flags = dict(TINY, source_train_size=32, norm="ucb", epochs=4, threads=1, data_dir=str(data_root))
     reference = adamatch.train_adamatch(adamatch.AdaMatchConfig(**flags, out=str(tmp_path / "reference")))
-    run = tmp_path / "killed"
-    argv = [sys.executable, "-m", "cbnorm", "adamatch", "--out", str(run)]
-    for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not ((run / "metrics.json").exists() and len(read_metrics(run)[1]) >= 2):
-        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = len(torch.load(run / "checkpoint.pt", weights_only=True)["history"])
-    assert 2 <= killed_at < 4, killed_at
-    resumed = subprocess.run([sys.executable, "-m", "cbnorm", "adamatch", "--out", str(run), "--resume"],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed after epoch {killed_at}" in resumed.stdout
-    assert without_time(read_metrics(run)[1]) == without_time(reference)
-    final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    final = kill_and_resume("adamatch", flags, tmp_path / "killed", reference, 4)["model"]
     expected = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 

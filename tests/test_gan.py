@@ -1,9 +1,5 @@
 import csv
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +10,8 @@ from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.models.dcgan import Discriminator, Generator
+
+from utils import kill_and_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,10 +24,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")
-
-
-def without_time(history):
-    return [{k: v for k, v in row.items() if k not in ("seconds", "fid_seconds")} for row in history]
 
 
 class TestModels:
@@ -93,27 +87,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, digits):
     """SIGKILL a DCGAN run after its second epoch, resume it: the same metrics and weights as a run never stopped."""
     flags = dict(TINY, norm="ucb", epochs=5, fid_every=2, threads=1)
     reference = gan.train_gan(gan.GANConfig(**flags, out=str(tmp_path / "reference")), digits)
-    run = tmp_path / "killed"
-    argv = [sys.executable, "-m", "cbnorm", "gan", "--out", str(run)]
-    for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ((run / "metrics.json").exists() and len(read_metrics(run)[1]) >= 2):
-        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = len(torch.load(run / "checkpoint.pt", weights_only=True)["history"])
-    assert 2 <= killed_at < 5, killed_at
-    resumed = subprocess.run([sys.executable, "-m", "cbnorm", "gan", "--out", str(run), "--resume"],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed after epoch {killed_at}" in resumed.stdout
-    assert without_time(read_metrics(run)[1]) == without_time(reference)
-    final = torch.load(run / "checkpoint.pt", weights_only=True)
+    final = kill_and_resume("gan", flags, tmp_path / "killed", reference, 5)
     expected = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)
     for net in ("generator", "discriminator"):
         assert all(torch.equal(final[net][k], expected[net][k]) for k in expected[net])

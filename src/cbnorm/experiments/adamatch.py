@@ -88,7 +88,8 @@ from . import augment
 from .data import Dataset, Split, atomic_write, available, load_dataset
 from .metrics import confusion_matrix, macro_scores, mean_std
 from .models.wide_resnet import WideResNet
-from .runs import RunFolder, autocast, clustered, keyed_generator, option, resolve_device
+from .runs import (RUN_CONTROL, RunFolder, RunSettings, autocast, check_fields,
+                   clustered, keyed_generator, option, resolve_device)
 from .train import _subset, norm_kwargs, supervised_norm
 
 __all__ = ["ADAMATCH_SCALES", "AdaMatchConfig", "AdaMatchScale", "adamatch_objective", "backward",
@@ -98,7 +99,7 @@ SOURCE, TARGET = 0, 1  # the domains' cluster ids
 
 
 @dataclass
-class AdaMatchConfig:
+class AdaMatchConfig(RunSettings):
     """Everything an AdaMatch run depends on; saved as RUN/config.json. Each field is a ``cbnorm adamatch`` flag."""
 
     # data
@@ -127,13 +128,8 @@ class AdaMatchConfig:
     grad_every: int = option("take the gradient variance every this many steps", default=1)
     # the run
     seed: int = option("seed of the initialisation, data order, augmentation and interpolation", default=0)
-    device: str = option("auto (CUDA when present), cpu, cuda, ...", default="auto")
-    amp: bool = option("mixed precision (bfloat16 autocast)", default=False)
-    threads: int = option("CPU threads for torch (0: torch's default)", default=0)
     eval_batch_size: int = option("evaluation batch size", default=500)
     out: str = option("run directory", default="runs/adamatch")
-    resume: bool = option("continue the run in --out from its checkpoint", default=False)
-    progress: bool = option("progress bar within epochs", default=True)
 
     def __post_init__(self) -> None:
         checks = [
@@ -147,12 +143,7 @@ class AdaMatchConfig:
             ("image_size", self.image_size >= 8, "an int >= 8"),
             ("num_clusters", self.num_clusters >= 1, "a positive int"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"AdaMatchConfig: expected {name} to be {expected}, got {getattr(self, name)!r}")
-
-
-RUN_CONTROL = {"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"}
+        check_fields(self, checks)
 
 
 # -- the two domains ------------------------------------------------------------------------------------------

@@ -45,14 +45,15 @@ from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
-from .runs import RunFolder, autocast, keyed_generator, option, resolve_device
+from .runs import (RUN_CONTROL, RunFolder, RunSettings, autocast, check_fields,
+                   keyed_generator, option, resolve_device)
 from .train import _subset, norm_kwargs
 
 __all__ = ["GANConfig", "GAN_SCALES", "GANScale", "reproduce_dcgan", "train_gan"]
 
 
 @dataclass
-class GANConfig:
+class GANConfig(RunSettings):
     """Everything a DCGAN run depends on; saved as RUN/config.json. Each field is a ``cbnorm gan`` flag."""
 
     # data
@@ -81,13 +82,8 @@ class GANConfig:
                                "inception or random-conv", default="auto")
     # the run
     seed: int = option("seed of the initialisation, data order and noise", default=0)
-    device: str = option("auto (CUDA when present), cpu, cuda, ...", default="auto")
-    amp: bool = option("mixed precision (bfloat16 autocast)", default=False)
-    threads: int = option("CPU threads for torch (0: torch's default)", default=0)
     eval_batch_size: int = option("batch of generated images (and of FID features)", default=100)
     out: str = option("run directory", default="runs/dcgan")
-    resume: bool = option("continue the run in --out from its checkpoint", default=False)
-    progress: bool = option("progress bar within epochs", default=True)
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,12 +96,7 @@ class GANConfig:
             ("fid_features", self.fid_features in ("auto", *FEATURES), f"auto or one of {list(FEATURES)}"),
             ("num_components", self.num_components >= 1, "a positive int"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"GANConfig: expected {name} to be {expected}, got {getattr(self, name)!r}")
-
-
-RUN_CONTROL = {"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"}
+        check_fields(self, checks)
 
 
 def build_gan(config: GANConfig, channels: int, image_size: int) -> tuple[Generator, Discriminator]:
@@ -449,7 +440,7 @@ def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
         f"(mean ± std over seeds). The paper (Figure 10, CIFAR-100, 200 epochs) gives curves only, no numbers: "
         f"DCGAN-UCB-Norm converges faster and reaches a lower FID than DCGAN-MN and DCGAN-BN.",
         "",
-        f"| model | ours, last epoch | ours, best | paper |",
+        "| model | ours, last epoch | ours, best | paper |",
         "| --- | --- | --- | --- |",
     ]
     for row in results["rows"]:

@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import random
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -35,13 +35,34 @@ import cbnorm
 from .data import atomic_write
 from .metrics import COLUMNS, format_header, format_row, write_metrics
 
-__all__ = ["RunFolder", "autocast", "clustered", "config_diff", "grad_scaler", "keyed_generator", "option",
-           "resolve_device", "rng_states", "set_rng_states"]
+__all__ = ["RUN_CONTROL", "RunFolder", "RunSettings", "autocast", "check_fields", "clustered", "config_diff",
+           "grad_scaler", "keyed_generator", "option", "resolve_device", "rng_states", "set_rng_states"]
+
+# Config fields that may change when a run is resumed: they do not change what is computed.
+RUN_CONTROL = frozenset({"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"})
 
 
 def option(text: str, **kwargs):
     """A config dataclass field with its command-line help (``cbnorm`` makes one flag per field)."""
     return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class RunSettings:
+    """The fields of a run's config that say where and how it runs; a config dataclass inherits them."""
+
+    device: str = option("auto (CUDA when present), cpu, cuda, ...", default="auto")
+    amp: bool = option("mixed precision (bfloat16 autocast)", default=False)
+    threads: int = option("CPU threads for torch (0: torch's default)", default=0)
+    resume: bool = option("continue the run in --out from its checkpoint", default=False)
+    progress: bool = option("progress bar within epochs", default=True)
+
+
+def check_fields(config, checks: Iterable[tuple[str, bool, str]]) -> None:
+    """Raise :class:`ValueError` for the first ``(field, ok, expected)`` of ``checks`` that is not ok."""
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{type(config).__name__}: expected {name} to be {expected}, got {getattr(config, name)!r}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -36,7 +36,7 @@ from .clusters import ClusterIds, prior_clusters
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
 from .metrics import confusion_matrix, macro_scores
 from .models import build_model
-from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
+from .runs import RUN_CONTROL, RunFolder, autocast, check_fields, clustered, grad_scaler, resolve_device
 from .runs import option as _help
 
 __all__ = ["Setup", "TrainConfig", "setup", "train"]
@@ -92,13 +92,9 @@ class TrainConfig:
             ("num_clusters", self.num_clusters >= 1, "a positive int"),
             ("snapshots", 0 <= self.snapshots <= self.epochs, f"between 0 and epochs={self.epochs}"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: expected {name} to be {expected}, got {getattr(self, name)!r}")
+        check_fields(self, checks)
 
 
-# Fields that may change when a run is resumed: they do not change what is computed.
-RUN_CONTROL = {"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"}
 
 
 # -- what a run is made of -------------------------------------------------------------------------
