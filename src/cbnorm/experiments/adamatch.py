@@ -600,8 +600,11 @@ def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dic
             for rule, scores in row["rules"].items():
                 cells = [_cell(scores[k]) for k in ("source_acc", "source_f1", "target_acc", "target_f1")]
                 lines.append(f"| {row['label']} | {rule} | " + " | ".join(cells) + " |")
-            best = max(row["rules"], key=lambda r: mean_std(row["rules"][r]["target_acc"])[0])
-            lines += [f"| {row['label']} | **best on the target: {best}** | | | | |"]
+            target = {rule: mean_std(scores["target_acc"])[0] for rule, scores in row["rules"].items()}
+            top = max(target.values())
+            best = [rule for rule, value in target.items() if value == top]
+            verdict = "all rules tie" if len(best) == len(target) else " = ".join(best)
+            lines += [f"| {row['label']} | **best on the target: {verdict}** | | | | |"]
     return "\n".join(lines) + "\n"
 
 
