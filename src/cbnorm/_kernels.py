@@ -1,0 +1,233 @@
+r"""The two passes over the activations behind every mixture layer, as differentiable operators.
+
+Activations ``x`` are ``(N, C, L)``. Every channel ``c`` has ``K`` components with ``(K, C)``
+coefficients ``mean``, ``log_coef``, ``quad_coef``; the posterior of component ``k`` at an entry is
+
+.. math::
+    d_k = x - \mu_{k,c}, \qquad \ell_k = \mathrm{log\_coef}_{k,c} + \mathrm{quad\_coef}_{k,c}\, d_k^2,
+    \qquad \tau_k = \operatorname{softmax}_k \ell_k
+
+(a Gaussian log-density plus log-prior is such a quadratic, written about the mean so that nothing
+cancels). The operators:
+
+* :func:`mixture_moments` ``(3, K, C)``: :math:`\sum_{n,l} \tau_k d_k^r` for ``r = 0, 1, 2`` -- the
+  posterior mass and the first two moments about the means;
+* :func:`mixture_transform`, like ``x``: :math:`\sum_k \tau_k (a_{k,c} + b_{k,c} d_k)` -- every
+  normalising transform of the library, affine map included, is one of these.
+
+Both recompute :math:`\tau` from ``x`` wherever they need it, in forward and in backward: no tensor
+of size ``K x N x C x L`` is ever stored, and backward saves only ``x`` and ``(K, C)`` tensors.
+Both backward passes are the same kernel, the vector-Jacobian product of
+:math:`\sum_k \tau_k q_k` with :math:`q_k = a_k + b_k d_k + c_k d_k^2` and a per-entry weight
+:math:`\omega`:
+
+.. math::
+    \frac{\partial}{\partial x} = \omega \sum_k \big(\tau_k q_k' + u_k \ell_k'\big), \quad
+    u_k = \tau_k \big(q_k - \textstyle\sum_j \tau_j q_j\big), \quad
+    \frac{\partial}{\partial (a, b, c)_k} = \sum \omega \tau_k d_k^{0,1,2}, \quad
+    \frac{\partial}{\partial \mathrm{log\_coef}_k} = \sum \omega u_k, \quad
+    \frac{\partial}{\partial \mathrm{quad\_coef}_k} = \sum \omega u_k d_k^2
+
+(for the moments, ``a, b, c`` are the three rows of the incoming gradient and :math:`\omega = 1`).
+
+Each operator runs the native CPU kernel of :mod:`cbnorm._native` when it is available, and
+otherwise its pure-PyTorch twin below, which computes the same thing one component at a time
+(slower, same memory bound). They are ``torch.library`` custom operators, so ``torch.compile``
+traces through the layers without a graph break.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ._native import native_ops
+
+__all__ = ["component_logits", "mixture_moments", "mixture_transform", "per_component"]
+
+_MAX_NATIVE_COMPONENTS = 16
+
+
+def _layout(x: Tensor) -> Tensor:
+    """``x`` itself when stored as ``(N, C, L)`` or ``(N, L, C)`` (channels last), else a contiguous copy."""
+    return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
+
+
+def _native(x: Tensor, num_components: int):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if num_components > _MAX_NATIVE_COMPONENTS:
+        return None
+    return native_ops()
+
+
+# -- pure-PyTorch kernels --------------------------------------------------------------------------
+def per_component(t: Tensor) -> tuple[Tensor, ...]:
+    """``(K, C)`` -> K tensors ``(C, 1)``, broadcastable against ``(N, C, L)``."""
+    return t.unsqueeze(-1).unbind(0)
+
+
+def component_logits(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    for mu, lc, lw in zip(per_component(mean), per_component(log_coef), per_component(quad_coef)):
+        d = x - mu
+        yield d, torch.addcmul(lc, lw, d * d)
+
+
+def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(d_k, tau_k)`` per component, holding a few tensors of ``x``'s size at a time."""
+    top = functools.reduce(torch.maximum, (logit for _, logit in component_logits(x, mean, log_coef, quad_coef)))
+    total = sum(torch.exp(logit - top) for _, logit in component_logits(x, mean, log_coef, quad_coef))
+    log_normalizer = top + total.log()
+    for d, logit in component_logits(x, mean, log_coef, quad_coef):
+        yield d, torch.exp(logit - log_normalizer)
+
+
+def _sums(t: Tensor, d: Tensor) -> Tensor:
+    """``(3, C)``: the sums over ``(n, l)`` of ``t``, ``t d`` and ``t d^2``."""
+    td = t * d
+    return torch.stack([t.sum((0, 2)), td.sum((0, 2)), (td * d).sum((0, 2))])
+
+
+def _eager_moments(x, mean, log_coef, quad_coef):
+    return torch.stack([_sums(tau, d) for d, tau in _posteriors(x, mean, log_coef, quad_coef)], 1)
+
+
+def _eager_transform(x, mean, log_coef, quad_coef, a, b):
+    return sum(tau * torch.addcmul(ak, bk, d) for (d, tau), ak, bk in zip(_posteriors(x, mean, log_coef, quad_coef), per_component(a), per_component(b)))
+
+
+def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
+    c = torch.zeros_like(a) if c is None else c
+    coefficients = list(zip(per_component(a), per_component(b), per_component(c), per_component(quad_coef)))
+
+    def q(d, ak, bk, ck):
+        return ak + d * (bk + ck * d)
+
+    weight = 1 if omega is None else omega
+    mean_q = sum(tau * q(d, *coef[:3]) for (d, tau), coef in zip(_posteriors(x, mean, log_coef, quad_coef), coefficients))
+    grad, tau_rows, u_rows = 0, [], []
+    for (d, tau), (ak, bk, ck, lw) in zip(_posteriors(x, mean, log_coef, quad_coef), coefficients):
+        u = tau * (q(d, ak, bk, ck) - mean_q)
+        if grad_x:
+            grad = grad + tau * (bk + 2 * ck * d) + 2 * lw * d * u
+        if tau_moments:
+            tau_rows.append(_sums(weight * tau, d))
+        if u_moments:
+            u_rows.append(_sums(weight * u, d))
+    moments = [torch.stack(rows, 1) for rows in (tau_rows, u_rows) if rows]
+    return (
+        weight * grad if grad_x else x.new_empty(0),
+        torch.cat(moments) if moments else x.new_empty(0, *mean.shape),
+    )
+
+
+# -- operators -------------------------------------------------------------------------------------
+@torch.library.custom_op("cbnorm::mixture_moments", mutates_args=())
+def _moments_op(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
+    args = (_layout(x), mean.contiguous(), log_coef.contiguous(), quad_coef.contiguous())
+    native = _native(x, mean.shape[0])
+    return native.mixture_moments(*args) if native else _eager_moments(*args)
+
+
+@torch.library.custom_op("cbnorm::mixture_transform", mutates_args=())
+def _transform_op(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    args = (_layout(x), *(t.contiguous() for t in (mean, log_coef, quad_coef, a, b)))
+    native = _native(x, mean.shape[0])
+    return native.mixture_transform(*args) if native else _eager_transform(*args)
+
+
+@torch.library.custom_op("cbnorm::mixture_transform_backward", mutates_args=())
+def _backward_op(
+    x: Tensor,
+    omega: Optional[Tensor],
+    mean: Tensor,
+    log_coef: Tensor,
+    quad_coef: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Optional[Tensor],
+    grad_x: bool,
+    tau_moments: bool,
+    u_moments: bool,
+) -> tuple[Tensor, Tensor]:
+    x = _layout(x)
+    if omega is not None and omega.stride() != x.stride():
+        omega = torch.empty_like(x).copy_(omega)  # the kernel reads omega with x's strides
+    coefficients = [t.contiguous() for t in (mean, log_coef, quad_coef, a, b)]
+    c = None if c is None else c.contiguous()
+    native = _native(x, mean.shape[0])
+    kernel = native.mixture_transform_backward if native else _eager_transform_backward
+    return kernel(x, omega, *coefficients, c, grad_x, tau_moments, u_moments)
+
+
+@_moments_op.register_fake
+def _(x, mean, log_coef, quad_coef):
+    return x.new_empty(3, *mean.shape)
+
+
+@_transform_op.register_fake
+def _(x, mean, log_coef, quad_coef, a, b):
+    return torch.empty_like(_layout(x))
+
+
+@_backward_op.register_fake
+def _(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
+    rows = 3 * (tau_moments + u_moments)
+    return torch.empty_like(_layout(x)) if grad_x else x.new_empty(0), x.new_empty(rows, *mean.shape)
+
+
+def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
+    """Gradients to ``x, mean, log_coef, quad_coef`` and the moments of ``omega tau d^r``."""
+    need_x, need_mean, need_log, need_quad = ctx.needs_input_grad[:4]
+    need_tau = any(ctx.needs_input_grad[4:]) or need_mean
+    grad_x, moments = _backward_op(
+        x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_mean or need_log or need_quad
+    )
+    tau = moments[:3] if need_tau else None
+    u = moments[-3:]
+    grad_mean = None
+    if need_mean:  # d/dmu_k = -sum omega (tau_k q_k' + u_k logit_k')
+        grad_mean = -(b * tau[0] + 2 * quad_coef * u[1])
+        if c is not None:
+            grad_mean = grad_mean - 2 * c * tau[1]
+    return (
+        grad_x if need_x else None,
+        grad_mean,
+        u[0] if need_log else None,
+        u[2] if need_quad else None,
+        tau,
+    )
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _moments_backward(ctx, grad):
+    x, mean, log_coef, quad_coef = ctx.saved_tensors
+    # The moments are sum_k tau_k q_k summed over the batch, with q_k = grad[0] + grad[1] d + grad[2] d^2.
+    return _coefficient_grads(ctx, x, None, mean, log_coef, quad_coef, grad[0], grad[1], grad[2])[:4]
+
+
+def _transform_backward(ctx, grad):
+    x, mean, log_coef, quad_coef, a, b = ctx.saved_tensors
+    *grads, tau = _coefficient_grads(ctx, x, grad, mean, log_coef, quad_coef, a, b, None)
+    need_a, need_b = ctx.needs_input_grad[4:]
+    return (*grads, tau[0] if need_a else None, tau[1] if need_b else None)
+
+
+_moments_op.register_autograd(_moments_backward, setup_context=_save_inputs)
+_transform_op.register_autograd(_transform_backward, setup_context=_save_inputs)
+
+
+def mixture_moments(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
+    r"""``(3, K, C)``: :math:`\sum_{n,l}\tau_k d_k^r` for ``r = 0, 1, 2``, differentiable in every input."""
+    return _moments_op(x, mean, log_coef, quad_coef)
+
+
+def mixture_transform(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    r""":math:`\sum_k \tau_k (a_{k,c} + b_{k,c} d_k)`, like ``x``, differentiable in every input."""
+    return _transform_op(x, mean, log_coef, quad_coef, a, b)
