@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ._native import native_ops
 
-__all__ = ["component_logits", "mixture_moments", "mixture_transform", "per_component"]
+__all__ = ["component_logits", "mixture_moments", "mixture_transform", "per_component", "scale_shift", "snapshot"]
 
 _MAX_NATIVE_COMPONENTS = 16
 
@@ -56,7 +56,12 @@ def _layout(x: Tensor) -> Tensor:
     return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
 
 
-def _native(x: Tensor, num_components: int):
+def _strided_like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` with the strides of ``x`` (the kernels index both alike); a copy only when they differ."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
+def _native(x: Tensor, num_components: int = 1):
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     if num_components > _MAX_NATIVE_COMPONENTS:
@@ -154,8 +159,7 @@ def _backward_op(
     u_moments: bool,
 ) -> tuple[Tensor, Tensor]:
     x = _layout(x)
-    if omega is not None and omega.stride() != x.stride():
-        omega = torch.empty_like(x).copy_(omega)  # the kernel reads omega with x's strides
+    omega = None if omega is None else _strided_like(omega, x)
     coefficients = [t.contiguous() for t in (mean, log_coef, quad_coef, a, b)]
     c = None if c is None else c.contiguous()
     native = _native(x, mean.shape[0])
@@ -223,6 +227,49 @@ _moments_op.register_autograd(_moments_backward, setup_context=_save_inputs)
 _transform_op.register_autograd(_transform_backward, setup_context=_save_inputs)
 
 
+@torch.library.custom_op("cbnorm::scale_shift", mutates_args=())
+def _scale_shift_op(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.addcmul(shift.unsqueeze(-1), _layout(x), scale.unsqueeze(-1))
+
+
+@torch.library.custom_op("cbnorm::scale_shift_backward", mutates_args=())
+def _scale_shift_backward_op(x: Tensor, grad: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    x = _layout(x)
+    grad, scale = _strided_like(grad, x), scale.contiguous()
+    native = _native(x)
+    if native:
+        return native.scale_shift_backward(x, grad, scale)
+    return grad * scale.unsqueeze(-1), (grad * x).sum(2), grad.sum(2)
+
+
+@_scale_shift_op.register_fake
+def _(x, scale, shift):
+    return torch.empty_like(_layout(x))
+
+
+@_scale_shift_backward_op.register_fake
+def _(x, grad, scale):
+    return torch.empty_like(_layout(x)), torch.empty_like(scale), torch.empty_like(scale)
+
+
+def _scale_shift_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _scale_shift_backward(ctx, grad):
+    x, scale = ctx.saved_tensors
+    grad_x, grad_scale, grad_shift = _scale_shift_backward_op(x, grad, scale)
+    return tuple(g if need else None for g, need in zip((grad_x, grad_scale, grad_shift), ctx.needs_input_grad))
+
+
+_scale_shift_op.register_autograd(_scale_shift_backward, setup_context=_scale_shift_setup)
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    r""":math:`x_{n,c,l}\,s_{n,c} + t_{n,c}` for ``x`` ``(N, C, L)``; backward is one pass over ``x``."""
+    return _scale_shift_op(x, scale, shift)
+
+
 def mixture_moments(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
     r"""``(3, K, C)``: :math:`\sum_{n,l}\tau_k d_k^r` for ``r = 0, 1, 2``, differentiable in every input."""
     return _moments_op(x, mean, log_coef, quad_coef)
@@ -231,3 +278,25 @@ def mixture_moments(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor
 def mixture_transform(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
     r""":math:`\sum_k \tau_k (a_{k,c} + b_{k,c} d_k)`, like ``x``, differentiable in every input."""
     return _transform_op(x, mean, log_coef, quad_coef, a, b)
+
+
+@torch.library.custom_op("cbnorm::snapshot", mutates_args=())
+def _snapshot_op(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.clone() for t in tensors]
+
+
+@_snapshot_op.register_fake
+def _(tensors):
+    return [torch.empty_like(t) for t in tensors]
+
+
+_snapshot_op.register_autograd(lambda ctx, grads: list(grads), setup_context=lambda ctx, inputs, output: None)
+
+
+def snapshot(tensors: list[Tensor]) -> list[Tensor]:
+    """Differentiable copies of ``tensors``, for state that the caller updates in place before backward.
+
+    An opaque operator: ``torch.compile`` saves the copies for backward instead of re-deriving them
+    from the originals, which by then hold the updated values.
+    """
+    return _snapshot_op(tensors)

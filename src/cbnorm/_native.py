@@ -1,4 +1,4 @@
-"""Build and load the native CPU kernels (``csrc/mixture.cpp``) on first use.
+"""Build and load the native CPU kernels (``csrc/kernels.cpp``) on first use.
 
 The kernels are compiled once per source, torch version and CPU instruction set with the system C++
 compiler (``$CXX``, else ``c++``), cached under ``$CBNORM_CACHE_DIR`` (default
@@ -27,7 +27,7 @@ import torch
 
 __all__ = ["kernels_mode", "native_ops"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "mixture.cpp"
+_SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _MODES = ("auto", "native", "eager")
 # Instruction-set flags and macros, as torch.backends.cpu.get_cpu_capability() names the sets.
 _ISA_FLAGS = {
@@ -99,7 +99,7 @@ def _build() -> Path:
     libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
     libraries += [f"-Wl,-rpath,{path}" for path in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), torch.__version__, compiler, *flags]).encode()).hexdigest()
-    target = _cache_dir() / f"mixture_{isa.lower()}_{key[:16]}.so"
+    target = _cache_dir() / f"kernels_{isa.lower()}_{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._kernels import component_logits, mixture_moments, mixture_transform, per_component
+from ._kernels import component_logits, mixture_moments, mixture_transform, per_component, scale_shift, snapshot
 
 __all__ = [
     "ComponentStats",
@@ -158,7 +158,7 @@ def _normalize(
 ) -> Tensor:
     r""":math:`\gamma_c \sum_k \tau_k s_k (x - \mu_k - \delta_k) + \beta_c` as one pass of :func:`mixture_transform`.
 
-    ``scale`` :math:`s` and ``shift`` :math:`\delta` (``None``: zero) are ``(K, C)``. As the posteriors
+    ``x`` is ``(N, C, L)``; ``scale`` :math:`s` and ``shift`` :math:`\delta` (``None``: zero) are ``(K, C)``. As the posteriors
     sum to one, the affine map folds into the per-component coefficients:
     :math:`\gamma \sum_k \tau_k s_k (d_k - \delta_k) + \beta = \sum_k \tau_k \big((\beta - \gamma s_k \delta_k) + \gamma s_k d_k\big)`.
     """
@@ -166,7 +166,7 @@ def _normalize(
     offset = torch.zeros_like(slope) if shift is None else -slope * shift
     if bias is not None:
         offset = offset + bias.to(slope.dtype)
-    return mixture_transform(_channels(x), mean, *logits, offset, slope).reshape(x.shape)
+    return mixture_transform(x, mean, *logits, offset, slope)
 
 
 def _clamped_prior(prior: Tensor) -> Tensor:
@@ -197,7 +197,7 @@ def sample_norm(
         shift = -mean.to(dtype) * scale
         if bias is not None:
             shift = shift + bias.to(dtype)
-        y = torch.addcmul(_per_channel(shift, x), x.to(dtype), _per_channel(scale, x))
+        y = scale_shift(_channels(x.to(dtype)), scale, shift).reshape(x.shape)
     return y.to(x.dtype)
 
 
@@ -256,7 +256,7 @@ def scb_norm(
             scale = scale * math.sqrt(num_clusters)
         if posterior == "element":
             if unknown != "map":
-                return _normalize(xf, mean, logits, scale, None, weight, bias).to(x.dtype)
+                return _normalize(_channels(xf), mean, logits, scale, None, weight, bias).reshape(x.shape).to(x.dtype)
             y = _map_transform(_channels(xf), mean, logits, scale)
         else:
             x3 = _channels(xf)
@@ -323,8 +323,8 @@ def ucb_norm(
         xf, prior, mean, var = (t.to(dtype) for t in (x, prior, mean, var))
         prior = _clamped_prior(prior)
         scale = (prior * (var + eps)).rsqrt()
-        y = _normalize(xf, mean, _log_density(prior, var, eps), scale, None, weight, bias)
-    return y.to(x.dtype)
+        y = _normalize(_channels(xf), mean, _log_density(prior, var, eps), scale, None, weight, bias)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def ucb_norm_batch(
@@ -375,11 +375,12 @@ def ucb_norm_batch(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, prior, var = (t.to(dtype) for t in (x, prior, var))
-        mean = mean.to(dtype, copy=True)  # backward needs it after the caller's in-place running update
+        xf = x.to(dtype)
+        prior, mean, var = snapshot([t.to(dtype) for t in (prior, mean, var)])
         prior = _clamped_prior(prior)
         logits = _log_density(prior, var, eps)
-        sums = mixture_moments(_channels(xf), mean, *logits)
+        x3 = _channels(xf)
+        sums = mixture_moments(x3, mean, *logits)
         if reduce_sums is not None:
             sums = reduce_sums(sums)
         mass, first, second = sums
@@ -387,7 +388,7 @@ def ucb_norm_batch(
         shift = first / safe_mass
         batch_var = (second / safe_mass - shift.square()).clamp_min(0)
         scale = (prior * (batch_var + eps)).rsqrt()
-        y = _normalize(xf, mean, logits, scale, shift, weight, bias)
+        y = _normalize(x3, mean, logits, scale, shift, weight, bias).reshape(x.shape)
         count = x.numel() // x.shape[1]
         stats = ComponentStats(mass.detach(), (mean + shift).detach(), batch_var.detach(), count)
     return y.to(x.dtype), stats

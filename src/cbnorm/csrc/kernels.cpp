@@ -1,6 +1,7 @@
-// Native CPU kernels of cbnorm's mixture normalisation; cbnorm/_kernels.py holds the math, the
-// pure-PyTorch fallback of each kernel and the autograd formulas that call them.
+// Native CPU kernels of cbnorm; cbnorm/_kernels.py holds the math, the pure-PyTorch twin of each
+// kernel and the autograd formulas that call them.
 //
+// Mixture normalisation (UCB-Norm, SCB-Norm with unknown clusters).
 // Activations x are (N, C, L), channels-first (L contiguous) or channels-last (C contiguous). Each
 // channel c has K components with per-channel coefficients, all (K, C):
 //     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * d_k^2,   tau = softmax_k(logit)
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace {
 
@@ -81,12 +83,37 @@ struct Coefficients {
 template <typename T>
 using Accumulators = Vectorized<T>[kMaxRows][kMaxComponents];
 
-// One vector of entries: returns the value or the gradient and adds to the moments.
-template <typename T>
+// exp(x) for x <= 0, inline: the posteriors take K of them per entry, and a call into Sleef per
+// vector costs about twice the rest of the kernel. Cephes' expf (Cody-Waite reduction, degree-6
+// polynomial; relative error about 1e-7, as Sleef's u10) in float; Sleef in double. Below the
+// smallest normal float the result is 0.
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec low(-87.3365447f);  // log(FLT_MIN)
+  const Vec clamped = at::vec::maximum(x, low);
+  const Vec n = at::vec::fmadd(clamped, Vec(1.44269504088896341f), Vec(0.5f)).floor();
+  const Vec r = at::vec::fmadd(n, Vec(2.12194440e-4f), at::vec::fmadd(n, Vec(-0.693359375f), clamped));
+  Vec p(1.9875691500e-4f);
+  for (const float coefficient : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    p = at::vec::fmadd(p, r, Vec(coefficient));
+  }
+  const Vec poly = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+  const auto exponent = (at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23);
+  return Vec::blendv(poly * at::vec::cast<float>(exponent), Vec(0.0f), x < low);
+}
+
+inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) {
+  return x.exp();
+}
+
+// One vector of entries: returns the value or the gradient and adds to the moments. A non-zero
+// `KC` fixes the number of components at compile time, so that the loops over k unroll.
+template <typename T, int64_t KC>
 inline Vectorized<T> entry(
-    const Vectorized<T>& x, const Vectorized<T>& omega, const Lanes<T>& cf, int64_t K, const Flags& flags,
-    Accumulators<T>& acc) {
+    const Vectorized<T>& x, const Vectorized<T>& omega, const Lanes<T>& cf, int64_t num_components,
+    const Flags& flags, Accumulators<T>& acc) {
   using Vec = Vectorized<T>;
+  const int64_t K = KC ? KC : num_components;
   Vec d[kMaxComponents], tau[kMaxComponents];
   Vec top;
   for (int64_t k = 0; k < K; ++k) {
@@ -96,7 +123,7 @@ inline Vectorized<T> entry(
   }
   Vec total(0);
   for (int64_t k = 0; k < K; ++k) {
-    tau[k] = (tau[k] - top).exp();
+    tau[k] = exp_nonpositive(tau[k] - top);
     total = total + tau[k];
   }
   const Vec inverse = Vec(1) / total;
@@ -148,7 +175,7 @@ inline Vectorized<T> entry(
   return out;
 }
 
-template <typename T>
+template <typename T, int64_t KC>
 struct Pass {
   using Vec = Vectorized<T>;
   static constexpr int64_t V = Vec::size();
@@ -169,7 +196,7 @@ struct Pass {
     if (omega) {
       w = full ? Vec::loadu(omega + offset) : Vec::loadu(omega + offset, count);
     }
-    const Vec y = entry(xv, w, lanes, coef.K, flags, acc);
+    const Vec y = entry<T, KC>(xv, w, lanes, coef.K, flags, acc);
     if (out) {
       full ? y.store(out + offset) : y.store(out + offset, count);
     }
@@ -294,21 +321,25 @@ std::tuple<at::Tensor, at::Tensor> run(
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbnorm_mixture", [&] {
     auto ptr = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<scalar_t>() : nullptr; };
-    Pass<scalar_t> pass{
-        x.data_ptr<scalar_t>(),
-        ptr(omega),
-        elementwise ? out.data_ptr<scalar_t>() : nullptr,
-        x.size(0),
-        C,
-        x.size(2),
-        {mean.data_ptr<scalar_t>(), log_coef.data_ptr<scalar_t>(), quad_coef.data_ptr<scalar_t>(), ptr(a), ptr(b),
-         ptr(c), K, C},
-        flags,
-        rows ? partial.data_ptr<double>() : nullptr};
+    const Coefficients<scalar_t> coef{mean.data_ptr<scalar_t>(), log_coef.data_ptr<scalar_t>(),
+                                      quad_coef.data_ptr<scalar_t>(), ptr(a), ptr(b), ptr(c), K, C};
+    auto launch = [&](auto fixed) {
+      const Pass<scalar_t, decltype(fixed)::value> pass{
+          x.data_ptr<scalar_t>(), ptr(omega), elementwise ? out.data_ptr<scalar_t>() : nullptr, x.size(0), C,
+          x.size(2), coef, flags, rows ? partial.data_ptr<double>() : nullptr};
+      is_channels_last(x) ? pass.channels_last() : pass.channels_first();
+    };
     if (x.numel() == 0) {
       return;
     }
-    is_channels_last(x) ? pass.channels_last() : pass.channels_first();
+    switch (K) {  // the usual mixtures get unrolled loops
+      case 1: return launch(std::integral_constant<int64_t, 1>{});
+      case 2: return launch(std::integral_constant<int64_t, 2>{});
+      case 3: return launch(std::integral_constant<int64_t, 3>{});
+      case 4: return launch(std::integral_constant<int64_t, 4>{});
+      case 5: return launch(std::integral_constant<int64_t, 5>{});
+      default: return launch(std::integral_constant<int64_t, 0>{});
+    }
   });
   return {out, partial.sum(0).to(x.scalar_type())};
 }
@@ -339,6 +370,84 @@ std::tuple<at::Tensor, at::Tensor> mixture_transform_backward(
   return run(x, omega, mean, log_coef, quad_coef, a, b, c, flags);
 }
 
+// Per-sample affine map y[n, c, l] = x[n, c, l] * scale[n, c] + shift[n, c] (SCB-Norm, Eq. 10),
+// backward in one pass: grad_x = g * scale, grad_scale[n, c] = sum_l g x, grad_shift[n, c] = sum_l g.
+template <typename T>
+void scale_shift_backward_kernel(
+    const T* x, const T* g, const T* scale, T* grad_x, T* grad_scale, T* grad_shift, int64_t N, int64_t C,
+    int64_t L, bool channels_last) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  auto load = [](const T* p, int64_t count) { return count == V ? Vec::loadu(p) : Vec::loadu(p, count); };
+  if (!channels_last) {  // row n * C + c holds the L entries of (n, c)
+    const int64_t grain = std::max<int64_t>(kBlock / std::max<int64_t>(L, 1), 1);
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const Vec s(scale[row]);
+        Vec gx(0), gsum(0);
+        for (int64_t l = 0; l < L; l += V) {
+          const int64_t i = row * L + l, count = std::min(V, L - l);
+          const Vec gv = load(g + i, count);
+          const Vec out = gv * s;
+          count == V ? out.store(grad_x + i) : out.store(grad_x + i, count);
+          gx = at::vec::fmadd(gv, load(x + i, count), gx);
+          gsum = gsum + gv;
+        }
+        T lanes[2][V];
+        gx.store(lanes[0]);
+        gsum.store(lanes[1]);
+        double sums[2] = {0, 0};
+        for (int64_t j = 0; j < V; ++j) {
+          sums[0] += lanes[0][j];
+          sums[1] += lanes[1][j];
+        }
+        grad_scale[row] = sums[0];
+        grad_shift[row] = sums[1];
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {  // sample n: L positions of C entries
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t ch = 0; ch < C; ch += V) {
+        const int64_t count = std::min(V, C - ch);
+        const Vec s = load(scale + n * C + ch, count);
+        Vec gx(0), gsum(0);
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t i = (n * L + l) * C + ch;
+          const Vec gv = load(g + i, count);
+          const Vec out = gv * s;
+          count == V ? out.store(grad_x + i) : out.store(grad_x + i, count);
+          gx = at::vec::fmadd(gv, load(x + i, count), gx);
+          gsum = gsum + gv;
+        }
+        gx.store(grad_scale + n * C + ch, count);
+        gsum.store(grad_shift + n * C + ch, count);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_backward(
+    const at::Tensor& x, const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 3 && (x.is_contiguous() || x.transpose(1, 2).is_contiguous()),
+              "cbnorm: x must be (N, C, L), contiguous as (N, C, L) or as (N, L, C)");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type(),
+              "cbnorm: grad must have the shape, strides and dtype of x");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == x.size(0) && scale.size(1) == x.size(1) && scale.is_contiguous() &&
+                  scale.scalar_type() == x.scalar_type(),
+              "cbnorm: scale must be a contiguous (N, C) tensor with the dtype of x");
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_scale = at::empty_like(scale), grad_shift = at::empty_like(scale);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbnorm_scale_shift_backward", [&] {
+    scale_shift_backward_kernel<scalar_t>(
+        x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+        grad_scale.data_ptr<scalar_t>(), grad_shift.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2),
+        is_channels_last(x));
+  });
+  return {grad_x, grad_scale, grad_shift};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cbnorm_native, m) {
@@ -347,10 +456,12 @@ TORCH_LIBRARY(cbnorm_native, m) {
   m.def(
       "mixture_transform_backward(Tensor x, Tensor? omega, Tensor mean, Tensor log_coef, Tensor quad_coef, "
       "Tensor a, Tensor b, Tensor? c, bool grad_x, bool tau_moments, bool u_moments) -> (Tensor, Tensor)");
+  m.def("scale_shift_backward(Tensor x, Tensor grad, Tensor scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbnorm_native, CPU, m) {
   m.impl("mixture_moments", &mixture_moments);
   m.impl("mixture_transform", &mixture_transform);
   m.impl("mixture_transform_backward", &mixture_transform_backward);
+  m.impl("scale_shift_backward", &scale_shift_backward);
 }
