@@ -30,23 +30,25 @@ Both backward passes are the same kernel, the vector-Jacobian product of
 
 (for the moments, ``a, b, c`` are the three rows of the incoming gradient and :math:`\omega = 1`).
 
-Each operator runs the native CPU kernel of :mod:`cbnorm._native` when it is available, and
-otherwise its pure-PyTorch twin below, which computes the same thing one component at a time
-(slower, same memory bound). They are ``torch.library`` custom operators, so ``torch.compile``
+Each operator runs the native CPU kernel of :mod:`cbnorm._native` when it is available (CPU,
+float32/float64, at most 16 components), and otherwise its pure-PyTorch twin below: the same
+formulas vectorised over the components, whose ``(K, N, C, L)`` temporaries live only within one
+call (it also saves only ``x``). They are ``torch.library`` custom operators, so ``torch.compile``
 traces through the layers without a graph break.
+
+:func:`scale_shift` is the per-sample affine map of SCB-Norm (Eq. 10), with a one-pass backward.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ._native import native_ops
 
-__all__ = ["component_logits", "mixture_moments", "mixture_transform", "per_component", "scale_shift", "snapshot"]
+__all__ = ["mixture_moments", "mixture_transform", "scale_shift", "snapshot"]
 
 _MAX_NATIVE_COMPONENTS = 16
 
@@ -69,62 +71,44 @@ def _native(x: Tensor, num_components: int = 1):
     return native_ops()
 
 
-# -- pure-PyTorch kernels --------------------------------------------------------------------------
-def per_component(t: Tensor) -> tuple[Tensor, ...]:
-    """``(K, C)`` -> K tensors ``(C, 1)``, broadcastable against ``(N, C, L)``."""
-    return t.unsqueeze(-1).unbind(0)
+# -- pure-PyTorch kernels: the same passes, vectorised over the components --------------------------
+def _components(t: Tensor) -> Tensor:
+    """``(K, C)`` -> ``(K, 1, C, 1)``, broadcastable against ``(K, N, C, L)``."""
+    return t[:, None, :, None]
 
 
-def component_logits(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-    for mu, lc, lw in zip(per_component(mean), per_component(log_coef), per_component(quad_coef)):
-        d = x - mu
-        yield d, torch.addcmul(lc, lw, d * d)
+def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor]:
+    """``d = x - mean`` and the posteriors ``tau``, both ``(K, N, C, L)``: temporaries of one call."""
+    d = x - _components(mean)
+    return d, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), d * d), dim=0)
 
 
-def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(d_k, tau_k)`` per component, holding a few tensors of ``x``'s size at a time."""
-    top = functools.reduce(torch.maximum, (logit for _, logit in component_logits(x, mean, log_coef, quad_coef)))
-    total = sum(torch.exp(logit - top) for _, logit in component_logits(x, mean, log_coef, quad_coef))
-    log_normalizer = top + total.log()
-    for d, logit in component_logits(x, mean, log_coef, quad_coef):
-        yield d, torch.exp(logit - log_normalizer)
-
-
-def _sums(t: Tensor, d: Tensor) -> Tensor:
-    """``(3, C)``: the sums over ``(n, l)`` of ``t``, ``t d`` and ``t d^2``."""
+def _moments(t: Tensor, d: Tensor) -> Tensor:
+    """``(3, K, C)``: the sums over ``(n, l)`` of ``t``, ``t d`` and ``t d^2``."""
     td = t * d
-    return torch.stack([t.sum((0, 2)), td.sum((0, 2)), (td * d).sum((0, 2))])
+    return torch.stack([t.sum((1, 3)), td.sum((1, 3)), (td * d).sum((1, 3))])
 
 
 def _eager_moments(x, mean, log_coef, quad_coef):
-    return torch.stack([_sums(tau, d) for d, tau in _posteriors(x, mean, log_coef, quad_coef)], 1)
+    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    return _moments(tau, d)
 
 
 def _eager_transform(x, mean, log_coef, quad_coef, a, b):
-    return sum(tau * torch.addcmul(ak, bk, d) for (d, tau), ak, bk in zip(_posteriors(x, mean, log_coef, quad_coef), per_component(a), per_component(b)))
+    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    return _strided_like((tau * torch.addcmul(_components(a), _components(b), d)).sum(0), x)
 
 
 def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
+    d, tau = _posteriors(x, mean, log_coef, quad_coef)
     c = torch.zeros_like(a) if c is None else c
-    coefficients = list(zip(per_component(a), per_component(b), per_component(c), per_component(quad_coef)))
-
-    def q(d, ak, bk, ck):
-        return ak + d * (bk + ck * d)
-
+    a, b, c, quad_coef = (_components(t) for t in (a, b, c, quad_coef))
+    q = a + d * (b + c * d)
+    u = tau * (q - (tau * q).sum(0))
     weight = 1 if omega is None else omega
-    mean_q = sum(tau * q(d, *coef[:3]) for (d, tau), coef in zip(_posteriors(x, mean, log_coef, quad_coef), coefficients))
-    grad, tau_rows, u_rows = 0, [], []
-    for (d, tau), (ak, bk, ck, lw) in zip(_posteriors(x, mean, log_coef, quad_coef), coefficients):
-        u = tau * (q(d, ak, bk, ck) - mean_q)
-        if grad_x:
-            grad = grad + tau * (bk + 2 * ck * d) + 2 * lw * d * u
-        if tau_moments:
-            tau_rows.append(_sums(weight * tau, d))
-        if u_moments:
-            u_rows.append(_sums(weight * u, d))
-    moments = [torch.stack(rows, 1) for rows in (tau_rows, u_rows) if rows]
+    moments = [_moments(weight * t, d) for t, wanted in ((tau, tau_moments), (u, u_moments)) if wanted]
     return (
-        weight * grad if grad_x else x.new_empty(0),
+        _strided_like(weight * (tau * (b + 2 * c * d) + 2 * quad_coef * d * u).sum(0), x) if grad_x else x.new_empty(0),
         torch.cat(moments) if moments else x.new_empty(0, *mean.shape),
     )
 
@@ -187,11 +171,10 @@ def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
     """Gradients to ``x, mean, log_coef, quad_coef`` and the moments of ``omega tau d^r``."""
     need_x, need_mean, need_log, need_quad = ctx.needs_input_grad[:4]
     need_tau = any(ctx.needs_input_grad[4:]) or need_mean
-    grad_x, moments = _backward_op(
-        x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_mean or need_log or need_quad
-    )
+    need_u = need_mean or need_log or need_quad
+    grad_x, moments = _backward_op(x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_u)
     tau = moments[:3] if need_tau else None
-    u = moments[-3:]
+    u = moments[-3:] if need_u else None
     grad_mean = None
     if need_mean:  # d/dmu_k = -sum omega (tau_k q_k' + u_k logit_k')
         grad_mean = -(b * tau[0] + 2 * quad_coef * u[1])

@@ -8,19 +8,23 @@ Conventions shared by every function here (see ``SPEC.md``):
 * The math runs in float32 (float64 for float64 input) with autocast off; the output has ``x.dtype``.
 * :math:`\log\mathcal{N}(x;\mu,\sigma^2) = -\tfrac12(\log 2\pi + \log\sigma^2 + (x-\mu)^2/\sigma^2)`,
   with :math:`\sigma^2` floored at ``eps`` so a collapsed component cannot produce ``inf``;
-  posteriors are taken with log-softmax, never by dividing raw exponentials.
+  posteriors are a softmax of logits shifted by their maximum (log-sum-exp), never raw exponentials.
+* Every mixture transform is one pass of :func:`cbnorm._kernels.mixture_transform` over ``x``, and
+  batch statistics one pass of :func:`cbnorm._kernels.mixture_moments`; they recompute posteriors
+  instead of storing them, so memory stays linear in ``x`` whatever ``K``. The straightforward
+  implementation these replace is kept in :mod:`cbnorm._reference`, which the tests compare against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from ._kernels import component_logits, mixture_moments, mixture_transform, per_component, scale_shift, snapshot
+from ._kernels import mixture_moments, mixture_transform, scale_shift, snapshot
 
 __all__ = [
     "ComponentStats",
@@ -135,10 +139,11 @@ def _channels(x: Tensor) -> Tensor:
 
 
 def _log_density(prior: Optional[Tensor], var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    r"""``(log_coef, quad_coef)``, ``(K, C)``: posterior logits :math:`\log\lambda_k - \tfrac12\log\sigma^2_k - d^2/(2\sigma^2_k)`.
+    r"""``(log_coef, quad_coef)``, ``(K, C)``, of the posterior logits as quadratics in :math:`d = x - \mu_k`.
 
-    The Gaussian log-density plus log-prior, without the constant :math:`-\tfrac12\log 2\pi` that the
-    softmax over components cancels, as a quadratic in :math:`d = x - \mu_k`; ``var`` floored at ``eps``.
+    :math:`\ell_k = \log\lambda_k - \tfrac12\log\sigma^2_k - d^2/(2\sigma^2_k)`: the Gaussian log-density
+    plus log-prior, less the constant :math:`\tfrac12\log 2\pi` that the softmax over components
+    cancels; ``var`` floored at ``eps``, no prior for ``prior=None`` (uniform).
     """
     var = var.clamp_min(eps)
     log_coef = -0.5 * var.log()
@@ -156,11 +161,11 @@ def _normalize(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
 ) -> Tensor:
-    r""":math:`\gamma_c \sum_k \tau_k s_k (x - \mu_k - \delta_k) + \beta_c` as one pass of :func:`mixture_transform`.
+    r""":math:`\gamma_c \sum_k \tau_k s_k (x - \mu_k - \delta_k) + \beta_c`, one pass of :func:`mixture_transform`.
 
-    ``x`` is ``(N, C, L)``; ``scale`` :math:`s` and ``shift`` :math:`\delta` (``None``: zero) are ``(K, C)``. As the posteriors
-    sum to one, the affine map folds into the per-component coefficients:
-    :math:`\gamma \sum_k \tau_k s_k (d_k - \delta_k) + \beta = \sum_k \tau_k \big((\beta - \gamma s_k \delta_k) + \gamma s_k d_k\big)`.
+    ``x`` is ``(N, C, L)``; ``scale`` :math:`s` and ``shift`` :math:`\delta` (``None``: zero) are
+    ``(K, C)``. As the posteriors sum to one, the affine map folds into the per-component coefficients,
+    :math:`\gamma \sum_k \tau_k s_k (d_k - \delta_k) + \beta = \sum_k \tau_k ((\beta - \gamma s_k \delta_k) + \gamma s_k d_k)`.
     """
     slope = scale if weight is None else scale * weight.to(scale.dtype)
     offset = torch.zeros_like(slope) if shift is None else -slope * shift
@@ -191,26 +196,50 @@ def sample_norm(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        scale = (var.to(dtype) + eps).rsqrt()
-        if weight is not None:
-            scale = scale * weight.to(dtype)
-        shift = -mean.to(dtype) * scale
-        if bias is not None:
-            shift = shift + bias.to(dtype)
-        y = scale_shift(_channels(x.to(dtype)), scale, shift).reshape(x.shape)
-    return y.to(x.dtype)
+        y = scale_shift(_channels(x.to(dtype)), *_sample_affine(mean, var, weight, bias, eps, dtype))
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _sample_affine(mean, var, weight, bias, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, ``(N, C)``, of Eq. 10 with the affine map: ``y = x * scale + shift``."""
+    scale = (var.to(dtype) + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale, shift
+
+
+def _each_component(t: Tensor) -> tuple[Tensor, ...]:
+    """``(K, C)`` -> K tensors ``(C, 1)``, broadcastable against ``(N, C, L)``."""
+    return t.unsqueeze(-1).unbind(0)
+
+
+def _component_logits(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x - mean_k, logit_k)`` for each component in turn, ``x`` ``(N, C, L)``."""
+    for mu, lc, lw in zip(_each_component(mean), _each_component(log_coef), _each_component(quad_coef)):
+        d = x - mu
+        yield d, torch.addcmul(lc, lw, d * d)
 
 
 def _map_transform(x: Tensor, mean: Tensor, logits: tuple[Tensor, Tensor], scale: Tensor) -> Tensor:
     r""":math:`s_{k^*}(x - \mu_{k^*})` with :math:`k^* = \arg\max_k \ell_k` per entry (first on ties)."""
     best = y = None
-    for (d, logit), s in zip(component_logits(x, mean, *logits), per_component(scale)):
+    for (d, logit), s in zip(_component_logits(x, mean, *logits), _each_component(scale)):
         if y is None:
             y, best = d * s, logit
         else:
             better = logit > best
             y, best = torch.where(better, d * s, y), torch.where(better, logit, best)
     return y
+
+
+def _check_unknown_cluster_rule(unknown: str, posterior: str) -> None:
+    if unknown not in UNKNOWN_RULES:
+        raise ValueError(f"scb_norm: unknown must be one of {UNKNOWN_RULES}, got {unknown!r}")
+    if posterior not in POSTERIOR_SCOPES:
+        raise ValueError(f"scb_norm: posterior must be one of {POSTERIOR_SCOPES}, got {posterior!r}")
 
 
 def scb_norm(
@@ -242,33 +271,30 @@ def scb_norm(
     """
     if cluster is not None:
         return sample_norm(x, mean.index_select(0, cluster), var.index_select(0, cluster), weight, bias, eps)
-    if unknown not in UNKNOWN_RULES:
-        raise ValueError(f"scb_norm: unknown must be one of {UNKNOWN_RULES}, got {unknown!r}")
-    if posterior not in POSTERIOR_SCOPES:
-        raise ValueError(f"scb_norm: posterior must be one of {POSTERIOR_SCOPES}, got {posterior!r}")
+    _check_unknown_cluster_rule(unknown, posterior)
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, mean, var = x.to(dtype), mean.to(dtype), var.to(dtype)
-        num_clusters = mean.shape[0]
-        logits = _log_density(None, var, eps)
+        xf, mean, var = (t.to(dtype) for t in (x, mean, var))
+        x3 = _channels(xf)
+        logits = _log_density(None, var, eps)  # uniform priors
         scale = (var + eps).rsqrt()
         if unknown == "paper":
-            scale = scale * math.sqrt(num_clusters)
-        if posterior == "element":
-            if unknown != "map":
-                return _normalize(_channels(xf), mean, logits, scale, None, weight, bias).reshape(x.shape).to(x.dtype)
-            y = _map_transform(_channels(xf), mean, logits, scale)
+            scale = scale * math.sqrt(mean.shape[0])
+        if posterior == "element" and unknown != "map":
+            y = _normalize(x3, mean, logits, scale, None, weight, bias)  # one pass, affine map included
         else:
-            x3 = _channels(xf)
-            log_lik = torch.stack([logit.sum((1, 2)) for _, logit in component_logits(x3, mean, *logits)])  # (K, N)
-            log_resp = torch.log_softmax(log_lik, dim=0)
-            if unknown == "map":
-                best = log_resp.argmax(0)
-                return sample_norm(x, mean[best], var[best], weight, bias, eps)
-            resp = log_resp.exp().unsqueeze(-1).unsqueeze(-1)  # (K, N, 1, 1)
-            y = sum(r * (x3 - mu) * s for r, mu, s in zip(resp, per_component(mean), per_component(scale)))
-        y = _affine(y.reshape(x.shape), weight, bias)
-    return y.to(x.dtype)
+            if posterior == "element":
+                y = _map_transform(x3, mean, logits, scale)
+            else:
+                log_lik = torch.stack([logit.sum((1, 2)) for _, logit in _component_logits(x3, mean, *logits)])
+                log_resp = torch.log_softmax(log_lik, dim=0)  # (K, N)
+                if unknown == "map":
+                    best = log_resp.argmax(0)
+                    return sample_norm(x, mean[best], var[best], weight, bias, eps)
+                resp = log_resp.exp()[:, :, None, None]
+                y = sum(r * (x3 - mu) * s for r, mu, s in zip(resp, _each_component(mean), _each_component(scale)))
+            y = _affine(y, weight, bias)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def scb_base_norm(
