@@ -29,6 +29,8 @@ using at::vec::Vectorized;
 constexpr int64_t kMaxComponents = 16;
 constexpr int64_t kBlock = 4096;  // entries per work item
 constexpr int64_t kMaxRows = 6;   // accumulated moments: 3 of tau, 3 of u
+constexpr int64_t kPrefetchRows = 2;      // channels-first: prefetch the row this many samples ahead
+constexpr int64_t kPrefetchEntries = 64;  // ... its first entries
 
 struct Flags {
   bool value = false;
@@ -114,32 +116,33 @@ inline Vectorized<T> entry(
     const Flags& flags, Accumulators<T>& acc) {
   using Vec = Vectorized<T>;
   const int64_t K = KC ? KC : num_components;
-  Vec d[kMaxComponents], tau[kMaxComponents];
+  // e_k = tau_k * total: posteriors before normalisation, which is deferred to the end of each use
+  // so that the division overlaps with the work that does not need it.
+  Vec d[kMaxComponents], e[kMaxComponents];
   Vec top;
   for (int64_t k = 0; k < K; ++k) {
     d[k] = x - cf.mean[k];
-    tau[k] = at::vec::fmadd(cf.quad_coef[k] * d[k], d[k], cf.log_coef[k]);
-    top = k == 0 ? tau[k] : at::vec::maximum(top, tau[k]);
+    e[k] = at::vec::fmadd(cf.quad_coef[k] * d[k], d[k], cf.log_coef[k]);
+    top = k == 0 ? e[k] : at::vec::maximum(top, e[k]);
   }
   Vec total(0);
   for (int64_t k = 0; k < K; ++k) {
-    tau[k] = exp_nonpositive(tau[k] - top);
-    total = total + tau[k];
+    e[k] = exp_nonpositive(e[k] - top);
+    total = total + e[k];
   }
   const Vec inverse = Vec(1) / total;
-  for (int64_t k = 0; k < K; ++k) {
-    tau[k] = tau[k] * inverse;
-  }
+  const Vec weight = omega * inverse;
 
   Vec out(0);
   if (flags.value) {
     for (int64_t k = 0; k < K; ++k) {
-      out = at::vec::fmadd(tau[k], at::vec::fmadd(cf.b[k], d[k], cf.a[k]), out);
+      out = at::vec::fmadd(e[k], at::vec::fmadd(cf.b[k], d[k], cf.a[k]), out);
     }
+    out = out * inverse;
   }
   if (flags.tau_moments) {
     for (int64_t k = 0; k < K; ++k) {
-      const Vec t0 = omega * tau[k], t1 = t0 * d[k];
+      const Vec t0 = weight * e[k], t1 = t0 * d[k];
       acc[0][k] = acc[0][k] + t0;
       acc[1][k] = acc[1][k] + t1;
       acc[2][k] = at::vec::fmadd(t1, d[k], acc[2][k]);
@@ -150,26 +153,27 @@ inline Vectorized<T> entry(
     Vec mean_q(0);
     for (int64_t k = 0; k < K; ++k) {
       q[k] = at::vec::fmadd(at::vec::fmadd(cf.c[k], d[k], cf.b[k]), d[k], cf.a[k]);
-      mean_q = at::vec::fmadd(tau[k], q[k], mean_q);
+      mean_q = at::vec::fmadd(e[k], q[k], mean_q);
     }
+    mean_q = mean_q * inverse;
     const int64_t row = flags.tau_moments ? 3 : 0;
     Vec grad(0);
     for (int64_t k = 0; k < K; ++k) {
-      const Vec u = tau[k] * (q[k] - mean_q);
+      const Vec eu = e[k] * (q[k] - mean_q);  // u_k * total
       if (flags.grad) {
         const Vec dq = at::vec::fmadd(cf.c[k] + cf.c[k], d[k], cf.b[k]);
         const Vec dlogit = (cf.quad_coef[k] + cf.quad_coef[k]) * d[k];
-        grad = at::vec::fmadd(u, dlogit, at::vec::fmadd(tau[k], dq, grad));
+        grad = at::vec::fmadd(eu, dlogit, at::vec::fmadd(e[k], dq, grad));
       }
       if (flags.u_moments) {
-        const Vec u0 = omega * u, u1 = u0 * d[k];
+        const Vec u0 = weight * eu, u1 = u0 * d[k];
         acc[row][k] = acc[row][k] + u0;
         acc[row + 1][k] = acc[row + 1][k] + u1;
         acc[row + 2][k] = at::vec::fmadd(u1, d[k], acc[row + 2][k]);
       }
     }
     if (flags.grad) {
-      out = omega * grad;
+      out = weight * grad;
     }
   }
   return out;
@@ -199,6 +203,17 @@ struct Pass {
     const Vec y = entry<T, KC>(xv, w, lanes, coef.K, flags, acc);
     if (out) {
       full ? y.store(out + offset) : y.store(out + offset, count);
+    }
+  }
+
+  // Rows of one channel lie C * L apart, too far for the hardware prefetcher: fetch the start of a
+  // row a few rows ahead (the prefetcher streams the rest).
+  void prefetch(int64_t offset) const {
+    for (int64_t i = 0; i < std::min<int64_t>(L, kPrefetchEntries); i += 64 / sizeof(T)) {
+      __builtin_prefetch(x + offset + i);
+      if (omega) {
+        __builtin_prefetch(omega + offset + i);
+      }
     }
   }
 
@@ -241,6 +256,9 @@ struct Pass {
         clear(acc);
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t base = (n * C + ch) * L;
+          if (n + kPrefetchRows < n1) {
+            prefetch(base + kPrefetchRows * C * L);
+          }
           for (int64_t l = 0; l < L; l += V) {
             step(base + l, std::min(V, L - l), lanes, acc);
           }
