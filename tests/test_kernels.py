@@ -166,6 +166,21 @@ def test_operator_gradcheck(kernels, layout):
     assert torch.autograd.gradcheck(_kernels.scale_shift, leaves(x3, scale, shift))
 
 
+@pytest.mark.parametrize("rule,scope", [*itertools.product(F.UNKNOWN_RULES, F.POSTERIOR_SCOPES), ("known", None)])
+def test_scb_gradcheck(kernels, rule, scope):
+    x = activations((4, 3, 5))
+    _, mean, var = mixture(2, 3)
+    ids = torch.tensor([0, 1, 1, 0]) if rule == "known" else None
+
+    def fn(x, mean, log_var, weight, bias):
+        return F.scb_norm(x, ids, mean, log_var.exp(), weight, bias, 1e-5, *((rule, scope) if ids is None else ()))
+
+    assert torch.autograd.gradcheck(fn, leaves(x, mean, var.log(), *affine(3, torch.float64)))
+    soft = torch.softmax(torch.randn(4, 2, dtype=torch.float64), 1)
+    maps = torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(F.scb_base_norm, leaves(x, soft, maps[0][0], maps[1][0], maps[0][1], maps[1][1]))
+
+
 @pytest.mark.parametrize("per_channel_prior", [False, True])
 def test_gradcheck_every_input(kernels, per_channel_prior):
     x = activations((4, 3, 5))

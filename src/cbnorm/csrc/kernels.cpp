@@ -1,18 +1,22 @@
-// Native CPU kernels of cbnorm; cbnorm/_kernels.py holds the math, the pure-PyTorch twin of each
-// kernel and the autograd formulas that call them.
+// Native CPU kernels of cbnorm. cbnorm/_kernels.py holds the math, the pure-PyTorch twin of each
+// kernel and the autograd formulas that call them; this file only makes them fast.
 //
-// Mixture normalisation (UCB-Norm, SCB-Norm with unknown clusters).
-// Activations x are (N, C, L), channels-first (L contiguous) or channels-last (C contiguous). Each
-// channel c has K components with per-channel coefficients, all (K, C):
+// Mixture passes (UCB-Norm, MN, SCB-Norm with unknown clusters). Activations x are (N, C, L),
+// channels-first (L contiguous) or channels-last (C contiguous). Channel c has K components with
+// coefficients (K, C):
 //     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * d_k^2,   tau = softmax_k(logit)
-// and every kernel is one pass over x that recomputes tau per entry; nothing of size K x N x C x L
-// is ever stored. With q_k = a_k + b_k d_k + c_k d_k^2 and a per-entry weight omega (1 if absent):
+// Every kernel is one pass over x that recomputes tau per entry; nothing of size K x N x C x L is
+// ever stored. With q_k = a_k + b_k d_k + c_k d_k^2 and a per-entry weight omega (1 if absent):
 //     value:        out = sum_k tau_k q_k                                  (c = 0)
 //     grad:         out = omega * d/dx sum_k tau_k q_k
 //                       = omega * sum_k [tau_k q_k' + u_k logit_k'],   u_k = tau_k (q_k - sum_j tau_j q_j)
 //     tau moments:  sum_{n,l} omega tau_k d_k^r,   r = 0, 1, 2
 //     u moments:    sum_{n,l} omega u_k d_k^r,     r = 0, 1, 2
-// Sums accumulate in x's dtype within a block of entries, then in double across blocks and threads.
+// Sums accumulate in x's dtype within a work item (a few thousand entries), then in double across
+// items and threads.
+//
+// Per-sample affine map (SCB-Norm with known clusters): the one-pass backward of
+//     y[n, c, l] = x[n, c, l] * scale[n, c] + shift[n, c].
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,10 +31,10 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kMaxComponents = 16;
-constexpr int64_t kBlock = 4096;  // entries per work item
-constexpr int64_t kMaxRows = 6;   // accumulated moments: 3 of tau, 3 of u
-constexpr int64_t kPrefetchRows = 2;      // channels-first: prefetch the row this many samples ahead
-constexpr int64_t kPrefetchEntries = 64;  // ... its first entries
+constexpr int64_t kBlock = 4096;          // entries per work item
+constexpr int64_t kMaxRows = 6;           // accumulated moments: 3 of tau, 3 of u
+constexpr int64_t kPrefetchRows = 2;      // channels-first: prefetch the row this many samples ahead,
+constexpr int64_t kPrefetchEntries = 64;  // its first entries
 
 struct Flags {
   bool value = false;
@@ -96,11 +100,13 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   const Vec n = at::vec::fmadd(clamped, Vec(1.44269504088896341f), Vec(0.5f)).floor();
   const Vec r = at::vec::fmadd(n, Vec(2.12194440e-4f), at::vec::fmadd(n, Vec(-0.693359375f), clamped));
   Vec p(1.9875691500e-4f);
-  for (const float coefficient : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+  for (const float coefficient : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                                  5.0000001201e-1f}) {
     p = at::vec::fmadd(p, r, Vec(coefficient));
   }
   const Vec poly = at::vec::fmadd(p, r * r, r + Vec(1.0f));
-  const auto exponent = (at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23);
+  using Int = Vectorized<int32_t>;
+  const Int exponent = (at::vec::convert_to_int_of_same_size(n) + Int(127)) << Int(23);  // the bits of 2^n
   return Vec::blendv(poly * at::vec::cast<float>(exponent), Vec(0.0f), x < low);
 }
 
