@@ -75,7 +75,6 @@ def setting(layer: Layer):
 
 def train_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor) -> Callable[[], None]:
     def step():
-        x.grad = None
         with cbnorm.cluster_context(ids):
             module(x).backward(grad)
 
@@ -90,19 +89,22 @@ def eval_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def median_ms(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median wall time of each step, the steps interleaved call by call."""
+def median_ms(steps: dict[str, Callable[[], None]], repeats: int, x: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """Median wall time of each step, the steps interleaved call by call (``x.grad`` cleared before each)."""
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            if x is not None:
+                x.grad = None
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def peak_extra_bytes(step: Callable[[], None]) -> int:
+def peak_extra_bytes(step: Callable[[], None], x: torch.Tensor) -> int:
     """Peak of the running sum of the CPU allocator's allocations and frees during ``step``."""
+    x.grad = None  # freed before, so that the step allocates it anew
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted(
@@ -131,12 +133,12 @@ def measure(name: str, layer: Layer, shape, k: int, repeats: int) -> list[dict]:
                 steps = {"bn": eval_step(bn, x), "layer": eval_step(module, x)}
             for step in steps.values():  # warm up (UCB-Norm seeds its mixture on the first training batch)
                 step(), step()
-            ms = median_ms(steps, repeats)
+            ms = median_ms(steps, repeats, x)
             row = dict(layer=name, shape=shape, k=k, mode=mode, ms=ms["layer"], bn_ms=ms["bn"], ratio=ms["layer"] / ms["bn"])
             if mode == "train":
                 size = x.numel() * x.element_size()
-                row["memory"] = peak_extra_bytes(steps["layer"]) / size
-                row["bn_memory"] = peak_extra_bytes(steps["bn"]) / size
+                row["memory"] = peak_extra_bytes(steps["layer"], x) / size
+                row["bn_memory"] = peak_extra_bytes(steps["bn"], x) / size
             rows.append(row)
     return rows
 
