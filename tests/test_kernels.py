@@ -119,6 +119,17 @@ def test_far_from_zero_float32(kernels):
     assert err <= max(2 * err_ref, 1e-5)
 
 
+def test_posteriors_are_accurate_far_into_the_tail(kernels):
+    """Posteriors of logit gaps up to log(smallest normal float) to float precision (the inline exp)."""
+    gap = torch.linspace(0, 87, 4001)
+    channels = gap.numel()
+    zeros, ones = torch.zeros(channels), torch.ones(channels)
+    log_coef, select = torch.stack([zeros, -gap]), torch.stack([zeros, ones])
+    tau = _kernels.mixture_transform(torch.zeros(1, channels, 1), select * 0, log_coef, select * 0, select, select * 0)
+    exact = torch.sigmoid(-gap.double())
+    assert ((tau.flatten().double() - exact).abs() / exact).max() < 1e-6
+
+
 @pytest.mark.parametrize("rule,scope", list(itertools.product(F.UNKNOWN_RULES, F.POSTERIOR_SCOPES)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])
 def test_scb_unknown_matches_reference(kernels, rule, scope, layout):
