@@ -91,12 +91,11 @@ using Accumulators = Vectorized<T>[kMaxRows][kMaxComponents];
 
 // exp(x) for x <= 0, inline: the posteriors take K of them per entry, and a call into Sleef per
 // vector costs about twice the rest of the kernel. Cephes' expf (Cody-Waite reduction, degree-6
-// polynomial; relative error about 1e-7, as Sleef's u10) in float; Sleef in double. Below the
-// smallest normal float the result is 0.
+// polynomial; relative error about 1e-7, as Sleef's u10) in float; Sleef in double. Arguments below
+// log(FLT_MIN) give FLT_MIN: a posterior off by less than 1.2e-38.
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
-  const Vec low(-87.3365447f);  // log(FLT_MIN)
-  const Vec clamped = at::vec::maximum(x, low);
+  const Vec clamped = at::vec::maximum(x, Vec(-87.3365447f));  // log(FLT_MIN)
   const Vec n = at::vec::fmadd(clamped, Vec(1.44269504088896341f), Vec(0.5f)).floor();
   const Vec r = at::vec::fmadd(n, Vec(2.12194440e-4f), at::vec::fmadd(n, Vec(-0.693359375f), clamped));
   Vec p(1.9875691500e-4f);
@@ -107,7 +106,7 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   const Vec poly = at::vec::fmadd(p, r * r, r + Vec(1.0f));
   using Int = Vectorized<int32_t>;
   const Int exponent = (at::vec::convert_to_int_of_same_size(n) + Int(127)) << Int(23);  // the bits of 2^n
-  return Vec::blendv(poly * at::vec::cast<float>(exponent), Vec(0.0f), x < low);
+  return poly * at::vec::cast<float>(exponent);
 }
 
 inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) {
