@@ -114,22 +114,23 @@ def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad
 
 
 # -- operators -------------------------------------------------------------------------------------
-@torch.library.custom_op("cbnorm::mixture_moments", mutates_args=())
-def _moments_op(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
+# Each operator is an implementation (native kernel or pure-PyTorch twin) with an analytic backward,
+# exposed twice: as a torch.library custom operator, which torch.compile traces without a graph break,
+# and as an autograd.Function, which eager mode calls because the custom operator's Python dispatch
+# costs more than a small layer's kernels. Both run the same implementations and backward formulas.
+def _moments_impl(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
     args = (_layout(x), mean.contiguous(), log_coef.contiguous(), quad_coef.contiguous())
     native = _native(x, mean.shape[0])
     return native.mixture_moments(*args) if native else _eager_moments(*args)
 
 
-@torch.library.custom_op("cbnorm::mixture_transform", mutates_args=())
-def _transform_op(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def _transform_impl(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
     args = (_layout(x), *(t.contiguous() for t in (mean, log_coef, quad_coef, a, b)))
     native = _native(x, mean.shape[0])
     return native.mixture_transform(*args) if native else _eager_transform(*args)
 
 
-@torch.library.custom_op("cbnorm::mixture_transform_backward", mutates_args=())
-def _backward_op(
+def _transform_backward_impl(
     x: Tensor,
     omega: Optional[Tensor],
     mean: Tensor,
@@ -151,6 +152,30 @@ def _backward_op(
     return kernel(x, omega, *coefficients, c, grad_x, tau_moments, u_moments)
 
 
+def _scale_shift_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.addcmul(shift.unsqueeze(-1), _layout(x), scale.unsqueeze(-1))
+
+
+def _scale_shift_backward_impl(x: Tensor, grad: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    x = _layout(x)
+    grad, scale = _strided_like(grad, x), scale.contiguous()
+    native = _native(x)
+    if native:
+        return native.scale_shift_backward(x, grad, scale)
+    return grad * scale.unsqueeze(-1), (grad * x).sum(2), grad.sum(2)
+
+
+_moments_op = torch.library.custom_op("cbnorm::mixture_moments", _moments_impl, mutates_args=())
+_transform_op = torch.library.custom_op("cbnorm::mixture_transform", _transform_impl, mutates_args=())
+_transform_backward_op = torch.library.custom_op(
+    "cbnorm::mixture_transform_backward", _transform_backward_impl, mutates_args=()
+)
+_scale_shift_op = torch.library.custom_op("cbnorm::scale_shift", _scale_shift_impl, mutates_args=())
+_scale_shift_backward_op = torch.library.custom_op(
+    "cbnorm::scale_shift_backward", _scale_shift_backward_impl, mutates_args=()
+)
+
+
 @_moments_op.register_fake
 def _(x, mean, log_coef, quad_coef):
     return x.new_empty(3, *mean.shape)
@@ -161,10 +186,20 @@ def _(x, mean, log_coef, quad_coef, a, b):
     return torch.empty_like(_layout(x))
 
 
-@_backward_op.register_fake
+@_transform_backward_op.register_fake
 def _(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
     rows = 3 * (tau_moments + u_moments)
     return torch.empty_like(_layout(x)) if grad_x else x.new_empty(0), x.new_empty(rows, *mean.shape)
+
+
+@_scale_shift_op.register_fake
+def _(x, scale, shift):
+    return torch.empty_like(_layout(x))
+
+
+@_scale_shift_backward_op.register_fake
+def _(x, grad, scale):
+    return torch.empty_like(_layout(x)), torch.empty_like(scale), torch.empty_like(scale)
 
 
 def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
@@ -172,7 +207,8 @@ def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
     need_x, need_mean, need_log, need_quad = ctx.needs_input_grad[:4]
     need_tau = any(ctx.needs_input_grad[4:]) or need_mean
     need_u = need_mean or need_log or need_quad
-    grad_x, moments = _backward_op(x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_u)
+    backward = _transform_backward_op if torch.compiler.is_compiling() else _transform_backward_impl
+    grad_x, moments = backward(x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_u)
     tau = moments[:3] if need_tau else None
     u = moments[-3:] if need_u else None
     grad_mean = None
@@ -189,10 +225,6 @@ def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
     )
 
 
-def _save_inputs(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
 def _moments_backward(ctx, grad):
     x, mean, log_coef, quad_coef = ctx.saved_tensors
     # The moments are sum_k tau_k q_k summed over the batch, with q_k = grad[0] + grad[1] d + grad[2] d^2.
@@ -206,61 +238,69 @@ def _transform_backward(ctx, grad):
     return (*grads, tau[0] if need_a else None, tau[1] if need_b else None)
 
 
-_moments_op.register_autograd(_moments_backward, setup_context=_save_inputs)
-_transform_op.register_autograd(_transform_backward, setup_context=_save_inputs)
-
-
-@torch.library.custom_op("cbnorm::scale_shift", mutates_args=())
-def _scale_shift_op(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(shift.unsqueeze(-1), _layout(x), scale.unsqueeze(-1))
-
-
-@torch.library.custom_op("cbnorm::scale_shift_backward", mutates_args=())
-def _scale_shift_backward_op(x: Tensor, grad: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    x = _layout(x)
-    grad, scale = _strided_like(grad, x), scale.contiguous()
-    native = _native(x)
-    if native:
-        return native.scale_shift_backward(x, grad, scale)
-    return grad * scale.unsqueeze(-1), (grad * x).sum(2), grad.sum(2)
-
-
-@_scale_shift_op.register_fake
-def _(x, scale, shift):
-    return torch.empty_like(_layout(x))
-
-
-@_scale_shift_backward_op.register_fake
-def _(x, grad, scale):
-    return torch.empty_like(_layout(x)), torch.empty_like(scale), torch.empty_like(scale)
-
-
-def _scale_shift_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0], inputs[1])
-
-
 def _scale_shift_backward(ctx, grad):
     x, scale = ctx.saved_tensors
-    grad_x, grad_scale, grad_shift = _scale_shift_backward_op(x, grad, scale)
-    return tuple(g if need else None for g, need in zip((grad_x, grad_scale, grad_shift), ctx.needs_input_grad))
+    backward = _scale_shift_backward_op if torch.compiler.is_compiling() else _scale_shift_backward_impl
+    return tuple(g if need else None for g, need in zip(backward(x, grad, scale), ctx.needs_input_grad))
 
 
-_scale_shift_op.register_autograd(_scale_shift_backward, setup_context=_scale_shift_setup)
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
 
 
-def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    r""":math:`x_{n,c,l}\,s_{n,c} + t_{n,c}` for ``x`` ``(N, C, L)``; backward is one pass over ``x``."""
-    return _scale_shift_op(x, scale, shift)
+def _save_x_and_scale(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:2])
+
+
+_moments_op.register_autograd(_moments_backward, setup_context=_save_inputs)
+_transform_op.register_autograd(_transform_backward, setup_context=_save_inputs)
+_scale_shift_op.register_autograd(_scale_shift_backward, setup_context=_save_x_and_scale)
+
+
+class _Moments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _save_inputs(ctx, inputs, None)
+        return _moments_impl(*inputs)
+
+    backward = staticmethod(_moments_backward)
+
+
+class _Transform(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _save_inputs(ctx, inputs, None)
+        return _transform_impl(*inputs)
+
+    backward = staticmethod(_transform_backward)
+
+
+class _ScaleShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _save_x_and_scale(ctx, inputs, None)
+        return _scale_shift_impl(*inputs)
+
+    backward = staticmethod(_scale_shift_backward)
+
+
+def _call(op, function, *inputs) -> Tensor:
+    return op(*inputs) if torch.compiler.is_compiling() else function.apply(*inputs)
 
 
 def mixture_moments(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
     r"""``(3, K, C)``: :math:`\sum_{n,l}\tau_k d_k^r` for ``r = 0, 1, 2``, differentiable in every input."""
-    return _moments_op(x, mean, log_coef, quad_coef)
+    return _call(_moments_op, _Moments, x, mean, log_coef, quad_coef)
 
 
 def mixture_transform(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
     r""":math:`\sum_k \tau_k (a_{k,c} + b_{k,c} d_k)`, like ``x``, differentiable in every input."""
-    return _transform_op(x, mean, log_coef, quad_coef, a, b)
+    return _call(_transform_op, _Transform, x, mean, log_coef, quad_coef, a, b)
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    r""":math:`x_{n,c,l}\,s_{n,c} + t_{n,c}` for ``x`` ``(N, C, L)``; backward is one pass over ``x``."""
+    return _call(_scale_shift_op, _ScaleShift, x, scale, shift)
 
 
 @torch.library.custom_op("cbnorm::snapshot", mutates_args=())
@@ -279,7 +319,7 @@ _snapshot_op.register_autograd(lambda ctx, grads: list(grads), setup_context=lam
 def snapshot(tensors: list[Tensor]) -> list[Tensor]:
     """Differentiable copies of ``tensors``, for state that the caller updates in place before backward.
 
-    An opaque operator: ``torch.compile`` saves the copies for backward instead of re-deriving them
-    from the originals, which by then hold the updated values.
+    Under ``torch.compile`` an opaque operator, so that the compiled graph saves the copies for
+    backward instead of re-deriving them from the originals, which by then hold the updated values.
     """
-    return _snapshot_op(tensors)
+    return _snapshot_op(tensors) if torch.compiler.is_compiling() else [t.clone() for t in tensors]
