@@ -192,6 +192,25 @@ def test_scb_gradcheck(kernels, rule, scope):
     assert torch.autograd.gradcheck(F.scb_base_norm, leaves(x, soft, maps[0][0], maps[1][0], maps[0][1], maps[1][1]))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_custom_operators_pass_opcheck(kernels, layout):
+    """Schemas, fake implementations and autograd registrations, as torch.compile and export rely on them."""
+    x = LAYOUTS[layout](activations((3, 5, 2, 3))).reshape(3, 5, 6)
+    coefficients = leaves(*torch.randn(5, 2, 5, dtype=torch.float64))
+    grad = torch.randn_like(x)
+    scale, shift = leaves(*torch.rand(2, 3, 5, dtype=torch.float64))
+    cases = [
+        (_kernels._moments_op, (x.requires_grad_(), *coefficients[:3])),
+        (_kernels._transform_op, (x, *coefficients)),
+        (_kernels._transform_backward_op, (x.detach(), grad, *[t.detach() for t in coefficients], None, True, True, True)),
+        (_kernels._scale_shift_op, (x, scale, shift)),
+        (_kernels._scale_shift_backward_op, (x.detach(), grad, scale.detach())),
+        (_kernels._snapshot_op, (coefficients[:3],)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
 @pytest.mark.parametrize("per_channel_prior", [False, True])
 def test_gradcheck_every_input(kernels, per_channel_prior):
     x = activations((4, 3, 5))
@@ -253,21 +272,40 @@ def test_many_components_and_empty_batch(kernels):
     assert F.ucb_norm(empty, *mixture(3, 4)).shape == empty.shape
 
 
-def test_module_under_compile_has_no_graph_break_and_takes_any_batch():
-    norm = cbnorm.UCBNorm(6, 3)
-    norm(torch.randn(16, 6, 5))
-    eager = cbnorm.UCBNorm(6, 3)
-    eager.load_state_dict(norm.state_dict())
-    fn = compiled(torch.compile(norm, fullgraph=True, dynamic=None))
-    for batch in (16, 16, 7):  # the last batch of an epoch is smaller
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cbnorm.UCBNorm(6, 3),
+        lambda: cbnorm.UCBNorm(6, 3, update="weight", affine=True),
+        lambda: cbnorm.SCBNorm(6, 3, affine=True),
+        lambda: cbnorm.SCBNormBase(6, 3),
+    ],
+    ids=["ucb", "ucb-weight", "scb", "scb-base"],
+)
+def test_layers_compile_without_graph_break_at_any_batch(make):
+    norm, eager = make(), make()
+    supervised = isinstance(norm, (cbnorm.SCBNorm, cbnorm.SCBNormBase))
+
+    def inputs(batch):
         x = torch.randn(batch, 6, 5, requires_grad=True)
-        y = fn(x)
-        y_eager = eager(x)
+        return (x, torch.randint(0, 3, (batch,))) if supervised else (x,)
+
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.uniform_(-0.5, 0.5)
+    norm(*inputs(16))  # UCB-Norm seeds its mixture
+    eager.load_state_dict(norm.state_dict())
+    fn = compiled(torch.compile(norm, fullgraph=True))
+    for batch in (16, 16, 7):  # the last batch of an epoch is smaller
+        args = inputs(batch)
+        y, y_eager = fn(*args), eager(*args)
         torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
-        grad, = torch.autograd.grad(y.square().sum(), x)
-        grad_eager, = torch.autograd.grad(y_eager.square().sum(), x)
-        torch.testing.assert_close(grad, grad_eager, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(norm.running_mean, eager.running_mean)
+        grads = torch.autograd.grad(y.square().sum(), (args[0], *norm.parameters()))
+        grads_eager = torch.autograd.grad(y_eager.square().sum(), (args[0], *eager.parameters()))
+        for got, want in zip(grads, grads_eager):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(norm.buffers(), eager.buffers()):
+        torch.testing.assert_close(got, want)
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):

@@ -202,12 +202,18 @@ def _(x, grad, scale):
     return torch.empty_like(_layout(x)), torch.empty_like(scale), torch.empty_like(scale)
 
 
+def _traced(x: Tensor) -> bool:
+    """Whether torch.compile, export or a fake-tensor trace is running: then the custom operators,
+    which those understand, else the plain implementations, which dispatch faster."""
+    return torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter)
+
+
 def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
     """Gradients to ``x, mean, log_coef, quad_coef`` and the moments of ``omega tau d^r``."""
     need_x, need_mean, need_log, need_quad = ctx.needs_input_grad[:4]
     need_tau = any(ctx.needs_input_grad[4:]) or need_mean
     need_u = need_mean or need_log or need_quad
-    backward = _transform_backward_op if torch.compiler.is_compiling() else _transform_backward_impl
+    backward = _transform_backward_op if _traced(x) else _transform_backward_impl
     grad_x, moments = backward(x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_u)
     tau = moments[:3] if need_tau else None
     u = moments[-3:] if need_u else None
@@ -240,7 +246,7 @@ def _transform_backward(ctx, grad):
 
 def _scale_shift_backward(ctx, grad):
     x, scale = ctx.saved_tensors
-    backward = _scale_shift_backward_op if torch.compiler.is_compiling() else _scale_shift_backward_impl
+    backward = _scale_shift_backward_op if _traced(x) else _scale_shift_backward_impl
     return tuple(g if need else None for g, need in zip(backward(x, grad, scale), ctx.needs_input_grad))
 
 
@@ -284,8 +290,8 @@ class _ScaleShift(torch.autograd.Function):
     backward = staticmethod(_scale_shift_backward)
 
 
-def _call(op, function, *inputs) -> Tensor:
-    return op(*inputs) if torch.compiler.is_compiling() else function.apply(*inputs)
+def _call(op, function, x: Tensor, *inputs) -> Tensor:
+    return op(x, *inputs) if _traced(x) else function.apply(x, *inputs)
 
 
 def mixture_moments(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
@@ -322,4 +328,4 @@ def snapshot(tensors: list[Tensor]) -> list[Tensor]:
     Under ``torch.compile`` an opaque operator, so that the compiled graph saves the copies for
     backward instead of re-deriving them from the originals, which by then hold the updated values.
     """
-    return _snapshot_op(tensors) if torch.compiler.is_compiling() else [t.clone() for t in tensors]
+    return _snapshot_op(tensors) if _traced(tensors[0]) else [t.clone() for t in tensors]
