@@ -24,7 +24,7 @@ Both backward passes are the same kernel, the vector-Jacobian product of
 .. math::
     \frac{\partial}{\partial x} = \omega \sum_k \big(\tau_k q_k' + u_k \ell_k'\big), \quad
     u_k = \tau_k \big(q_k - \textstyle\sum_j \tau_j q_j\big), \quad
-    \frac{\partial}{\partial (a, b, c)_k} = \sum \omega \tau_k d_k^{0,1,2}, \quad
+    \frac{\partial}{\partial (a, b)_k} = \sum \omega \tau_k d_k^{0,1}, \quad
     \frac{\partial}{\partial \mathrm{log\_coef}_k} = \sum \omega u_k, \quad
     \frac{\partial}{\partial \mathrm{quad\_coef}_k} = \sum \omega u_k d_k^2
 
@@ -33,8 +33,10 @@ Both backward passes are the same kernel, the vector-Jacobian product of
 Each operator runs the native CPU kernel of :mod:`cbnorm._native` when it is available (CPU,
 float32/float64, at most 16 components), and otherwise its pure-PyTorch twin below: the same
 formulas vectorised over the components, whose ``(K, N, C, L)`` temporaries live only within one
-call (it also saves only ``x``). They are ``torch.library`` custom operators, so ``torch.compile``
-traces through the layers without a graph break.
+call (it also saves only ``x``). While ``torch.compile`` or ``torch.export`` traces, the operators
+are ``torch.library`` custom operators, so layers compile without a graph break; in eager mode the
+same implementations and backward formulas run as ``torch.autograd.Function``\ s, which dispatch
+faster.
 
 :func:`scale_shift` is the per-sample affine map of SCB-Norm (Eq. 10), with a one-pass backward.
 """
@@ -106,7 +108,7 @@ def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad
     q = a + d * (b + c * d)
     u = tau * (q - (tau * q).sum(0))
     weight = 1 if omega is None else omega
-    moments = [_moments(weight * t, d) for t, wanted in ((tau, tau_moments), (u, u_moments)) if wanted]
+    moments = [_moments(weight * t, d)[:rows] for t, rows, wanted in ((tau, 2, tau_moments), (u, 3, u_moments)) if wanted]
     return (
         _strided_like(weight * (tau * (b + 2 * c * d) + 2 * quad_coef * d * u).sum(0), x) if grad_x else x.new_empty(0),
         torch.cat(moments) if moments else x.new_empty(0, *mean.shape),
@@ -188,7 +190,7 @@ def _(x, mean, log_coef, quad_coef, a, b):
 
 @_transform_backward_op.register_fake
 def _(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
-    rows = 3 * (tau_moments + u_moments)
+    rows = 2 * tau_moments + 3 * u_moments
     return torch.empty_like(_layout(x)) if grad_x else x.new_empty(0), x.new_empty(rows, *mean.shape)
 
 
@@ -215,7 +217,7 @@ def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
     need_u = need_mean or need_log or need_quad
     backward = _transform_backward_op if _traced(x) else _transform_backward_impl
     grad_x, moments = backward(x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_u)
-    tau = moments[:3] if need_tau else None
+    tau = moments[:2] if need_tau else None
     u = moments[-3:] if need_u else None
     grad_mean = None
     if need_mean:  # d/dmu_k = -sum omega (tau_k q_k' + u_k logit_k')

@@ -10,7 +10,7 @@
 //     value:        out = sum_k tau_k q_k                                  (c = 0)
 //     grad:         out = omega * d/dx sum_k tau_k q_k
 //                       = omega * sum_k [tau_k q_k' + u_k logit_k'],   u_k = tau_k (q_k - sum_j tau_j q_j)
-//     tau moments:  sum_{n,l} omega tau_k d_k^r,   r = 0, 1, 2
+//     tau moments:  sum_{n,l} omega tau_k d_k^r,   r = 0, 1, 2 (forward) or 0, 1 (backward)
 //     u moments:    sum_{n,l} omega u_k d_k^r,     r = 0, 1, 2
 // Sums accumulate in x's dtype within a work item (a few thousand entries), then in double across
 // items and threads.
@@ -39,9 +39,9 @@ constexpr int64_t kPrefetchEntries = 64;  // its first entries
 struct Flags {
   bool value = false;
   bool grad = false;
-  bool tau_moments = false;
+  int64_t tau_rows = 0;  // moments of tau: r = 0, ..., tau_rows - 1
   bool u_moments = false;
-  int64_t rows() const { return 3 * (tau_moments + u_moments); }
+  int64_t rows() const { return tau_rows + 3 * u_moments; }
 };
 
 // Per-lane coefficients of every component for one vector of entries.
@@ -50,6 +50,16 @@ struct Lanes {
   using Vec = Vectorized<T>;
   Vec mean[kMaxComponents], log_coef[kMaxComponents], quad_coef[kMaxComponents];
   Vec a[kMaxComponents], b[kMaxComponents], c[kMaxComponents];
+  Vec two_quad[kMaxComponents], two_c[kMaxComponents];  // derivatives of the logits and of q
+  bool quadratic;                                        // c present: q has its d^2 term
+
+  void derive(int64_t K, bool has_c) {
+    quadratic = has_c;
+    for (int64_t k = 0; k < K; ++k) {
+      two_quad[k] = quad_coef[k] + quad_coef[k];
+      two_c[k] = c[k] + c[k];
+    }
+  }
 };
 
 // The (K, C) coefficient arrays; a, b, c may be null (zero).
@@ -70,6 +80,7 @@ struct Coefficients {
       lanes.b[k] = Vec(b ? b[i] : T(0));
       lanes.c[k] = Vec(c ? c[i] : T(0));
     }
+    lanes.derive(K, c != nullptr);
   }
 
   // Channels-last: lane j is channel ch + j, for the first `count` lanes.
@@ -83,6 +94,7 @@ struct Coefficients {
       lanes.b[k] = row(b, k);
       lanes.c[k] = row(c, k);
     }
+    lanes.derive(K, c != nullptr);
   }
 };
 
@@ -90,23 +102,22 @@ template <typename T>
 using Accumulators = Vectorized<T>[kMaxRows][kMaxComponents];
 
 // exp(x) for x <= 0, inline: the posteriors take K of them per entry, and a call into Sleef per
-// vector costs about twice the rest of the kernel. Cephes' expf (Cody-Waite reduction, degree-6
-// polynomial; relative error about 1e-7, as Sleef's u10) in float; Sleef in double. Arguments below
-// log(FLT_MIN) give FLT_MIN: a posterior off by less than 1.2e-38.
+// vector costs about twice the rest of the kernel. In float, 2^n times a degree-5 minimax polynomial
+// on [-ln2/2, ln2/2] after Cody-Waite reduction (relative error below 2.1e-7 in float arithmetic,
+// as Sleef's u10); in double, Sleef. Arguments below log(FLT_MIN) give FLT_MIN: a posterior off by
+// less than 1.2e-38.
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
+  using Int = Vectorized<int32_t>;
   const Vec clamped = at::vec::maximum(x, Vec(-87.3365447f));  // log(FLT_MIN)
   const Vec n = at::vec::fmadd(clamped, Vec(1.44269504088896341f), Vec(0.5f)).floor();
   const Vec r = at::vec::fmadd(n, Vec(2.12194440e-4f), at::vec::fmadd(n, Vec(-0.693359375f), clamped));
-  Vec p(1.9875691500e-4f);
-  for (const float coefficient : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                                  5.0000001201e-1f}) {
+  Vec p(8.297655088e-3f);
+  for (const float coefficient : {4.191538199e-2f, 1.666757473e-1f, 4.999889485e-1f, 9.999996920e-1f, 1.000000072f}) {
     p = at::vec::fmadd(p, r, Vec(coefficient));
   }
-  const Vec poly = at::vec::fmadd(p, r * r, r + Vec(1.0f));
-  using Int = Vectorized<int32_t>;
   const Int exponent = (at::vec::convert_to_int_of_same_size(n) + Int(127)) << Int(23);  // the bits of 2^n
-  return poly * at::vec::cast<float>(exponent);
+  return p * at::vec::cast<float>(exponent);
 }
 
 inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) {
@@ -145,30 +156,32 @@ inline Vectorized<T> entry(
     }
     out = out * inverse;
   }
-  if (flags.tau_moments) {
+  if (flags.tau_rows) {
     for (int64_t k = 0; k < K; ++k) {
       const Vec t0 = weight * e[k], t1 = t0 * d[k];
       acc[0][k] = acc[0][k] + t0;
       acc[1][k] = acc[1][k] + t1;
-      acc[2][k] = at::vec::fmadd(t1, d[k], acc[2][k]);
+      if (flags.tau_rows == 3) {
+        acc[2][k] = at::vec::fmadd(t1, d[k], acc[2][k]);
+      }
     }
   }
   if (flags.grad || flags.u_moments) {
     Vec q[kMaxComponents];
     Vec mean_q(0);
     for (int64_t k = 0; k < K; ++k) {
-      q[k] = at::vec::fmadd(at::vec::fmadd(cf.c[k], d[k], cf.b[k]), d[k], cf.a[k]);
+      const Vec slope = cf.quadratic ? at::vec::fmadd(cf.c[k], d[k], cf.b[k]) : cf.b[k];
+      q[k] = at::vec::fmadd(slope, d[k], cf.a[k]);
       mean_q = at::vec::fmadd(e[k], q[k], mean_q);
     }
     mean_q = mean_q * inverse;
-    const int64_t row = flags.tau_moments ? 3 : 0;
+    const int64_t row = flags.tau_rows;
     Vec grad(0);
     for (int64_t k = 0; k < K; ++k) {
       const Vec eu = e[k] * (q[k] - mean_q);  // u_k * total
       if (flags.grad) {
-        const Vec dq = at::vec::fmadd(cf.c[k] + cf.c[k], d[k], cf.b[k]);
-        const Vec dlogit = (cf.quad_coef[k] + cf.quad_coef[k]) * d[k];
-        grad = at::vec::fmadd(eu, dlogit, at::vec::fmadd(e[k], dq, grad));
+        const Vec dq = cf.quadratic ? at::vec::fmadd(cf.two_c[k], d[k], cf.b[k]) : cf.b[k];
+        grad = at::vec::fmadd(eu, cf.two_quad[k] * d[k], at::vec::fmadd(e[k], dq, grad));
       }
       if (flags.u_moments) {
         const Vec u0 = weight * eu, u1 = u0 * d[k];
@@ -370,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> run(
 at::Tensor mixture_moments(
     const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_coef, const at::Tensor& quad_coef) {
   Flags flags;
-  flags.tau_moments = true;
+  flags.tau_rows = 3;
   return std::get<1>(run(x, std::nullopt, mean, log_coef, quad_coef, std::nullopt, std::nullopt, std::nullopt, flags));
 }
 
@@ -388,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_transform_backward(
     bool grad_x, bool tau_moments, bool u_moments) {
   Flags flags;
   flags.grad = grad_x;
-  flags.tau_moments = tau_moments;
+  flags.tau_rows = tau_moments ? 2 : 0;  // the gradients of a and b; that of c is never needed
   flags.u_moments = u_moments;
   return run(x, omega, mean, log_coef, quad_coef, a, b, c, flags);
 }
