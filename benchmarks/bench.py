@@ -53,6 +53,7 @@ LAYERS = {
     "UCBNorm(weight)": Layer(lambda c, k: cbnorm.UCBNorm(c, k, update="weight")),
     "SCBNorm": Layer(lambda c, k: cbnorm.SCBNorm(c, k)),
     "SCBNormBase": Layer(lambda c, k: cbnorm.SCBNormBase(c, k)),
+    "MixtureNorm": Layer(lambda c, k: cbnorm.MixtureNorm(c, k)),
     "UCBNorm, pure-PyTorch kernels": Layer(lambda c, k: cbnorm.UCBNorm(c, k), kernels="eager", headline_only=True),
     "UCBNorm, reference": Layer(lambda c, k: cbnorm.UCBNorm(c, k), reference=True, headline_only=True),
 }

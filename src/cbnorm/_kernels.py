@@ -265,31 +265,19 @@ _transform_op.register_autograd(_transform_backward, setup_context=_save_inputs)
 _scale_shift_op.register_autograd(_scale_shift_backward, setup_context=_save_x_and_scale)
 
 
-class _Moments(torch.autograd.Function):
-    @staticmethod
+def _eager_function(name: str, impl, backward, setup_context) -> type:
+    """The autograd.Function that eager mode calls: the same implementation and backward as the operator."""
+
     def forward(ctx, *inputs):
-        _save_inputs(ctx, inputs, None)
-        return _moments_impl(*inputs)
+        setup_context(ctx, inputs, None)
+        return impl(*inputs)
 
-    backward = staticmethod(_moments_backward)
-
-
-class _Transform(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        _save_inputs(ctx, inputs, None)
-        return _transform_impl(*inputs)
-
-    backward = staticmethod(_transform_backward)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-class _ScaleShift(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        _save_x_and_scale(ctx, inputs, None)
-        return _scale_shift_impl(*inputs)
-
-    backward = staticmethod(_scale_shift_backward)
+_Moments = _eager_function("_Moments", _moments_impl, _moments_backward, _save_inputs)
+_Transform = _eager_function("_Transform", _transform_impl, _transform_backward, _save_inputs)
+_ScaleShift = _eager_function("_ScaleShift", _scale_shift_impl, _scale_shift_backward, _save_x_and_scale)
 
 
 def _call(op, function, x: Tensor, *inputs) -> Tensor:
