@@ -198,8 +198,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     PyTorch's ``SyncBatchNorm`` refuses CPU input in distributed training, and DDP refuses it in CPU
     models. On CPU this layer computes the same thing with UCB-Norm's :math:`K = 1` transform, which
-    is BatchNorm, and :class:`GlobalSums` (one all-reduce of per-channel sums about the running
-    mean, gradients through it); on other devices it runs ``torch.nn.SyncBatchNorm``'s forward;
+    is BatchNorm, and :class:`GlobalSums` (an all-reduce of the per-channel sums about the global
+    mean, gradients through it, after one of the plain sums that gives that mean); on other devices it runs ``torch.nn.SyncBatchNorm``'s forward;
     without synchronisation it is BatchNorm. Parameters, buffers and ``state_dict`` are
     BatchNorm's. :func:`convert_sync_cbnorm` puts it in place of BatchNorm layers.
 
@@ -233,8 +233,14 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_non_zero_input_channels(input)
         tracking = self.track_running_stats and self.running_mean is not None
         channels = input.shape[1]
-        center = self.running_mean if tracking else input.new_zeros(channels, dtype=F.compute_dtype(input))
-        sums = GlobalSums(input.numel() // channels, self.process_group)
+        count = input.numel() // channels
+        # The moments are taken about the global mean (one more small all-reduce, without gradient: the
+        # statistics do not depend on the center), so the variance suffers no cancellation.
+        local = torch.cat([input.transpose(0, 1).reshape(channels, -1).sum(1, dtype=torch.float64),
+                           input.new_full((1,), count, dtype=torch.float64)])
+        total = all_reduce_sum(local, self.process_group)
+        center = (total[:-1] / total[-1].clamp_min(1)).to(F.compute_dtype(input))
+        sums = GlobalSums(count, self.process_group)
         y, stats = F.ucb_norm_batch(input, center.new_ones(1), center[None], center.new_ones(1, channels),
                                     self.weight, self.bias, self.eps, reduce_sums=sums)
         if sums.count <= 1:
