@@ -529,6 +529,9 @@ class UCBNorm(_RunningMixtureNorm):
     posteriors use log-sum-exp; a training batch with NaN or Inf raises ``ValueError`` and leaves
     the state unchanged.
 
+    Distributed training: after :func:`cbnorm.convert_sync_cbnorm`, the batch statistics and the
+    first batch's k-means start are those of the global batch of all ranks (:mod:`cbnorm.distributed`).
+
     Args:
         num_features: :math:`C` from an expected input of size :math:`(N, C, *)`.
         num_components: :math:`K`, the number of mixture components. Default: ``3``

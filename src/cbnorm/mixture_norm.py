@@ -52,6 +52,10 @@ class MixtureNorm(_RunningMixtureNorm):
     unchanged; in eval a non-finite entry gives a non-finite output at that entry only, as
     BatchNorm's does. Training needs more than one value per channel.
 
+    Distributed training: after :func:`cbnorm.convert_sync_cbnorm`, the EM fit, the first batch's
+    k-means start and the batch statistics are those of the global batch of all ranks
+    (:mod:`cbnorm.distributed`).
+
     Args:
         num_features: :math:`C` from an expected input of size :math:`(N, C, *)`.
         num_components: :math:`K`, the number of mixture components per channel. Default: ``3``
