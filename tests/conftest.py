@@ -5,6 +5,11 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# Compile every graph afresh: the on-disk caches of compiled graphs do not hash the Python code of
+# custom operators (their fake and autograd formulas), so a graph cached by another version of
+# cbnorm on the same machine could be reused.
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
 
 _DATA_CANDIDATES = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
 

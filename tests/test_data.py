@@ -166,11 +166,23 @@ class TestLoader:
         assert sorted(images[:, 0, 0, 0].tolist()) == [12.0 * i for i in range(10)]  # every sample once
         assert len(a) == 3 and [len(y) for _, y, _ in a.epoch(0)] == [4, 4, 2]
 
-    def test_ranks_share_the_order(self):
-        seen = [torch.cat([x for x, _, _ in Loader(split(), 2, *self.stats, train=True, rank=r, world_size=3).epoch(1)])
-                for r in range(3)]
-        firsts = sorted(int(v) for s in seen for v in s[:, 0, 0, 0])
-        assert firsts == [12 * i for i in range(10)] and [len(s) for s in seen] == [4, 3, 3]
+    def test_ranks_share_each_global_batch(self):
+        """batch_size is the global batch: the ranks' shares of a step, augmentation included, are the one-process batch."""
+        def loader(rank=0, world_size=1, train=True):
+            return Loader(split(), 4, *self.stats, train=train, flip=True, crop_padding=1, cluster_ids=torch.arange(10),
+                          seed=2, rank=rank, world_size=world_size)
+
+        whole = list(loader().epoch(1))
+        shares = [list(loader(r, 3).epoch(1)) for r in range(3)]
+        assert [len(loader(r, 3)) for r in range(3)] == [3] * 3 and loader().global_batch_sizes == [4, 4, 2]
+        assert [len(b[1]) for b in shares[0]] == [2, 2, 1] and [len(b[1]) for b in shares[2]] == [1, 1, 0]
+        for step, batch in enumerate(whole):
+            for got, want in zip(zip(*(s[step] for s in shares)), batch):
+                assert torch.equal(torch.cat(got), want)
+        evaluation = [torch.cat([ids for _, _, ids in loader(r, 2, train=False).epoch()]) for r in range(2)]
+        assert evaluation[0].tolist() == [0, 1, 4, 5, 8] and evaluation[1].tolist() == [2, 3, 6, 7, 9]
+        with pytest.raises(ValueError, match="expected 0 <= rank < world_size, got rank 2 of 2"):
+            loader(2, 2)
 
     def test_eval_order_and_cluster_ids(self):
         loader = Loader(split(), 4, *self.stats, cluster_ids=torch.arange(10) % 2)

@@ -7,9 +7,10 @@ Example::
     >>> y = norm(torch.randn(32, 64, 8, 8))
 """
 
-from . import functional, mixture
+from . import distributed, functional, mixture
 from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
 from .context import cluster_context
+from .distributed import convert_sync_cbnorm
 from .factory import convert_batchnorm, create_norm_layer, get_norm_layer, norm_layer_names, register_norm_layer
 from .layers import SCBNorm, SCBNormBase, UCBNorm
 from .mixture_norm import MixtureNorm
@@ -26,7 +27,9 @@ __all__ = [
     "cluster_context",
     "cluster_dataset",
     "convert_batchnorm",
+    "convert_sync_cbnorm",
     "create_norm_layer",
+    "distributed",
     "functional",
     "get_norm_layer",
     "image_features",

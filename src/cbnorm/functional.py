@@ -8,17 +8,23 @@ Conventions shared by every function here (see ``SPEC.md``):
 * The math runs in float32 (float64 for float64 input) with autocast off; the output has ``x.dtype``.
 * :math:`\log\mathcal{N}(x;\mu,\sigma^2) = -\tfrac12(\log 2\pi + \log\sigma^2 + (x-\mu)^2/\sigma^2)`,
   with :math:`\sigma^2` floored at ``eps`` so a collapsed component cannot produce ``inf``;
-  posteriors are taken with log-softmax, never by dividing raw exponentials.
+  posteriors are a softmax of logits shifted by their maximum (log-sum-exp), never raw exponentials.
+* Every mixture transform is one pass of :func:`cbnorm._kernels.mixture_transform` over ``x``, and
+  batch statistics one pass of :func:`cbnorm._kernels.mixture_moments`; they recompute posteriors
+  instead of storing them, so memory stays linear in ``x`` whatever ``K``. The straightforward
+  implementation these replace is kept in :mod:`cbnorm._reference`, which the tests compare against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from ._kernels import mixture_moments, mixture_transform, scale_shift, snapshot
 
 __all__ = [
     "ComponentStats",
@@ -126,10 +132,51 @@ def _channel_prior(prior: Tensor) -> Tensor:
     return prior.unsqueeze(1) if prior.dim() == 1 else prior
 
 
-def _mixture_transform(x: Tensor, resp: Tensor, prior: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    r""":math:`\sum_k \tau_k(x_i)\,\lambda_k^{-1/2}\,(x_i-\mu_{k,c})/\sqrt{\sigma^2_{k,c}+\epsilon}`."""
-    scale = (_channel_prior(prior) * (var + eps)).rsqrt()
-    return (resp * (x - _per_component(mean, x)) * _per_component(scale, x)).sum(0)
+
+def _channels(x: Tensor) -> Tensor:
+    """``(N, C, *)`` as ``(N, C, L)``: a view for contiguous and channels-last inputs."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _log_density(prior: Optional[Tensor], var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    r"""``(log_coef, quad_coef)``, ``(K, C)``, of the posterior logits as quadratics in :math:`d = x - \mu_k`.
+
+    :math:`\ell_k = \log\lambda_k - \tfrac12\log\sigma^2_k - d^2/(2\sigma^2_k)`: the Gaussian log-density
+    plus log-prior, less the constant :math:`\tfrac12\log 2\pi` that the softmax over components
+    cancels; ``var`` floored at ``eps``, no prior for ``prior=None`` (uniform).
+    """
+    var = var.clamp_min(eps)
+    log_coef = -0.5 * var.log()
+    if prior is not None:
+        log_coef = log_coef + prior.log()
+    return log_coef, -0.5 / var
+
+
+def _normalize(
+    x: Tensor,
+    mean: Tensor,
+    logits: tuple[Tensor, Tensor],
+    scale: Tensor,
+    shift: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Tensor:
+    r""":math:`\gamma_c \sum_k \tau_k s_k (x - \mu_k - \delta_k) + \beta_c`, one pass of :func:`mixture_transform`.
+
+    ``x`` is ``(N, C, L)``; ``scale`` :math:`s` and ``shift`` :math:`\delta` (``None``: zero) are
+    ``(K, C)``. As the posteriors sum to one, the affine map folds into the per-component coefficients,
+    :math:`\gamma \sum_k \tau_k s_k (d_k - \delta_k) + \beta = \sum_k \tau_k ((\beta - \gamma s_k \delta_k) + \gamma s_k d_k)`.
+    """
+    slope = scale if weight is None else scale * weight.to(scale.dtype)
+    offset = torch.zeros_like(slope) if shift is None else -slope * shift
+    if bias is not None:
+        offset = offset + bias.to(slope.dtype)
+    return mixture_transform(x, mean, *logits, offset, slope)
+
+
+def _clamped_prior(prior: Tensor) -> Tensor:
+    """Priors clamped at the smallest normal float, as ``(K, 1)`` (shared) or ``(K, C)``."""
+    return _channel_prior(prior.clamp_min(torch.finfo(prior.dtype).tiny))
 
 
 def sample_norm(
@@ -149,14 +196,50 @@ def sample_norm(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        scale = (var.to(dtype) + eps).rsqrt()
-        if weight is not None:
-            scale = scale * weight.to(dtype)
-        shift = -mean.to(dtype) * scale
-        if bias is not None:
-            shift = shift + bias.to(dtype)
-        y = torch.addcmul(_per_channel(shift, x), x.to(dtype), _per_channel(scale, x))
-    return y.to(x.dtype)
+        y = scale_shift(_channels(x.to(dtype)), *_sample_affine(mean, var, weight, bias, eps, dtype))
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _sample_affine(mean, var, weight, bias, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, ``(N, C)``, of Eq. 10 with the affine map: ``y = x * scale + shift``."""
+    scale = (var.to(dtype) + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale, shift
+
+
+def _each_component(t: Tensor) -> tuple[Tensor, ...]:
+    """``(K, C)`` -> K tensors ``(C, 1)``, broadcastable against ``(N, C, L)``."""
+    return t.unsqueeze(-1).unbind(0)
+
+
+def _component_logits(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x - mean_k, logit_k)`` for each component in turn, ``x`` ``(N, C, L)``."""
+    for mu, lc, lw in zip(_each_component(mean), _each_component(log_coef), _each_component(quad_coef)):
+        d = x - mu
+        yield d, torch.addcmul(lc, lw, d * d)
+
+
+def _map_transform(x: Tensor, mean: Tensor, logits: tuple[Tensor, Tensor], scale: Tensor) -> Tensor:
+    r""":math:`s_{k^*}(x - \mu_{k^*})` with :math:`k^* = \arg\max_k \ell_k` per entry (first on ties)."""
+    best = y = None
+    for (d, logit), s in zip(_component_logits(x, mean, *logits), _each_component(scale)):
+        if y is None:
+            y, best = d * s, logit
+        else:
+            better = logit > best
+            y, best = torch.where(better, d * s, y), torch.where(better, logit, best)
+    return y
+
+
+def _check_unknown_cluster_rule(unknown: str, posterior: str) -> None:
+    if unknown not in UNKNOWN_RULES:
+        raise ValueError(f"scb_norm: unknown must be one of {UNKNOWN_RULES}, got {unknown!r}")
+    if posterior not in POSTERIOR_SCOPES:
+        raise ValueError(f"scb_norm: posterior must be one of {POSTERIOR_SCOPES}, got {posterior!r}")
 
 
 def scb_norm(
@@ -187,33 +270,31 @@ def scb_norm(
     ``mean``, ``var`` ``(K, C)``.
     """
     if cluster is not None:
-        return sample_norm(x, mean[cluster], var[cluster], weight, bias, eps)
-    if unknown not in UNKNOWN_RULES:
-        raise ValueError(f"scb_norm: unknown must be one of {UNKNOWN_RULES}, got {unknown!r}")
-    if posterior not in POSTERIOR_SCOPES:
-        raise ValueError(f"scb_norm: posterior must be one of {POSTERIOR_SCOPES}, got {posterior!r}")
+        return sample_norm(x, mean.index_select(0, cluster), var.index_select(0, cluster), weight, bias, eps)
+    _check_unknown_cluster_rule(unknown, posterior)
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, mean, var = x.to(dtype), mean.to(dtype), var.to(dtype)
-        num_clusters = mean.shape[0]
-        if posterior == "element":
-            log_resp = log_responsibilities(xf, None, mean, var, eps)
+        xf, mean, var = (t.to(dtype) for t in (x, mean, var))
+        x3 = _channels(xf)
+        logits = _log_density(None, var, eps)  # uniform priors
+        scale = (var + eps).rsqrt()
+        if unknown == "paper":
+            scale = scale * math.sqrt(mean.shape[0])
+        if posterior == "element" and unknown != "map":
+            y = _normalize(x3, mean, logits, scale, None, weight, bias)  # one pass, affine map included
         else:
-            log_lik = gaussian_log_prob(xf, mean, var.clamp_min(eps)).flatten(2).sum(2)  # (K, N)
-            log_resp = _per_channel(torch.log_softmax(log_lik, dim=0), xf).unsqueeze(2)
-        if unknown == "map":
-            if posterior == "sample":
-                best = log_resp.flatten(1).argmax(0)
-                return sample_norm(x, mean[best], var[best], weight, bias, eps)
-            normalized = (xf - _per_component(mean, xf)) * _per_component((var + eps).rsqrt(), xf)
-            y = normalized.gather(0, log_resp.argmax(0, keepdim=True)).squeeze(0)
-        else:
-            uniform = mean.new_ones(num_clusters)
-            y = _mixture_transform(xf, log_resp.exp(), uniform, mean, var, eps)
-            if unknown == "paper":
-                y = y * math.sqrt(num_clusters)
-        y = _affine(y, weight, bias)
-    return y.to(x.dtype)
+            if posterior == "element":
+                y = _map_transform(x3, mean, logits, scale)
+            else:
+                log_lik = torch.stack([logit.sum((1, 2)) for _, logit in _component_logits(x3, mean, *logits)])
+                log_resp = torch.log_softmax(log_lik, dim=0)  # (K, N)
+                if unknown == "map":
+                    best = log_resp.argmax(0)
+                    return sample_norm(x, mean[best], var[best], weight, bias, eps)
+                resp = log_resp.exp()[:, :, None, None]
+                y = sum(r * (x3 - mu) * s for r, mu, s in zip(resp, _each_component(mean), _each_component(scale)))
+            y = _affine(y, weight, bias)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def scb_base_norm(
@@ -258,15 +339,18 @@ def ucb_norm(
         \hat x_i = \sum_{k=1}^K \frac{\tau_k(x_i)}{\sqrt{\lambda_k}}\,
                    \frac{x_i - \mu_{k,c}}{\sqrt{\sigma^2_{k,c} + \epsilon}}
 
+    One pass over ``x`` (:func:`cbnorm._kernels.mixture_transform`); gradients reach ``x``,
+    ``prior``, ``mean``, ``var`` and the affine parameters.
+
     Shape: ``x`` ``(N, C, *)``; ``prior`` ``(K,)`` or ``(K, C)``; ``mean``, ``var`` ``(K, C)``; output like ``x``.
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
         xf, prior, mean, var = (t.to(dtype) for t in (x, prior, mean, var))
-        prior = prior.clamp_min(torch.finfo(dtype).tiny)
-        resp = log_responsibilities(xf, prior, mean, var, eps).exp()
-        y = _affine(_mixture_transform(xf, resp, prior, mean, var, eps), weight, bias)
-    return y.to(x.dtype)
+        prior = _clamped_prior(prior)
+        scale = (prior * (var + eps)).rsqrt()
+        y = _normalize(_channels(xf), mean, _log_density(prior, var, eps), scale, None, weight, bias)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def ucb_norm_batch(
@@ -277,6 +361,8 @@ def ucb_norm_batch(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
+    *,
+    reduce_sums: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, ComponentStats]:
     r"""Mixture normalising transform with batch statistics (Eq. 7-9): UCB-Norm and MN training.
 
@@ -291,11 +377,23 @@ def ucb_norm_batch(
     .. math::
         \hat x_i = \sum_k \frac{\tau_k(x_i)}{\sqrt{\lambda_k}}\,\frac{x_i - E_k}{\sqrt{V_k+\epsilon}}
 
+    Two passes over ``x``: one takes the sums :math:`S_{r,k} = \sum_{j\in B_c}\tau_k(x_j)(x_j-\mu_k)^r`,
+    ``r = 0, 1, 2`` (moments about the current means, so :math:`V_k` suffers no cancellation); the
+    ``(K, C)`` statistics follow from them; the other applies the transform. Backward is two passes too
+    and stores nothing of size ``K x N x C x L``.
+
     Shape: ``x`` ``(N, C, *)``; ``prior`` ``(K,)`` or ``(K, C)``; ``mean``, ``var`` ``(K, C)``.
 
-    Gradients flow through :math:`\tau`, :math:`E` and :math:`V` (not into ``prior, mean, var``,
-    which are running state). A component whose mass :math:`\sum\tau_k` is below float epsilon gets
-    finite placeholder statistics and a negligible weight.
+    Gradients flow through :math:`\tau`, :math:`E` and :math:`V` (and into ``prior, mean, var`` when
+    they require it; as running state they do not). A component whose mass :math:`\sum\tau_k` is below
+    float epsilon gets finite placeholder statistics and a negligible weight.
+
+    Args:
+        reduce_sums: the distributed seam. A differentiable function applied to the ``(3, K, C)``
+            sums :math:`S` before any statistic is formed; an all-reduce over the process group
+            (``torch.distributed.nn.functional.all_reduce``) makes every statistic that of the global
+            batch, gradients included, as ``torch.nn.SyncBatchNorm`` does. ``stats.count`` stays the
+            local :math:`m`. Default: ``None`` (this process's batch)
 
     Returns:
         ``(y, stats)``: the output like ``x`` and the detached :class:`ComponentStats` that a
@@ -303,18 +401,20 @@ def ucb_norm_batch(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, prior, mean, var = (t.to(dtype) for t in (x, prior, mean, var))
-        prior = prior.clamp_min(torch.finfo(dtype).tiny)
-        resp = log_responsibilities(xf, prior, mean, var, eps).exp()
-        # Moments about the current component means: same statistics, no cancellation in V.
-        centered = xf - _per_component(mean, xf)
-        batch_dims = (1,) + tuple(range(3, x.dim() + 1))  # (K, N, C, *) -> (K, C)
-        mass = resp.sum(batch_dims)
+        xf = x.to(dtype)
+        prior, mean, var = snapshot([t.to(dtype) for t in (prior, mean, var)])
+        prior = _clamped_prior(prior)
+        logits = _log_density(prior, var, eps)
+        x3 = _channels(xf)
+        sums = mixture_moments(x3, mean, *logits)
+        if reduce_sums is not None:
+            sums = reduce_sums(sums)
+        mass, first, second = sums
         safe_mass = mass.clamp_min(torch.finfo(dtype).eps)
-        shift = (resp * centered).sum(batch_dims) / safe_mass
-        batch_var = ((resp * centered.square()).sum(batch_dims) / safe_mass - shift.square()).clamp_min(0)
-        batch_mean = mean + shift
-        y = _affine(_mixture_transform(xf, resp, prior, batch_mean, batch_var, eps), weight, bias)
+        shift = first / safe_mass
+        batch_var = (second / safe_mass - shift.square()).clamp_min(0)
+        scale = (prior * (batch_var + eps)).rsqrt()
+        y = _normalize(x3, mean, logits, scale, shift, weight, bias).reshape(x.shape)
         count = x.numel() // x.shape[1]
-        stats = ComponentStats(mass.detach(), batch_mean.detach(), batch_var.detach(), count)
+        stats = ComponentStats(mass.detach(), (mean + shift).detach(), batch_var.detach(), count)
     return y.to(x.dtype), stats

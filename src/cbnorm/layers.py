@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from . import functional as F
 from .context import current_cluster
 from .mixture import channel_samples, init_mixture_1d
@@ -378,9 +379,55 @@ class _RunningMixtureNorm(_ClusterNorm):
     """Running mixture state ``(running_prior, running_mean, running_var)`` and its update rule.
 
     Shared by UCB-Norm's ``moving_average`` mode (priors ``(K,)`` shared by the channels) and
-    Mixture Normalization (a mixture per channel, priors ``(K, C)``), with ``momentum`` and the
-    ``initialized`` flag that the first training batch sets.
+    Mixture Normalization (a mixture per channel, priors ``(K, C)``), with ``momentum``, the
+    ``initialized`` flag that the first training batch sets, and the switch to statistics of the
+    global batch under ``torch.distributed`` (:func:`cbnorm.convert_sync_cbnorm`).
     """
+
+    #: Take batch statistics (and the first batch's initialisation) over the global batch of
+    #: ``process_group`` in distributed training; set by :func:`cbnorm.convert_sync_cbnorm`.
+    sync_statistics: bool = False
+    #: The group whose ranks share statistics; ``None`` for the default group.
+    process_group = None
+
+    def _synchronised(self) -> bool:
+        return distributed.sync_active(self.sync_statistics, self.training, self.process_group)
+
+    def _check_global_count(self, count: int, x: Tensor, least: int) -> None:
+        """The check of :meth:`_check_batch_size` (``least=2``) on the global batch; every rank raises alike."""
+        if count < least:
+            raise ValueError(
+                f"{self._name}: expected at least {least} value{'s' * (least > 1)} per channel in the global batch "
+                f"when training, got {count} over the {distributed.world_size(self.process_group)} ranks "
+                f"(input of shape {tuple(x.shape)} on this rank)"
+            )
+
+    @torch.no_grad()
+    def _global_initial_state(self, x: Tensor, max_per_channel: Optional[int], fit) -> list[Tensor]:
+        """``fit(samples)`` of the global batch's entries, computed from rank 0's draw and broadcast from it.
+
+        Every rank computes it from the same gathered samples (so all raise alike), then takes rank
+        0's result, which holds even where the ranks' random generators differ.
+        """
+        rows = channel_samples(x.detach().to(F.compute_dtype(x)))
+        gathered = distributed.gather_channel_samples(rows, max_per_channel, self.process_group)
+        if not gathered.finite:
+            raise ValueError(
+                f"{self._name}: the training batch of some rank contains non-finite values (NaN or Inf); "
+                f"the layer's state was left unchanged"
+            )
+        self._check_global_count(gathered.count, x, 1)
+        return distributed.broadcast_from_first_rank(list(fit(gathered.samples)), self.process_group)
+
+    def _normalize_batch(self, x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, synchronised: bool) -> Tensor:
+        """Eq. 7-9 with the statistics of the batch (the global batch when ``synchronised``), then the running update."""
+        sums = distributed.GlobalSums(x.numel() // x.shape[1], self.process_group) if synchronised else None
+        y, stats = F.ucb_norm_batch(x, prior, mean, var, self.weight, self.bias, self.eps, reduce_sums=sums)
+        if sums is not None:
+            self._check_global_count(sums.count, x, 2)
+            stats = stats._replace(count=sums.count)
+        self._track(stats)
+        return y
 
     def _register_running_state(self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False) -> None:
         prior_shape = (num_components, self.num_features) if per_channel_prior else (num_components,)
@@ -481,6 +528,9 @@ class UCBNorm(_RunningMixtureNorm):
     ``update="weight"`` uses Eq. 15 in training too; densities keep their normalising term and
     posteriors use log-sum-exp; a training batch with NaN or Inf raises ``ValueError`` and leaves
     the state unchanged.
+
+    Distributed training: after :func:`cbnorm.convert_sync_cbnorm`, the batch statistics and the
+    first batch's k-means start are those of the global batch of all ranks (:mod:`cbnorm.distributed`).
 
     Args:
         num_features: :math:`C` from an expected input of size :math:`(N, C, *)`.
@@ -586,22 +636,26 @@ class UCBNorm(_RunningMixtureNorm):
         self.reset_running_stats()
 
     @torch.no_grad()
-    def _initialize(self, x: Tensor) -> None:
+    def _initialize(self, x: Tensor, synchronised: bool) -> None:
+        def fit(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return init_mixture_1d(samples, self.num_components, self.eps)
+
+        if synchronised:
+            self._set_state(*self._global_initial_state(x, _INIT_SAMPLES, fit))
+            return
         self._check_finite(x)
-        samples = channel_samples(x.detach().to(F.compute_dtype(x)), _INIT_SAMPLES)
-        self._set_state(*init_mixture_1d(samples, self.num_components, self.eps))
+        self._set_state(*fit(channel_samples(x.detach().to(F.compute_dtype(x)), _INIT_SAMPLES)))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         xc = self._channels_first(x)
+        synchronised = self._synchronised()
         if self.training and not self._initialized:
-            self._initialize(xc)
+            self._initialize(xc, synchronised)
         if self.training and self.update == "moving_average":
-            self._check_batch_size(xc)
-            y, stats = F.ucb_norm_batch(
-                xc, self.running_prior, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
-            self._track(stats)
+            if not synchronised:
+                self._check_batch_size(xc)
+            y = self._normalize_batch(xc, self.running_prior, self.running_mean, self.running_var, synchronised)
         else:
             if self.training:
                 self._check_finite(xc)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -91,16 +91,28 @@ def _e_step(x: Tensor, mix: _Mixture) -> Tensor:
     return _log_joint(x, mix).softmax(0)
 
 
-def _m_step(x: Tensor, resp: Tensor, previous: _Mixture, reg: float, floor: float) -> _Mixture:
-    """Weights, means and variances from responsibilities ``(K, B, M)``; empty components keep ``previous``."""
+def _m_step(x: Tensor, resp: Tensor, previous: _Mixture, reg: float, floor: float, reduce_sums=None) -> _Mixture:
+    """Weights, means and variances from responsibilities ``(K, B, M)``; empty components keep ``previous``.
+
+    ``reduce_sums`` (1-D only) is applied to the sums over the points before they are used: the
+    mass with the first moment, then the second moment about the mean (two passes, as without it).
+    """
     eps = torch.finfo(x.dtype).eps
     mass = resp.sum(-1, keepdim=True)
-    empty, nk = mass <= eps, mass.clamp_min(eps)
     if x.shape[-1] == 1:  # exact two-pass variance, as cheap as the moments in 1-D
         points = x[..., 0]
-        mean = (resp * points).sum(-1, keepdim=True) / nk
+        first = (resp * points).sum(-1, keepdim=True)
+        if reduce_sums is not None:
+            mass, first = reduce_sums(torch.stack([mass, first])).unbind(0)
+        empty, nk = mass <= eps, mass.clamp_min(eps)
+        mean = first / nk
         var = (points - mean).square_().mul_(resp).sum(-1, keepdim=True)
+        if reduce_sums is not None:
+            var = reduce_sums(var)
     else:
+        if reduce_sums is not None:
+            raise ValueError("_m_step: reduce_sums is only supported for 1-D points")
+        empty, nk = mass <= eps, mass.clamp_min(eps)
         mean = torch.einsum("kbm,bmd->kbd", resp, x) / nk
         var = (torch.einsum("kbm,bmd->kbd", resp, x.square()) - mass * mean.square()).clamp_min_(0)
     mean = torch.where(empty, previous.mean, mean)
@@ -230,6 +242,7 @@ def fit_mixture_1d(
     init: Optional[tuple[Tensor, Tensor, Tensor]] = None,
     var_floor: float = 1e-5,
     generator=None,
+    reduce_sums: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Mixture1d:
     r"""Fit an independent ``k``-component Gaussian mixture to every row of ``x`` ``(C, M)`` by EM.
 
@@ -253,6 +266,10 @@ def fit_mixture_1d(
         init: ``(prior, mean, var)`` to warm-start from, each ``(K, C)``; ``None`` for k-means. Default: ``None``
         var_floor: lower bound of the variances. Default: ``1e-5``
         generator: an int seed or ``torch.Generator`` for the k-means++ draws. Default: torch's global one
+        reduce_sums: the distributed seam, as in :func:`cbnorm.functional.ucb_norm_batch`: applied to
+            every sum over a row's points (``(K, C, 1)`` tensors, stacked ``(2, K, C, 1)`` for the mass
+            and first moment) before it is used, so that an all-reduce makes the fit that of the rows of
+            every process together. Needs ``init``; ``x`` may then have no points. Default: ``None``
 
     Returns:
         :class:`Mixture1d` ``(prior, mean, var)``, each ``(K, C)``.
@@ -264,9 +281,11 @@ def fit_mixture_1d(
         >>> fit = cbnorm.mixture.fit_mixture_1d(next_rows, 3, steps=2, init=fit)  # warm start
     """
     _check_k("fit_mixture_1d", "k", k)
-    if x.dim() != 2 or not x.is_floating_point() or x.shape[1] == 0:
+    if x.dim() != 2 or not x.is_floating_point() or (x.shape[1] == 0 and reduce_sums is None):
         raise ValueError(f"fit_mixture_1d: expected a floating-point (C, M) tensor with M > 0, "
                          f"got {x.dtype} of shape {tuple(x.shape)}")
+    if reduce_sums is not None and init is None:
+        raise ValueError("fit_mixture_1d: reduce_sums needs init: the k-means start is not distributed")
     if init is not None and any(tuple(t.shape) != (k, x.shape[0]) for t in init):
         raise ValueError(f"fit_mixture_1d: expected init (prior, mean, var) of shape ({k}, {x.shape[0]}) each, "
                          f"got {[tuple(t.shape) for t in init]}")
@@ -278,7 +297,7 @@ def fit_mixture_1d(
             prior, mean, var = (t.to(x.dtype) for t in init)
             mix = _Mixture(prior, mean.unsqueeze(-1), var.unsqueeze(-1))
         for _ in range(steps):
-            mix = _m_step(points, _e_step(points, mix), mix, 0.0, var_floor)
+            mix = _m_step(points, _e_step(points, mix), mix, 0.0, var_floor, reduce_sums)
     return Mixture1d(mix.weight, mix.mean[..., 0], mix.var[..., 0])
 
 

@@ -2,11 +2,13 @@ r"""Mixture Normalization (Kalayeh & Shah, 2019): the MN baseline of the CB-Norm
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import distributed
 from . import functional as F
 from .layers import _check_positive_int, _RunningMixtureNorm
 from .mixture import Mixture1d, channel_samples, fit_mixture_1d
@@ -49,6 +51,10 @@ class MixtureNorm(_RunningMixtureNorm):
     batch with NaN or Inf raises ``ValueError`` and leaves every buffer (fit and running state)
     unchanged; in eval a non-finite entry gives a non-finite output at that entry only, as
     BatchNorm's does. Training needs more than one value per channel.
+
+    Distributed training: after :func:`cbnorm.convert_sync_cbnorm`, the EM fit, the first batch's
+    k-means start and the batch statistics are those of the global batch of all ranks
+    (:mod:`cbnorm.distributed`).
 
     Args:
         num_features: :math:`C` from an expected input of size :math:`(N, C, *)`.
@@ -136,11 +142,22 @@ class MixtureNorm(_RunningMixtureNorm):
 
     # -- forward -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _refit(self, x: Tensor) -> Mixture1d:
-        """EM on the batch ``(N, C, *)``, from the previous fit or (first batch) k-means."""
+    def _refit(self, x: Tensor, synchronised: bool) -> Mixture1d:
+        """EM on the batch ``(N, C, *)``, from the previous fit or (first batch) k-means.
+
+        ``synchronised``: EM on the global batch (its sums all-reduced), and the first batch's
+        k-means taken on the global batch's entries, gathered, and broadcast from rank 0.
+        """
         rows = channel_samples(x.detach().to(F.compute_dtype(x)))
         init = self.fitted if self._initialized else None
-        return fit_mixture_1d(rows, self.num_components, steps=self.em_steps, init=init, var_floor=self.eps)
+        reduce_sums = None
+        if synchronised:
+            reduce_sums = functools.partial(distributed.all_reduce_sum, process_group=self.process_group)
+            if init is None:
+                init = self._global_initial_state(x, None, functools.partial(
+                    fit_mixture_1d, k=self.num_components, steps=0, var_floor=self.eps))
+        return fit_mixture_1d(rows, self.num_components, steps=self.em_steps, init=init, var_floor=self.eps,
+                              reduce_sums=reduce_sums)
 
     @torch.no_grad()
     def _store_fit(self, fit: Mixture1d) -> None:
@@ -153,11 +170,12 @@ class MixtureNorm(_RunningMixtureNorm):
         if not self.training:
             y = F.ucb_norm(xc, self.running_prior, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
             return self._restore_layout(y)
-        self._check_batch_size(xc)
-        self._check_finite(xc)
-        fit = self._refit(xc)
-        y, stats = F.ucb_norm_batch(xc, *fit, self.weight, self.bias, self.eps)
-        self._track(stats)  # raises, changing nothing, if the statistics overflowed
+        synchronised = self._synchronised()
+        if not synchronised:  # synchronised, the global count is checked, and non-finite sums make _track raise
+            self._check_batch_size(xc)
+            self._check_finite(xc)
+        fit = self._refit(xc, synchronised)
+        y = self._normalize_batch(xc, *fit, synchronised)  # raises, changing nothing, if the statistics overflowed
         self._store_fit(fit)
         return self._restore_layout(y)
 

@@ -654,19 +654,27 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator,
+                     part_of: Optional[tuple[int, int]] = None) -> Tensor:
     """Standard augmentation of a uint8 batch ``(B, C, H, W)``: a random ``H x W`` crop of the
-    zero-padded image (offsets in ``[0, 2 * padding]``), then a horizontal flip with probability 1/2."""
+    zero-padded image (offsets in ``[0, 2 * padding]``), then a horizontal flip with probability 1/2.
+
+    ``part_of=(start, total)``: ``images`` are images ``start .. start + B - 1`` of a batch of
+    ``total``, and get the draws those images would get in the whole batch (one rank's share of a
+    global batch is augmented as the whole batch would be in one process).
+    """
     batch, _, height, width = images.shape
+    start, total = part_of or (0, batch)
+    mine = slice(start, start + batch)
     if padding:
         padded = torch.nn.functional.pad(images, (padding,) * 4)
-        dy, dx = torch.randint(0, 2 * padding + 1, (2, batch, 1), generator=generator).to(images.device)
+        dy, dx = torch.randint(0, 2 * padding + 1, (2, total, 1), generator=generator)[:, mine].to(images.device)
         rows = (dy + torch.arange(height, device=images.device))[:, None, :, None]
         cols = (dx + torch.arange(width, device=images.device))[:, None, None, :]
         images = padded[torch.arange(batch, device=images.device)[:, None, None, None],
                         torch.arange(images.shape[1], device=images.device)[None, :, None, None], rows, cols]
     if flip:
-        mirror = (torch.rand(batch, generator=generator) < 0.5).to(images.device)[:, None, None, None]
+        mirror = (torch.rand(total, generator=generator)[mine] < 0.5).to(images.device)[:, None, None, None]
         images = torch.where(mirror, images.flip(-1), images)
     return images
 
@@ -676,9 +684,14 @@ class Loader:
 
     Images are normalised with the training set's per-channel ``mean``/``std``; with ``train=True``
     each epoch is shuffled and augmented by a generator seeded with ``(seed, epoch)`` only, so a run
-    resumed at epoch ``e`` sees exactly the batches it would have seen. ``rank``/``world_size`` give
-    each process of a distributed run its interleaved share of the shuffled order (as
-    ``DistributedSampler`` does). ``cluster_ids`` (``(N,)`` int64 or ``None``) travel with the samples.
+    resumed at epoch ``e`` sees exactly the batches it would have seen. ``cluster_ids`` (``(N,)`` int64
+    or ``None``) travel with the samples.
+
+    In a distributed run, ``batch_size`` is the global batch: process ``rank`` of ``world_size`` gets
+    its contiguous share of each global batch (``batch_size / world_size``, the first ranks one more
+    where it does not divide; a rank's share of the last batch may be empty), augmented as that
+    batch would be in one process. Every rank has the same number of batches, and the ranks' shares
+    of a step, concatenated in rank order, are exactly the one-process batch.
     """
 
     def __init__(
@@ -699,6 +712,8 @@ class Loader:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"expected a positive batch_size, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"expected 0 <= rank < world_size, got rank {rank} of {world_size}")
         if cluster_ids is not None and tuple(cluster_ids.shape) != (len(split),):
             raise ValueError(f"expected cluster ids of shape ({len(split)},), got {tuple(cluster_ids.shape)}")
         self.device = torch.device(device)
@@ -710,20 +725,24 @@ class Loader:
         self.batch_size, self.train, self.flip, self.crop_padding = batch_size, train, flip, crop_padding
         self.seed, self.rank, self.world_size = seed, rank, world_size
 
-    def _indices(self, generator: torch.Generator) -> Tensor:
-        order = torch.randperm(len(self.labels), generator=generator) if self.train else torch.arange(len(self.labels))
-        return order[self.rank :: self.world_size]
-
     def __len__(self) -> int:
-        return -(-len(range(self.rank, len(self.labels), self.world_size)) // self.batch_size)
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def global_batch_sizes(self) -> list[int]:
+        """The size of each global batch of an epoch (all ranks' shares together)."""
+        return [min(self.batch_size, len(self.labels) - i * self.batch_size) for i in range(len(self))]
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[Tensor, Tensor, Optional[Tensor]]]:
         generator = _epoch_generator(self.seed, epoch)
-        for index in self._indices(generator).split(self.batch_size):
-            index = index.to(self.device)
+        order = torch.randperm(len(self.labels), generator=generator) if self.train else torch.arange(len(self.labels))
+        for batch in order.split(self.batch_size):
+            shares = batch.tensor_split(self.world_size)
+            index = shares[self.rank].to(self.device)
             images = self.images[index]
             if self.train:
-                images = random_crop_flip(images, self.crop_padding, self.flip, generator)
+                start = sum(len(share) for share in shares[: self.rank])
+                images = random_crop_flip(images, self.crop_padding, self.flip, generator, (start, len(batch)))
             images = (images.float() - self.mean) / self.std
             ids = None if self.cluster_ids is None else self.cluster_ids[index]
             yield images, self.labels[index], ids

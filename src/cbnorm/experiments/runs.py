@@ -33,6 +33,7 @@ from torch import Tensor
 import cbnorm
 
 from .data import atomic_write
+from .distributed import Ranks, gather_objects
 from .metrics import COLUMNS, format_header, format_row, write_metrics
 
 __all__ = ["RUN_CONTROL", "RunFolder", "RunSettings", "autocast", "check_fields", "clustered", "config_diff",
@@ -130,7 +131,8 @@ class RunFolder:
     Opening a folder that holds a checkpoint raises :class:`FileExistsError` unless ``resume``, and
     :class:`ValueError` if ``config`` differs from the saved one outside ``run_control`` (fields that
     do not change what is computed). ``columns`` are the ``metrics.csv`` columns, ``table`` the
-    progress table (see :func:`~cbnorm.experiments.metrics.format_row`); only ``is_main`` writes or prints.
+    progress table (see :func:`~cbnorm.experiments.metrics.format_row`); of several ``ranks`` only rank 0
+    writes or prints, and each resumes with its own RNG states.
     """
 
     def __init__(
@@ -142,11 +144,13 @@ class RunFolder:
         run_control: Iterable[str] = (),
         columns: Sequence[str] = COLUMNS,
         table: Optional[Sequence[tuple]] = None,
-        is_main: bool = True,
+        ranks: Optional[Ranks] = None,
         log: Callable[[str], None] = print,
     ) -> None:
         self.out = Path(out)
         self.path = self.out / "checkpoint.pt"
+        self.ranks = ranks or Ranks()
+        is_main = self.ranks.is_main
         self.config, self.resume, self.columns, self.table, self.is_main = config, resume, columns, table, is_main
         self.log = log if is_main else (lambda *args, **kwargs: None)
         self.history: list[dict] = []
@@ -170,7 +174,9 @@ class RunFolder:
         if self._checkpoint is not None:
             for name, obj in stateful.items():
                 obj.load_state_dict(self._checkpoint[name])
-            set_rng_states(self._checkpoint["rng"], device)
+            per_rank = self._checkpoint.get("rng_ranks") or []  # a run resumed on as many ranks gets each its own
+            same = len(per_rank) == self.ranks.world_size
+            set_rng_states(per_rank[self.ranks.rank] if same else self._checkpoint["rng"], device)
             self.history = self._checkpoint["history"]
             self._checkpoint = None
         return self.history
@@ -192,12 +198,14 @@ class RunFolder:
             self.log(format_row(row, self.table))
 
     def save(self, row: dict, device: torch.device, **stateful) -> None:
-        """Append ``row`` to the history, then save the checkpoint (atomically), the metrics, and print the row."""
+        """Append ``row`` to the history, then save the checkpoint (atomically), the metrics, and print the row.
+        Under several ranks every rank calls this (their RNG states are gathered); rank 0 writes."""
         self.history.append(row)
+        rng = gather_objects(rng_states(device), self.ranks)
         if not self.is_main:
             return
         state = {"config": self.config, **{name: obj.state_dict() for name, obj in stateful.items()},
-                 "rng": rng_states(device), "history": self.history}
+                 "rng": rng[0], "rng_ranks": rng if self.ranks.distributed else None, "history": self.history}
         atomic_write(self.path, lambda f: torch.save(state, f))
         write_metrics(self.out, self.config, self.history, self.columns)
         self.log(format_row(row, self.table))

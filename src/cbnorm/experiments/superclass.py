@@ -1,8 +1,8 @@
 """Reproduce IV-F: superclasses as SCB-Norm's prior clusters (Tables VII and VIII, Figures 13 and 14).
 
     cbnorm reproduce superclass --model vit --scale smoke          # CI: well under a minute on CPU
-    cbnorm reproduce superclass --model vit --scale small --threads 1          # about an hour on 2 CPU cores
-    cbnorm reproduce superclass --model oxford_cnn --scale small --threads 1   # about an hour on 2 CPU cores
+    cbnorm reproduce superclass --model vit --scale small --threads 1          # about 25 minutes on 2 CPU cores
+    cbnorm reproduce superclass --model oxford_cnn --scale small --threads 1   # about 15 minutes on 2 CPU cores
     cbnorm reproduce superclass --model vit --scale paper          # the paper's protocol, for a GPU
 
 Each sample's superclass is its cluster: CIFAR-100's 20 coarse labels, Oxford-IIIT Pet's cat and dog,
@@ -98,17 +98,17 @@ OXFORD_CNN = SuperclassExperiment(
 EXPERIMENTS = {"vit": VIT, "oxford_cnn": OXFORD_CNN}
 
 # `small` is sized from epochs timed with --threads 1 on 2 shared CPU cores (ViT: 65 s for 5,000 + 1,000
-# images; OxfordCNN: 55 s for 20,000 + 10,000) to take about an hour for all its runs (README,
+# images; OxfordCNN: 55 s for 20,000 + 10,000) to take about 20-25 minutes for all its runs (README,
 # "Superclasses as prior clusters"); `smoke` is CI's; `paper` is the paper's protocol.
 SCALES: dict[str, dict[str, Scale]] = {
     "vit": {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),
-        "small": Scale("small", 5000, 2000, 8, (0, 1)),
+        "small": Scale("small", 2500, 1000, 6, (0, 1)),
         "paper": Scale("paper", 0, 0, 100, (0,)),
     },
     "oxford_cnn": {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),
-        "small": Scale("small", 20000, 10000, 10, (0, 1)),
+        "small": Scale("small", 8000, 4000, 6, (0, 1)),
         "paper": Scale("paper", 0, 0, 200, (0,)),
     },
 }

@@ -10,16 +10,17 @@ saves RUN/checkpoint.pt atomically: model, optimiser, scheduler, AMP scaler, eve
 history. The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so ``--resume``
 continues exactly where the last checkpoint left off and a crash loses at most one epoch.
 
-Distributed training is prepared for but not enabled: the device follows ``LOCAL_RANK``, the
-:class:`~cbnorm.experiments.data.Loader` takes ``rank``/``world_size`` (its sampler), and only rank 0
-prints or writes. What is left is wrapping the model in DDP and all-reducing the epoch sums.
+Distributed: ``torchrun --nproc_per_node=P -m cbnorm train ...`` trains on ``P`` processes (see
+:mod:`cbnorm.experiments.distributed`). ``--batch-size`` is the global batch, each rank trains on its
+share with every batch statistic taken over the global batch, and the metrics are those of one
+process with the same flags, up to float rounding. Rank 0 prints and writes; ``--resume`` works the
+same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from cbnorm.factory import get_norm_layer
 
 from .clusters import ClusterIds, prior_clusters
+from . import distributed
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
 from .metrics import confusion_matrix, macro_scores
 from .models import build_model
@@ -70,8 +72,8 @@ class TrainConfig:
     momentum: float = _help("SGD momentum", default=0.9)
     schedule: str = _help("constant, or step: lr / 10 at 50%% and 75%% of the epochs", default="constant")
     epochs: int = _help("epochs", default=100)
-    batch_size: int = _help("training batch size", default=256)
-    eval_batch_size: int = _help("evaluation batch size", default=1000)
+    batch_size: int = _help("training batch size; under torchrun the global batch, shared by the ranks", default=256)
+    eval_batch_size: int = _help("evaluation batch size (global, as --batch-size)", default=1000)
     # the run
     seed: int = _help("seed of the initialisation, data order and augmentation", default=0)
     device: str = _help("auto (CUDA when present), cpu, cuda, cuda:1, ...", default="auto")
@@ -195,35 +197,46 @@ def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: T
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for step, (images, labels, ids) in enumerate(loader.epoch(epoch)):
+    batches = zip(loader.epoch(epoch), loader.global_batch_sizes)
+    for step, ((images, labels, ids), global_batch) in enumerate(batches):
         with autocast(device, config.amp), clustered(ids):
             logits = model(images)
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+            # the mean over the global batch, times the ranks: DDP's average of the ranks' gradients is its gradient
+            total = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = total / (global_batch / loader.world_size)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach() * len(labels)
+        loss_sum += total.detach()
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
         bar.update(1)
         if step % 10 == 0:
-            bar.set_postfix_str(f"loss {loss.item():.4f}")
-    accuracy = correct.item() / seen
-    return {"train_loss": loss_sum.item() / seen, "train_acc": accuracy, "train_error": 1 - accuracy}
+            bar.set_postfix_str(f"loss {total.item() / max(len(labels), 1):.4f}")
+    loss_sum, correct, seen = distributed.all_reduce_sum(loss_sum, correct, torch.tensor(seen))
+    accuracy = correct.item() / seen.item()
+    return {"train_loss": loss_sum.item() / seen.item(), "train_acc": accuracy, "train_error": 1 - accuracy}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool = False) -> dict:
-    """Mean cross-entropy, accuracy and macro precision, recall and F1 of ``model`` (in eval mode) on ``loader``'s split."""
+    """Mean cross-entropy, accuracy and macro precision, recall and F1 of ``model`` (in eval mode) on ``loader``'s split.
+
+    A loader of one rank's share (``world_size > 1``) gives the metrics of the whole split: the sums are
+    all-reduced over the ranks.
+    """
     model.eval()
-    loss_sum, seen, confusion = 0.0, 0, 0
+    loss_sum, seen, confusion = torch.zeros((), dtype=torch.float64), 0, 0
     for images, labels, ids in loader.epoch():
         with autocast(device, amp), clustered(ids):
             logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         confusion = confusion + confusion_matrix(logits.argmax(1), labels, logits.shape[1])
         seen += len(labels)
+    if loader.world_size > 1:
+        loss_sum, confusion, seen = distributed.all_reduce_sum(loss_sum, confusion, torch.tensor(seen))
+    loss_sum, seen = loss_sum.item(), int(seen)
     scores = macro_scores(confusion)
     return {"test_loss": loss_sum / seen, "test_acc": scores["accuracy"], "test_error": 1 - scores["accuracy"],
             "test_precision": scores["precision"], "test_recall": scores["recall"], "test_f1": scores["f1"]}
@@ -233,7 +246,8 @@ def _snapshot_epochs(config: TrainConfig) -> set[int]:
     return {round(i * config.epochs / config.snapshots) for i in range(1, config.snapshots + 1)}
 
 
-def _describe(config: TrainConfig, run: Setup, device: torch.device, batches: int) -> str:
+def _describe(config: TrainConfig, run: Setup, device: torch.device, batches: int, world_size: int = 1) -> str:
+    ranks = f" over {world_size} processes" if world_size > 1 else ""
     norm = config.norm
     if run.clusters is not None:
         norm += f" (K={run.clusters.k} clusters: {run.clusters.source})"
@@ -242,7 +256,7 @@ def _describe(config: TrainConfig, run: Setup, device: torch.device, batches: in
     return (
         f"{config.dataset} ({len(run.train)} train / {len(run.test)} test) | {config.model} + {norm} | "
         f"{config.optimizer} lr {config.lr:g} wd {config.weight_decay:g} {config.schedule} | "
-        f"{config.epochs} epochs x {batches} batches of {config.batch_size} | seed {config.seed} | {device} | {config.out}"
+        f"{config.epochs} epochs x {batches} batches of {config.batch_size}{ranks} | seed {config.seed} | {device} | {config.out}"
     )
 
 
@@ -251,41 +265,57 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
 
     ``data`` skips loading the dataset (the reproduction loads it once for all its runs). A run
     directory that holds a checkpoint is only continued with ``resume=True``, and only with the
-    config it was started with (fields in :data:`RUN_CONTROL` may differ).
+    config it was started with (fields in :data:`RUN_CONTROL` may differ). Under ``torchrun`` every
+    rank runs this, and the process group is opened (and closed) here unless it is already open.
     """
-    from tqdm.auto import tqdm
-
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        raise RuntimeError("cbnorm train: distributed training is not implemented yet; run one process")
-    is_main = rank == 0
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    ranks = distributed.join(device)
+    try:
+        return _train(config, data, device, ranks)
+    finally:
+        distributed.leave(ranks)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank > 0``'s own random stream (dropout); rank 0 keeps the one-process stream."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, ranks: distributed.Ranks) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    is_main = ranks.is_main
     out = Path(config.out)
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL, is_main=is_main)
+    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL, ranks=ranks)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
-    run = setup(config, data)
+    with distributed.main_first(ranks):  # rank 0 writes the SCB cluster cache, the others read it
+        run = setup(config, data)
+    if not ranks.is_main:
+        torch.manual_seed(_rank_seed(config.seed, ranks.rank))
     model = run.model.to(device)
+    shard = dict(rank=ranks.rank, world_size=ranks.world_size, device=device)
     train_loader = Loader(run.train, config.batch_size, run.mean, run.std, train=True, cluster_ids=run.train_ids,
                           flip=config.augment and DATASETS[config.dataset].flip,
                           crop_padding=DATASETS[config.dataset].crop_padding if config.augment else 0,
-                          seed=config.seed, rank=rank, world_size=world_size, device=device)
-    test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, device=device)
+                          seed=config.seed, **shard)
+    test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, **shard)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
     scaler = grad_scaler(config.amp and device.type == "cuda")
     stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     history = folder.restore(device, **stateful)
-    folder.start(_describe(config, run, device, len(train_loader)))
+    trained = distributed.wrap_model(model, ranks, device)  # DDP, statistics over the global batch
+    folder.start(_describe(config, run, device, len(train_loader), ranks.world_size))
     snapshot_epochs = _snapshot_epochs(config)
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=len(train_loader), desc=f"epoch {epoch}", leave=False, disable=None if config.progress and is_main else True) as bar:
-            row = {"epoch": epoch, **_train_epoch(model, train_loader, epoch, optimizer, scaler, config, device, bar)}
+            row = {"epoch": epoch, **_train_epoch(trained, train_loader, epoch, optimizer, scaler, config, device, bar)}
         scheduler.step()
         row.update(evaluate(model, test_loader, device, config.amp))
         row.update(lr=lr, seconds=time.perf_counter() - start)

@@ -1,0 +1,321 @@
+r"""The two passes over the activations behind every mixture layer, as differentiable operators.
+
+Activations ``x`` are ``(N, C, L)``. Every channel ``c`` has ``K`` components with ``(K, C)``
+coefficients ``mean``, ``log_coef``, ``quad_coef``; the posterior of component ``k`` at an entry is
+
+.. math::
+    d_k = x - \mu_{k,c}, \qquad \ell_k = \mathrm{log\_coef}_{k,c} + \mathrm{quad\_coef}_{k,c}\, d_k^2,
+    \qquad \tau_k = \operatorname{softmax}_k \ell_k
+
+(a Gaussian log-density plus log-prior is such a quadratic, written about the mean so that nothing
+cancels). The operators:
+
+* :func:`mixture_moments` ``(3, K, C)``: :math:`\sum_{n,l} \tau_k d_k^r` for ``r = 0, 1, 2`` -- the
+  posterior mass and the first two moments about the means;
+* :func:`mixture_transform`, like ``x``: :math:`\sum_k \tau_k (a_{k,c} + b_{k,c} d_k)` -- every
+  normalising transform of the library, affine map included, is one of these.
+
+Both recompute :math:`\tau` from ``x`` wherever they need it, in forward and in backward: no tensor
+of size ``K x N x C x L`` is ever stored, and backward saves only ``x`` and ``(K, C)`` tensors.
+Both backward passes are the same kernel, the vector-Jacobian product of
+:math:`\sum_k \tau_k q_k` with :math:`q_k = a_k + b_k d_k + c_k d_k^2` and a per-entry weight
+:math:`\omega`:
+
+.. math::
+    \frac{\partial}{\partial x} = \omega \sum_k \big(\tau_k q_k' + u_k \ell_k'\big), \quad
+    u_k = \tau_k \big(q_k - \textstyle\sum_j \tau_j q_j\big), \quad
+    \frac{\partial}{\partial (a, b)_k} = \sum \omega \tau_k d_k^{0,1}, \quad
+    \frac{\partial}{\partial \mathrm{log\_coef}_k} = \sum \omega u_k, \quad
+    \frac{\partial}{\partial \mathrm{quad\_coef}_k} = \sum \omega u_k d_k^2
+
+(for the moments, ``a, b, c`` are the three rows of the incoming gradient and :math:`\omega = 1`).
+
+Each operator runs the native CPU kernel of :mod:`cbnorm._native` when it is available (CPU,
+float32/float64, at most 16 components), and otherwise its pure-PyTorch twin below: the same
+formulas vectorised over the components, whose ``(K, N, C, L)`` temporaries live only within one
+call (it also saves only ``x``). While ``torch.compile`` or ``torch.export`` traces, the operators
+are ``torch.library`` custom operators, so layers compile without a graph break; in eager mode the
+same implementations and backward formulas run as ``torch.autograd.Function``\ s, which dispatch
+faster.
+
+:func:`scale_shift` is the per-sample affine map of SCB-Norm (Eq. 10), with a one-pass backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._native import native_ops
+
+__all__ = ["mixture_moments", "mixture_transform", "scale_shift", "snapshot"]
+
+_MAX_NATIVE_COMPONENTS = 16
+
+
+def _layout(x: Tensor) -> Tensor:
+    """``x`` itself when stored as ``(N, C, L)`` or ``(N, L, C)`` (channels last), else a contiguous copy."""
+    return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
+
+
+def _strided_like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` with the strides of ``x`` (the kernels index both alike); a copy only when they differ."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
+def _native(x: Tensor, num_components: int = 1):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if num_components > _MAX_NATIVE_COMPONENTS:
+        return None
+    return native_ops()
+
+
+# -- pure-PyTorch kernels: the same passes, vectorised over the components --------------------------
+def _components(t: Tensor) -> Tensor:
+    """``(K, C)`` -> ``(K, 1, C, 1)``, broadcastable against ``(K, N, C, L)``."""
+    return t[:, None, :, None]
+
+
+def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor]:
+    """``d = x - mean`` and the posteriors ``tau``, both ``(K, N, C, L)``: temporaries of one call."""
+    d = x - _components(mean)
+    return d, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), d * d), dim=0)
+
+
+def _moments(t: Tensor, d: Tensor) -> Tensor:
+    """``(3, K, C)``: the sums over ``(n, l)`` of ``t``, ``t d`` and ``t d^2``."""
+    td = t * d
+    return torch.stack([t.sum((1, 3)), td.sum((1, 3)), (td * d).sum((1, 3))])
+
+
+def _eager_moments(x, mean, log_coef, quad_coef):
+    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    return _moments(tau, d)
+
+
+def _eager_transform(x, mean, log_coef, quad_coef, a, b):
+    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    return _strided_like((tau * torch.addcmul(_components(a), _components(b), d)).sum(0), x)
+
+
+def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
+    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    c = torch.zeros_like(a) if c is None else c
+    a, b, c, quad_coef = (_components(t) for t in (a, b, c, quad_coef))
+    q = a + d * (b + c * d)
+    u = tau * (q - (tau * q).sum(0))
+    weight = 1 if omega is None else omega
+    moments = [_moments(weight * t, d)[:rows] for t, rows, wanted in ((tau, 2, tau_moments), (u, 3, u_moments)) if wanted]
+    return (
+        _strided_like(weight * (tau * (b + 2 * c * d) + 2 * quad_coef * d * u).sum(0), x) if grad_x else x.new_empty(0),
+        torch.cat(moments) if moments else x.new_empty(0, *mean.shape),
+    )
+
+
+# -- operators -------------------------------------------------------------------------------------
+# Each operator is an implementation (native kernel or pure-PyTorch twin) with an analytic backward,
+# exposed twice: as a torch.library custom operator, which torch.compile traces without a graph break,
+# and as an autograd.Function, which eager mode calls because the custom operator's Python dispatch
+# costs more than a small layer's kernels. Both run the same implementations and backward formulas.
+def _moments_impl(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
+    args = (_layout(x), mean.contiguous(), log_coef.contiguous(), quad_coef.contiguous())
+    native = _native(x, mean.shape[0])
+    return native.mixture_moments(*args) if native else _eager_moments(*args)
+
+
+def _transform_impl(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    args = (_layout(x), *(t.contiguous() for t in (mean, log_coef, quad_coef, a, b)))
+    native = _native(x, mean.shape[0])
+    return native.mixture_transform(*args) if native else _eager_transform(*args)
+
+
+def _transform_backward_impl(
+    x: Tensor,
+    omega: Optional[Tensor],
+    mean: Tensor,
+    log_coef: Tensor,
+    quad_coef: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Optional[Tensor],
+    grad_x: bool,
+    tau_moments: bool,
+    u_moments: bool,
+) -> tuple[Tensor, Tensor]:
+    x = _layout(x)
+    omega = None if omega is None else _strided_like(omega, x)
+    coefficients = [t.contiguous() for t in (mean, log_coef, quad_coef, a, b)]
+    c = None if c is None else c.contiguous()
+    native = _native(x, mean.shape[0])
+    kernel = native.mixture_transform_backward if native else _eager_transform_backward
+    return kernel(x, omega, *coefficients, c, grad_x, tau_moments, u_moments)
+
+
+def _scale_shift_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return torch.addcmul(shift.unsqueeze(-1), _layout(x), scale.unsqueeze(-1))
+
+
+def _scale_shift_backward_impl(x: Tensor, grad: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    x = _layout(x)
+    grad, scale = _strided_like(grad, x), scale.contiguous()
+    native = _native(x)
+    if native:
+        return native.scale_shift_backward(x, grad, scale)
+    return grad * scale.unsqueeze(-1), (grad * x).sum(2), grad.sum(2)
+
+
+_moments_op = torch.library.custom_op("cbnorm::mixture_moments", _moments_impl, mutates_args=())
+_transform_op = torch.library.custom_op("cbnorm::mixture_transform", _transform_impl, mutates_args=())
+_transform_backward_op = torch.library.custom_op(
+    "cbnorm::mixture_transform_backward", _transform_backward_impl, mutates_args=()
+)
+_scale_shift_op = torch.library.custom_op("cbnorm::scale_shift", _scale_shift_impl, mutates_args=())
+_scale_shift_backward_op = torch.library.custom_op(
+    "cbnorm::scale_shift_backward", _scale_shift_backward_impl, mutates_args=()
+)
+
+
+@_moments_op.register_fake
+def _(x, mean, log_coef, quad_coef):
+    return x.new_empty(3, *mean.shape)
+
+
+@_transform_op.register_fake
+def _(x, mean, log_coef, quad_coef, a, b):
+    return torch.empty_like(_layout(x))
+
+
+@_transform_backward_op.register_fake
+def _(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
+    rows = 2 * tau_moments + 3 * u_moments
+    return torch.empty_like(_layout(x)) if grad_x else x.new_empty(0), x.new_empty(rows, *mean.shape)
+
+
+@_scale_shift_op.register_fake
+def _(x, scale, shift):
+    return torch.empty_like(_layout(x))
+
+
+@_scale_shift_backward_op.register_fake
+def _(x, grad, scale):
+    return torch.empty_like(_layout(x)), torch.empty_like(scale), torch.empty_like(scale)
+
+
+def _traced(x: Tensor) -> bool:
+    """Whether torch.compile, export or a fake-tensor trace is running: then the custom operators,
+    which those understand, else the plain implementations, which dispatch faster."""
+    return torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _coefficient_grads(ctx, x, omega, mean, log_coef, quad_coef, a, b, c):
+    """Gradients to ``x, mean, log_coef, quad_coef`` and the moments of ``omega tau d^r``."""
+    need_x, need_mean, need_log, need_quad = ctx.needs_input_grad[:4]
+    need_tau = any(ctx.needs_input_grad[4:]) or need_mean
+    need_u = need_mean or need_log or need_quad
+    backward = _transform_backward_op if _traced(x) else _transform_backward_impl
+    grad_x, moments = backward(x, omega, mean, log_coef, quad_coef, a, b, c, need_x, need_tau, need_u)
+    tau = moments[:2] if need_tau else None
+    u = moments[-3:] if need_u else None
+    grad_mean = None
+    if need_mean:  # d/dmu_k = -sum omega (tau_k q_k' + u_k logit_k')
+        grad_mean = -(b * tau[0] + 2 * quad_coef * u[1])
+        if c is not None:
+            grad_mean = grad_mean - 2 * c * tau[1]
+    return (
+        grad_x if need_x else None,
+        grad_mean,
+        u[0] if need_log else None,
+        u[2] if need_quad else None,
+        tau,
+    )
+
+
+def _moments_backward(ctx, grad):
+    x, mean, log_coef, quad_coef = ctx.saved_tensors
+    # The moments are sum_k tau_k q_k summed over the batch, with q_k = grad[0] + grad[1] d + grad[2] d^2.
+    return _coefficient_grads(ctx, x, None, mean, log_coef, quad_coef, grad[0], grad[1], grad[2])[:4]
+
+
+def _transform_backward(ctx, grad):
+    x, mean, log_coef, quad_coef, a, b = ctx.saved_tensors
+    *grads, tau = _coefficient_grads(ctx, x, grad, mean, log_coef, quad_coef, a, b, None)
+    need_a, need_b = ctx.needs_input_grad[4:]
+    return (*grads, tau[0] if need_a else None, tau[1] if need_b else None)
+
+
+def _scale_shift_backward(ctx, grad):
+    x, scale = ctx.saved_tensors
+    backward = _scale_shift_backward_op if _traced(x) else _scale_shift_backward_impl
+    return tuple(g if need else None for g, need in zip(backward(x, grad, scale), ctx.needs_input_grad))
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _save_x_and_scale(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:2])
+
+
+_moments_op.register_autograd(_moments_backward, setup_context=_save_inputs)
+_transform_op.register_autograd(_transform_backward, setup_context=_save_inputs)
+_scale_shift_op.register_autograd(_scale_shift_backward, setup_context=_save_x_and_scale)
+
+
+def _eager_function(name: str, impl, backward, setup_context) -> type:
+    """The autograd.Function that eager mode calls: the same implementation and backward as the operator."""
+
+    def forward(ctx, *inputs):
+        setup_context(ctx, inputs, None)
+        return impl(*inputs)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_Moments = _eager_function("_Moments", _moments_impl, _moments_backward, _save_inputs)
+_Transform = _eager_function("_Transform", _transform_impl, _transform_backward, _save_inputs)
+_ScaleShift = _eager_function("_ScaleShift", _scale_shift_impl, _scale_shift_backward, _save_x_and_scale)
+
+
+def _call(op, function, x: Tensor, *inputs) -> Tensor:
+    return op(x, *inputs) if _traced(x) else function.apply(x, *inputs)
+
+
+def mixture_moments(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
+    r"""``(3, K, C)``: :math:`\sum_{n,l}\tau_k d_k^r` for ``r = 0, 1, 2``, differentiable in every input."""
+    return _call(_moments_op, _Moments, x, mean, log_coef, quad_coef)
+
+
+def mixture_transform(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    r""":math:`\sum_k \tau_k (a_{k,c} + b_{k,c} d_k)`, like ``x``, differentiable in every input."""
+    return _call(_transform_op, _Transform, x, mean, log_coef, quad_coef, a, b)
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    r""":math:`x_{n,c,l}\,s_{n,c} + t_{n,c}` for ``x`` ``(N, C, L)``; backward is one pass over ``x``."""
+    return _call(_scale_shift_op, _ScaleShift, x, scale, shift)
+
+
+@torch.library.custom_op("cbnorm::snapshot", mutates_args=())
+def _snapshot_op(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.clone() for t in tensors]
+
+
+@_snapshot_op.register_fake
+def _(tensors):
+    return [torch.empty_like(t) for t in tensors]
+
+
+_snapshot_op.register_autograd(lambda ctx, grads: list(grads), setup_context=lambda ctx, inputs, output: None)
+
+
+def snapshot(tensors: list[Tensor]) -> list[Tensor]:
+    """Differentiable copies of ``tensors``, for state that the caller updates in place before backward.
+
+    Under ``torch.compile`` an opaque operator, so that the compiled graph saves the copies for
+    backward instead of re-deriving them from the originals, which by then hold the updated values.
+    """
+    return _snapshot_op(tensors) if _traced(tensors[0]) else [t.clone() for t in tensors]
