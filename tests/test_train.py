@@ -1,10 +1,6 @@
 import csv
 import dataclasses
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +12,8 @@ from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import COLUMNS, at_fraction, format_header, format_row, mean_std, read_metrics
 from cbnorm.experiments.train import TrainConfig, norm_kwargs, setup, train
 
+from utils import kill_and_resume
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(dataset="digits", train_size=256, test_size=128, batch_size=64, progress=False)
@@ -24,10 +22,6 @@ SMALL = dict(dataset="digits", train_size=256, test_size=128, batch_size=64, pro
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")
-
-
-def without_time(history):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
 class TestTrain:
@@ -114,27 +108,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, digits):
     """SIGKILL a run after its second epoch, resume it: the same metrics and weights as a run never stopped."""
     flags = dict(SMALL, norm="ucb", epochs=6, threads=1)  # UCB draws its k-means++ start from the global RNG
     reference = train(TrainConfig(**flags, out=str(tmp_path / "reference")), digits)
-    run = tmp_path / "killed"
-    argv = [sys.executable, "-m", "cbnorm", "train", "--out", str(run)]
-    for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ((run / "metrics.json").exists() and len(read_metrics(run)[1]) >= 2):  # written after the checkpoint
-        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = len(torch.load(run / "checkpoint.pt", weights_only=True)["history"])
-    assert 2 <= killed_at < 6, killed_at
-    resumed = subprocess.run([sys.executable, "-m", "cbnorm", "train", "--out", str(run), "--resume"],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed after epoch {killed_at}" in resumed.stdout
-    assert without_time(read_metrics(run)[1]) == without_time(reference)
-    final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    final = kill_and_resume("train", flags, tmp_path / "killed", reference, 6)["model"]
     expected = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 

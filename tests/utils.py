@@ -23,3 +23,41 @@ def compiled(fn):
 
 def to_numpy(t):
     return t.detach().double().cpu().numpy()
+
+
+def without_time(history):
+    """A metrics history without its wall-clock columns (``seconds``, ``fid_seconds``)."""
+    return [{k: v for k, v in row.items() if k not in ("seconds", "fid_seconds")} for row in history]
+
+
+def kill_and_resume(command, flags, run, reference, epochs, timeout=180):
+    """Start ``cbnorm COMMAND --out RUN`` with ``flags`` (a config's fields) in a subprocess, SIGKILL it once
+    two epochs are checkpointed, resume it with ``--resume`` only, and check that it ends with the metrics
+    of ``reference`` (a history). Returns the checkpoint the resumed run wrote."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cbnorm.experiments.metrics import read_metrics
+
+    argv = [sys.executable, "-m", "cbnorm", command, "--out", str(run)]
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ((run / "metrics.json").exists() and len(read_metrics(run)[1]) >= 2):  # written after the checkpoint
+        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = len(torch.load(run / "checkpoint.pt", weights_only=True)["history"])
+    assert 2 <= killed_at < epochs, killed_at
+    resumed = subprocess.run([sys.executable, "-m", "cbnorm", command, "--out", str(run), "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed after epoch {killed_at}" in resumed.stdout
+    assert without_time(read_metrics(run)[1]) == without_time(reference)
+    return torch.load(run / "checkpoint.pt", weights_only=True)

@@ -5,6 +5,10 @@
     cbnorm reproduce table5 --dataset cifar10 --scale small
     cbnorm reproduce densenet --depth 40 --scale small
     cbnorm reproduce superclass --model vit --scale small
+    cbnorm gan --norm ucb --out runs/dcgan-ucb             # one DCGAN run with FID
+    cbnorm reproduce dcgan --scale small                   # DCGAN-BN/MN/UCB-Norm, Figures 10-11
+    cbnorm adamatch --target digits --norm scb --out runs/da-scb
+    cbnorm reproduce adamatch --target digits --scale small  # Table VI, Figure 12
     cbnorm plot runs/bn runs/ucb [--activations] [--tsne]
     cbnorm data list | download NAME | verify NAME
     cbnorm clusters cifar10 --k 3 --out cifar10-k3.npz
@@ -39,12 +43,14 @@ def _kwargs(text: str) -> dict:
     return result
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`TrainConfig` field, none with a default: only the flags given are set."""
+def _add_config_flags(parser: argparse.ArgumentParser, config_class=None) -> None:
+    """One flag per field of ``config_class`` (default :class:`TrainConfig`), none with a default: only the
+    flags given are set."""
     from .train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    config_class = config_class or TrainConfig
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -58,15 +64,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
-def _train_config(given: dict):
-    """The config of ``cbnorm train``: the flags given, over the run's saved config when resuming."""
+def _train_config(given: dict, config_class=None):
+    """The config of ``cbnorm train`` (or of ``config_class``): the flags given, over the run's saved
+    config when resuming."""
     from .train import TrainConfig
 
+    config_class = config_class or TrainConfig
     base = {}
-    saved = Path(given.get("out", TrainConfig.out)) / "config.json"
+    saved = Path(given.get("out", config_class.out)) / "config.json"
     if given.get("resume") and saved.is_file():
         base = json.loads(saved.read_text())
-    return TrainConfig(**{**base, **given})
+    return config_class(**{**base, **given})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,15 +99,33 @@ def _parser() -> argparse.ArgumentParser:
                             description=train_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(p)
 
-    p = commands.add_parser("reproduce", help="reproduce Table V (table5), the DenseNet experiment (densenet) or "
-                                              "Tables VII-VIII (superclass)")
-    p.add_argument("experiment", choices=["table5", "densenet", "superclass"])
+    from . import gan as gan_module
+
+    p = commands.add_parser("gan", help="train one DCGAN with FID (resumable); flags are GANConfig's fields",
+                            description=gan_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_flags(p, gan_module.GANConfig)
+
+    from . import adamatch as adamatch_module
+
+    p = commands.add_parser("adamatch", help="train one AdaMatch domain adaptation (resumable); flags are "
+                                             "AdaMatchConfig's fields",
+                            description=adamatch_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_flags(p, adamatch_module.AdaMatchConfig)
+
+    p = commands.add_parser("reproduce", help="reproduce Table V (table5), the DenseNet experiment (densenet), "
+                                              "Tables VII-VIII (superclass), the DCGAN experiment (dcgan) or "
+                                              "Table VI (adamatch)")
+    p.add_argument("experiment", choices=["table5", "densenet", "superclass", "dcgan", "adamatch"])
     p.add_argument("--dataset", help="table5: cifar10 (default), cifar100, tiny-imagenet, ...; "
-                                     "densenet: cifar100 when present, else cifar10; superclass: cifar100 (vit) or "
-                                     "oxford-pet (oxford_cnn) when present, else cifar10")
+                                     "densenet and dcgan: cifar100 when present, else cifar10; superclass: cifar100 "
+                                     "(vit) or oxford-pet (oxford_cnn) when present, else cifar10")
     p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
     p.add_argument("--model", choices=["vit", "oxford_cnn"], default="vit",
                    help="superclass: the ViT of Table VII or the OxfordCNN of Table VIII (default: vit)")
+    p.add_argument("--fid-features", choices=["auto", "inception", "random-conv"], default="auto",
+                   help="dcgan: FID features (default: auto, the Inception weights when installed)")
+    p.add_argument("--source", default="mnist", help="adamatch: labelled source data set (default: mnist)")
+    p.add_argument("--target", help="adamatch: unlabelled target data set (default: svhn when present, else digits)")
     p.add_argument("--scale", choices=["smoke", "small", "paper"], default="smoke")
     p.add_argument("--seeds", type=int, nargs="+", help="override the scale's seeds")
     p.add_argument("--out", default=".", help="writes OUT/results/EXPERIMENT-DATASET/SCALE/ (default: .)")
@@ -175,6 +201,29 @@ def _run(args) -> None:
         reproduce_superclass(args.model, args.dataset or default_dataset(args.model, args.data_dir), args.scale,
                              out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
                              threads=args.threads, progress=args.progress, command=args.command_line)
+    elif args.command == "gan":
+        from .gan import GANConfig, train_gan
+
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
+        train_gan(_train_config(given, GANConfig))
+    elif args.command == "adamatch":
+        from .adamatch import AdaMatchConfig, train_adamatch
+
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
+        train_adamatch(_train_config(given, AdaMatchConfig))
+    elif args.command == "reproduce" and args.experiment == "adamatch":
+        from .adamatch import adamatch_target, reproduce_adamatch
+
+        reproduce_adamatch(args.source, args.target or adamatch_target(args.data_dir), args.scale, out=args.out,
+                           data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
+                           threads=args.threads, progress=args.progress, command=args.command_line)
+    elif args.command == "reproduce" and args.experiment == "dcgan":
+        from .gan import reproduce_dcgan
+        from .reproduce import densenet_dataset
+
+        reproduce_dcgan(args.dataset or densenet_dataset(args.data_dir), args.scale, out=args.out,
+                        data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
+                        threads=args.threads, progress=args.progress, fid_features=args.fid_features, command=args.command_line)
     elif args.command == "reproduce":
         from .reproduce import densenet_dataset, reproduce
 
@@ -208,13 +257,14 @@ def _run(args) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; errors in the input (bad flags, missing data) print one line and return 2."""
     from .data import DataError
+    from .fid import MissingWeightsError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["cbnorm", *argv])
     try:
         _run(args)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, MissingWeightsError) as error:
         print(f"cbnorm {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -39,22 +39,26 @@ _TABLE = [
 ]
 
 
-def format_header() -> str:
-    header = " | ".join(f"{title:>{width}}" for _, title, width, _ in _TABLE)
+def format_header(table: Optional[Sequence[tuple]] = None) -> str:
+    """The header of a progress table (``(column, header, width, format)`` entries; default: the classification loop's)."""
+    header = " | ".join(f"{title:>{width}}" for _, title, width, _ in table or _TABLE)
     return f"{header}\n{'-' * len(header)}"
 
 
-def format_row(row: dict) -> str:
-    return " | ".join(f"{fmt.format(row[key]):>{width}}" for key, _, width, fmt in _TABLE)
+def format_row(row: dict, table: Optional[Sequence[tuple]] = None) -> str:
+    """One row of the progress table; a column missing from ``row`` stays blank."""
+    return " | ".join(f"{fmt.format(row[key]) if key in row else '':>{width}}" for key, _, width, fmt in table or _TABLE)
 
 
-def write_metrics(run_dir: Union[str, os.PathLike], config: dict, history: Sequence[dict]) -> None:
-    """Rewrite ``metrics.csv`` and ``metrics.json`` from the whole history, each atomically."""
+def write_metrics(run_dir: Union[str, os.PathLike], config: dict, history: Sequence[dict],
+                  columns: Sequence[str] = COLUMNS) -> None:
+    """Rewrite ``metrics.csv`` (``columns``; blank where a row has no value) and ``metrics.json`` from the
+    whole history, each atomically."""
     run_dir = Path(run_dir)
     text = io.StringIO()
-    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({key: row.get(key, "") for key in COLUMNS} for row in history)  # older runs lack some columns
+    writer.writerows({key: row.get(key, "") for key in columns} for row in history)
     atomic_write(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
     content = json.dumps({"config": config, "history": list(history)}, indent=1)
     atomic_write(run_dir / "metrics.json", lambda f: f.write(content.encode()))

@@ -46,7 +46,8 @@ from .data import Dataset, Loader, available, load_dataset
 from .metrics import mean_std
 from .plots import _load_run, curves_figure, pca_figure
 from .reproduce import Scale, _run_name
-from .train import TrainConfig, _clustered, evaluate, resolve_device, train
+from .runs import clustered, resolve_device
+from .train import TrainConfig, evaluate, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "SuperclassExperiment", "default_dataset", "evaluate_unknown",
            "reproduce_superclass", "run_outputs"]
@@ -159,7 +160,7 @@ def run_outputs(run_dir: Union[str, os.PathLike], points: int = PCA_POINTS, data
     ids = None if run.test_ids is None else run.test_ids[index]
     images, _, ids = next(Loader(split, len(split), run.mean, run.std, cluster_ids=ids).epoch())
     run.model.eval()
-    with _clustered(ids):
+    with clustered(ids):
         return run.model(images), split.coarse_labels
 
 

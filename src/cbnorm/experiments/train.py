@@ -19,14 +19,11 @@ same way.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
-import json
-import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,20 +31,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import cbnorm
 from cbnorm.factory import get_norm_layer
 
 from .clusters import ClusterIds, prior_clusters
 from . import distributed
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
-from .metrics import confusion_matrix, format_header, format_row, macro_scores, write_metrics
+from .metrics import confusion_matrix, macro_scores
 from .models import build_model
+from .runs import RUN_CONTROL, RunFolder, autocast, check_fields, clustered, grad_scaler, resolve_device
+from .runs import option as _help
 
 __all__ = ["Setup", "TrainConfig", "setup", "train"]
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
@@ -100,19 +94,9 @@ class TrainConfig:
             ("num_clusters", self.num_clusters >= 1, "a positive int"),
             ("snapshots", 0 <= self.snapshots <= self.epochs, f"between 0 and epochs={self.epochs}"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: expected {name} to be {expected}, got {getattr(self, name)!r}")
+        check_fields(self, checks)
 
 
-# Fields that may change when a run is resumed: they do not change what is computed.
-RUN_CONTROL = {"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"}
-
-
-def config_diff(saved: dict, config: TrainConfig) -> list[str]:
-    """The fields (outside :data:`RUN_CONTROL`) where ``config`` differs from a saved config."""
-    now = dataclasses.asdict(config)
-    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RUN_CONTROL and saved.get(k) != now[k]]
 
 
 # -- what a run is made of -------------------------------------------------------------------------
@@ -192,33 +176,6 @@ def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
 # -- the loop --------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def _rng_states(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_states(states: dict, device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(states["python"])
-
-
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), config.lr, weight_decay=config.weight_decay)
@@ -235,21 +192,6 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
 
-def _grad_scaler(enabled: bool):
-    """Loss scaling for float16 autocast (CUDA); a no-op scaler otherwise."""
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
-
-
-def _clustered(ids: Optional[Tensor]):
-    return contextlib.nullcontext() if ids is None else cbnorm.cluster_context(ids)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=enabled)
-
-
 def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: TrainConfig, device, bar) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -257,7 +199,7 @@ def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: T
     seen = 0
     batches = zip(loader.epoch(epoch), loader.global_batch_sizes)
     for step, ((images, labels, ids), global_batch) in enumerate(batches):
-        with _autocast(device, config.amp), _clustered(ids):
+        with autocast(device, config.amp), clustered(ids):
             logits = model(images)
             # the mean over the global batch, times the ranks: DDP's average of the ranks' gradients is its gradient
             total = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
@@ -287,7 +229,7 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool =
     model.eval()
     loss_sum, seen, confusion = torch.zeros((), dtype=torch.float64), 0, 0
     for images, labels, ids in loader.epoch():
-        with _autocast(device, amp), _clustered(ids):
+        with autocast(device, amp), clustered(ids):
             logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         confusion = confusion + confusion_matrix(logits.argmax(1), labels, logits.shape[1])
@@ -345,18 +287,8 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
     from tqdm.auto import tqdm
 
     is_main = ranks.is_main
-    log = print if is_main else (lambda *args, **kwargs: None)
     out = Path(config.out)
-    checkpoint_path = out / "checkpoint.pt"
-    checkpoint = None
-    if checkpoint_path.exists():
-        if not config.resume:
-            raise FileExistsError(f"{out} already holds a run ({checkpoint_path}); pass --resume to continue it "
-                                  f"or choose another --out")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        changed = config_diff(checkpoint["config"], config)
-        if changed:
-            raise ValueError(f"cannot resume {out} with a different config: {'; '.join(changed)}")
+    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL, ranks=ranks)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -373,32 +305,11 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
     test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, **shard)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
-    scaler = _grad_scaler(config.amp and device.type == "cuda")
-    history: list[dict] = []
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        rank_states = checkpoint.get("rng_ranks") or []
-        _set_rng_states(rank_states[ranks.rank] if len(rank_states) == ranks.world_size else checkpoint["rng"], device)
-        history = checkpoint["history"]
+    scaler = grad_scaler(config.amp and device.type == "cuda")
+    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    history = folder.restore(device, **stateful)
     trained = distributed.wrap_model(model, ranks, device)  # DDP, statistics over the global batch
-    saved_config = dataclasses.asdict(config)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        content = json.dumps(saved_config, indent=1) + "\n"
-        atomic_write(out / "config.json", lambda f: f.write(content.encode()))
-        write_metrics(out, saved_config, history)
-
-    log(_describe(config, run, device, len(train_loader), ranks.world_size))
-    if history:
-        log(f"resumed after epoch {len(history)}")
-    elif config.resume:
-        log(f"no checkpoint in {out}: starting at epoch 1")
-    log(format_header())
-    for row in history:
-        log(format_row(row))
+    folder.start(_describe(config, run, device, len(train_loader), ranks.world_size))
     snapshot_epochs = _snapshot_epochs(config)
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
@@ -408,22 +319,7 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
         scheduler.step()
         row.update(evaluate(model, test_loader, device, config.amp))
         row.update(lr=lr, seconds=time.perf_counter() - start)
-        history.append(row)
-        rng = distributed.gather_objects(_rng_states(device), ranks)
-        if is_main:
-            state = {
-                "config": saved_config,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng[0],
-                "rng_ranks": rng if ranks.distributed else None,
-                "history": history,
-            }
-            atomic_write(checkpoint_path, lambda f: torch.save(state, f))
-            if epoch in snapshot_epochs:
-                atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))
-            write_metrics(out, saved_config, history)
-            log(format_row(row))
-    return history
+        if is_main and epoch in snapshot_epochs:  # before the checkpoint: a checkpointed epoch has its snapshot
+            atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))
+        folder.save(row, device, **stateful)
+    return folder.history
