@@ -85,7 +85,7 @@ def ucb_norm(x, prior, mean, var, weight=None, bias=None, eps=1e-5) -> Tensor:
     return y.to(x.dtype)
 
 
-def ucb_norm_batch(x, prior, mean, var, weight=None, bias=None, eps=1e-5) -> tuple[Tensor, ComponentStats]:
+def ucb_norm_batch(x, prior, mean, var, weight=None, bias=None, eps=1e-5, *, reduce_sums=None) -> tuple[Tensor, ComponentStats]:
     """:func:`cbnorm.functional.ucb_norm_batch`, straightforwardly."""
     dtype = compute_dtype(x)
     with _full_precision(x):
@@ -95,10 +95,13 @@ def ucb_norm_batch(x, prior, mean, var, weight=None, bias=None, eps=1e-5) -> tup
         # Moments about the current component means: same statistics, no cancellation in V.
         centered = xf - _per_component(mean, xf)
         batch_dims = (1,) + tuple(range(3, x.dim() + 1))  # (K, N, C, *) -> (K, C)
-        mass = resp.sum(batch_dims)
+        sums = torch.stack([(resp * centered**r).sum(batch_dims) for r in range(3)])
+        if reduce_sums is not None:
+            sums = reduce_sums(sums)
+        mass, first, second = sums
         safe_mass = mass.clamp_min(torch.finfo(dtype).eps)
-        shift = (resp * centered).sum(batch_dims) / safe_mass
-        batch_var = ((resp * centered.square()).sum(batch_dims) / safe_mass - shift.square()).clamp_min(0)
+        shift = first / safe_mass
+        batch_var = (second / safe_mass - shift.square()).clamp_min(0)
         batch_mean = mean + shift
         y = _affine(_mixture_transform(xf, resp, prior, batch_mean, batch_var, eps), weight, bias)
         count = x.numel() // x.shape[1]
