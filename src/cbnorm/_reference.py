@@ -16,6 +16,7 @@ from torch import Tensor
 from .functional import (
     ComponentStats,
     _affine,
+    _batch_statistics,
     _channel_prior,
     _check_unknown_cluster_rule,
     _full_precision,
@@ -96,12 +97,7 @@ def ucb_norm_batch(x, prior, mean, var, weight=None, bias=None, eps=1e-5, *, red
         centered = xf - _per_component(mean, xf)
         batch_dims = (1,) + tuple(range(3, x.dim() + 1))  # (K, N, C, *) -> (K, C)
         sums = torch.stack([(resp * centered**r).sum(batch_dims) for r in range(3)])
-        if reduce_sums is not None:
-            sums = reduce_sums(sums)
-        mass, first, second = sums
-        safe_mass = mass.clamp_min(torch.finfo(dtype).eps)
-        shift = first / safe_mass
-        batch_var = (second / safe_mass - shift.square()).clamp_min(0)
+        mass, shift, batch_var = _batch_statistics(sums, reduce_sums)
         batch_mean = mean + shift
         y = _affine(_mixture_transform(xf, resp, prior, batch_mean, batch_var, eps), weight, bias)
         count = x.numel() // x.shape[1]

@@ -353,6 +353,20 @@ def ucb_norm(
     return y.reshape(x.shape).to(x.dtype)
 
 
+def _batch_statistics(
+    sums: Tensor, reduce_sums: Optional[Callable[[Tensor], Tensor]] = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mass, E - mu, V)`` per component from the ``(3, K, C)`` sums about the current means
+    (after ``reduce_sums``, the distributed seam); an empty component gets finite placeholders."""
+    tiny_mass = torch.finfo(sums.dtype).eps
+    if reduce_sums is not None:
+        sums = reduce_sums(sums)
+    mass, first, second = sums
+    safe_mass = mass.clamp_min(tiny_mass)
+    shift = first / safe_mass
+    return mass, shift, (second / safe_mass - shift.square()).clamp_min(0)
+
+
 def ucb_norm_batch(
     x: Tensor,
     prior: Tensor,
@@ -406,13 +420,7 @@ def ucb_norm_batch(
         prior = _clamped_prior(prior)
         logits = _log_density(prior, var, eps)
         x3 = _channels(xf)
-        sums = mixture_moments(x3, mean, *logits)
-        if reduce_sums is not None:
-            sums = reduce_sums(sums)
-        mass, first, second = sums
-        safe_mass = mass.clamp_min(torch.finfo(dtype).eps)
-        shift = first / safe_mass
-        batch_var = (second / safe_mass - shift.square()).clamp_min(0)
+        mass, shift, batch_var = _batch_statistics(mixture_moments(x3, mean, *logits), reduce_sums)
         scale = (prior * (batch_var + eps)).rsqrt()
         y = _normalize(x3, mean, logits, scale, shift, weight, bias).reshape(x.shape)
         count = x.numel() // x.shape[1]
