@@ -120,14 +120,24 @@ def test_far_from_zero_float32(kernels):
 
 
 def test_posteriors_are_accurate_far_into_the_tail(kernels):
-    """Posteriors of logit gaps up to log(smallest normal float) to float precision (the inline exp)."""
+    """Posteriors of logit gaps up to log(smallest normal float) to float precision (the inline exp2).
+
+    The native kernel takes the logits in base 2, rounded to float like any logit: against the
+    posterior of those rounded logits the error is the exp2's alone; against the exact one it stays
+    within what rounding a logit of that size to float costs (a relative 2^-24 of the gap).
+    """
     gap = torch.linspace(0, 87, 4001)
     channels = gap.numel()
     zeros, ones = torch.zeros(channels), torch.ones(channels)
     log_coef, select = torch.stack([zeros, -gap]), torch.stack([zeros, ones])
     tau = _kernels.mixture_transform(torch.zeros(1, channels, 1), select * 0, log_coef, select * 0, select, select * 0)
+    tau = tau.flatten().double()
     exact = torch.sigmoid(-gap.double())
-    assert ((tau.flatten().double() - exact).abs() / exact).max() < 1e-6
+    assert ((tau - exact).abs() / exact <= 2.4e-7 + 2 * 2**-24 * gap.double()).all()
+    if kernels == "native":
+        log2e = 1.4426950408889634
+        rounded = torch.sigmoid(-(gap * log2e).double() / log2e)  # the base-2 logit rounded to float
+        assert ((tau - rounded).abs() / rounded).max() < 1e-6
 
 
 @pytest.mark.parametrize("rule,scope", list(itertools.product(F.UNKNOWN_RULES, F.POSTERIOR_SCOPES)))
@@ -218,6 +228,26 @@ def test_gradcheck_every_input(kernels, per_channel_prior):
     inputs = leaves(x, *state, *affine(3, torch.float64))
     assert torch.autograd.gradcheck(lambda *args: F.ucb_norm_batch(*args)[0], inputs)
     assert torch.autograd.gradcheck(F.ucb_norm, inputs)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_training_backward(kernels, layout):
+    """Running state as constants (UCB-Norm and MN training): one autograd node whose backward reduces once
+    and writes the whole input gradient once; gradcheck in float64, the distributed seam included."""
+    x = LAYOUTS[layout](activations((3, 4, 2, 3)))
+    state = mixture(2, 4)
+    inputs = leaves(x, *affine(4, torch.float64))
+    y, _ = F.ucb_norm_batch(*inputs[:1], *state, *inputs[1:])
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_NormalizeWithMomentsBackward"
+    for reduce_sums in (None, lambda s: 3 * s):
+        def fn(x, weight, bias):
+            return F.ucb_norm_batch(x, *state, weight, bias, reduce_sums=reduce_sums)[0]
+
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradcheck(lambda w, b: fn(x, w, b), inputs[1:])  # x needs no gradient
+    with pytest.raises(RuntimeError, match="twice"):  # no double backward: said, not silently wrong
+        (grad,) = torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=True)
+        grad.sum().backward()
 
 
 def test_blocks_and_threads(kernels):

@@ -30,6 +30,13 @@ Both backward passes are the same kernel, the vector-Jacobian product of
 
 (for the moments, ``a, b, c`` are the three rows of the incoming gradient and :math:`\omega = 1`).
 
+:func:`normalize_with_moments` composes the two operators the way UCB-Norm and MN train: a transform
+whose coefficients are functions of the batch's moments. Its backward (eager mode, running state as
+constants) is one pass that only reduces, :math:`\sum \omega\tau_k d_k^{0,1}` for the
+coefficients, then one that writes the whole input gradient: the same vector-Jacobian product with
+:math:`q_k = \omega(a_k + b_k d_k) + g_{0,k} + g_{1,k} d_k + g_{2,k} d_k^2`, :math:`g` the gradient of
+the moments, and no outer weight -- both paths to ``x`` in one pass instead of two and a sum.
+
 Each operator runs the native CPU kernel of :mod:`cbnorm._native` when it is available (CPU,
 float32/float64, at most 16 components), and otherwise its pure-PyTorch twin below: the same
 formulas vectorised over the components, whose ``(K, N, C, L)`` temporaries live only within one
@@ -43,14 +50,14 @@ faster.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ._native import native_ops
 
-__all__ = ["mixture_moments", "mixture_transform", "scale_shift", "snapshot"]
+__all__ = ["mixture_moments", "mixture_transform", "normalize_with_moments", "scale_shift", "snapshot"]
 
 _MAX_NATIVE_COMPONENTS = 16
 
@@ -101,18 +108,30 @@ def _eager_transform(x, mean, log_coef, quad_coef, a, b):
     return _strided_like((tau * torch.addcmul(_components(a), _components(b), d)).sum(0), x)
 
 
+def _vjp_terms(tau: Tensor, d: Tensor, quad_coef: Tensor, a, b, c) -> tuple[Tensor, Tensor]:
+    r"""``(u, tau q' + u logit')`` of :math:`\sum_k \tau_k q_k`, :math:`q_k = a_k + b_k d_k + c_k d_k^2`, per component."""
+    q = a + d * (b + c * d)
+    u = tau * (q - (tau * q).sum(0))
+    return u, tau * (b + 2 * c * d) + 2 * _components(quad_coef) * d * u
+
+
 def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
     d, tau = _posteriors(x, mean, log_coef, quad_coef)
     c = torch.zeros_like(a) if c is None else c
-    a, b, c, quad_coef = (_components(t) for t in (a, b, c, quad_coef))
-    q = a + d * (b + c * d)
-    u = tau * (q - (tau * q).sum(0))
+    u, terms = _vjp_terms(tau, d, quad_coef, *(_components(t) for t in (a, b, c)))
     weight = 1 if omega is None else omega
     moments = [_moments(weight * t, d)[:rows] for t, rows, wanted in ((tau, 2, tau_moments), (u, 3, u_moments)) if wanted]
     return (
-        _strided_like(weight * (tau * (b + 2 * c * d) + 2 * quad_coef * d * u).sum(0), x) if grad_x else x.new_empty(0),
+        _strided_like(weight * terms.sum(0), x) if grad_x else x.new_empty(0),
         torch.cat(moments) if moments else x.new_empty(0, *mean.shape),
     )
+
+
+def _eager_normalize_backward(x, omega, mean, log_coef, quad_coef, a, b, sums_grad):
+    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    g0, g1, g2 = (_components(t) for t in sums_grad)
+    _, terms = _vjp_terms(tau, d, quad_coef, omega * _components(a) + g0, omega * _components(b) + g1, g2)
+    return _strided_like(terms.sum(0), x)
 
 
 # -- operators -------------------------------------------------------------------------------------
@@ -152,6 +171,16 @@ def _transform_backward_impl(
     native = _native(x, mean.shape[0])
     kernel = native.mixture_transform_backward if native else _eager_transform_backward
     return kernel(x, omega, *coefficients, c, grad_x, tau_moments, u_moments)
+
+
+def _normalize_backward_impl(
+    x: Tensor, omega: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor, sums_grad: Tensor
+) -> Tensor:
+    x = _layout(x)
+    coefficients = [t.contiguous() for t in (mean, log_coef, quad_coef, a, b, sums_grad)]
+    native = _native(x, mean.shape[0])
+    kernel = native.mixture_normalize_backward if native else _eager_normalize_backward
+    return kernel(x, _strided_like(omega, x), *coefficients)
 
 
 def _scale_shift_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -280,6 +309,46 @@ _Transform = _eager_function("_Transform", _transform_impl, _transform_backward,
 _ScaleShift = _eager_function("_ScaleShift", _scale_shift_impl, _scale_shift_backward, _save_x_and_scale)
 
 
+class _NormalizeWithMoments(torch.autograd.Function):
+    """:func:`normalize_with_moments` in eager mode: the composition of the two operators, whose backward
+    is one pass that only reduces (the gradients of the transform's coefficients) and one that writes
+    the whole input gradient, both paths at once; the composition's takes two of each and a sum."""
+
+    @staticmethod
+    def forward(ctx, x, mean, log_coef, quad_coef, coefficients, *inputs):
+        sums = _moments_impl(x, mean, log_coef, quad_coef)
+        # The (K, C) algebra from the sums to the coefficients is recorded on detached leaves here and
+        # differentiated in backward, so it may be anything differentiable: an all-reduce included.
+        needs = ctx.needs_input_grad
+        leaves = [sums.requires_grad_(needs[0])]
+        leaves += [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, needs[5:])]
+        with torch.enable_grad():
+            a, b, extras = coefficients(*leaves)
+        ctx.graph = (a, b, leaves)
+        a, b = a.detach(), b.detach()
+        ctx.save_for_backward(x, mean, log_coef, quad_coef, a, b)
+        extras = tuple(t.detach() for t in extras)
+        ctx.mark_non_differentiable(*extras)
+        return (_transform_impl(x, mean, log_coef, quad_coef, a, b), *extras)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, *_):
+        x, mean, log_coef, quad_coef, a, b = ctx.saved_tensors
+        a_graph, b_graph, leaves = ctx.graph
+        # d/da_k = sum omega tau_k and d/db_k = sum omega tau_k d_k: the pass that only reduces.
+        _, tau = _transform_backward_impl(x, grad, mean, log_coef, quad_coef, a, b, None, False, True, False)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        # retain_graph: (K, C) tensors only, and the outer backward may be run again (retain_graph there)
+        found = iter(torch.autograd.grad((a_graph, b_graph), wanted, tuple(tau), retain_graph=True, allow_unused=True))
+        sums_grad, *input_grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            sums_grad = x.new_zeros(3, *mean.shape) if sums_grad is None else sums_grad
+            grad_x = _normalize_backward_impl(x, grad, mean, log_coef, quad_coef, a, b, sums_grad)
+        return (grad_x, None, None, None, None, *input_grads)
+
+
 def _call(op, function, x: Tensor, *inputs) -> Tensor:
     return op(x, *inputs) if _traced(x) else function.apply(x, *inputs)
 
@@ -292,6 +361,35 @@ def mixture_moments(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor
 def mixture_transform(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
     r""":math:`\sum_k \tau_k (a_{k,c} + b_{k,c} d_k)`, like ``x``, differentiable in every input."""
     return _call(_transform_op, _Transform, x, mean, log_coef, quad_coef, a, b)
+
+
+def normalize_with_moments(
+    x: Tensor,
+    mean: Tensor,
+    log_coef: Tensor,
+    quad_coef: Tensor,
+    coefficients: Callable[..., tuple[Tensor, Tensor, tuple[Tensor, ...]]],
+    *inputs: Optional[Tensor],
+) -> tuple[Tensor, ...]:
+    r"""``(y, *extras)``: a mixture transform whose coefficients are functions of the batch's moments.
+
+    ``(a, b, extras) = coefficients(mixture_moments(x, mean, log_coef, quad_coef), *inputs)``, then
+    ``y = mixture_transform(x, mean, log_coef, quad_coef, a, b)``; ``extras`` come back detached.
+    Every tensor the coefficients depend on must come through ``inputs`` (``None`` allowed): only those
+    receive gradients. In eager mode, when ``mean``, ``log_coef`` and ``quad_coef`` need no gradient
+    (running state), the backward takes one pass over ``x`` fewer than the composition, which runs
+    otherwise (and while tracing).
+    """
+    fused = (
+        torch.is_grad_enabled()
+        and not _traced(x)
+        and not any(t.requires_grad for t in (mean, log_coef, quad_coef))
+        and any(t is not None and t.requires_grad for t in (x, *inputs))
+    )
+    if fused:
+        return _NormalizeWithMoments.apply(x, mean, log_coef, quad_coef, coefficients, *inputs)
+    a, b, extras = coefficients(mixture_moments(x, mean, log_coef, quad_coef), *inputs)
+    return (mixture_transform(x, mean, log_coef, quad_coef, a, b), *extras)
 
 
 def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

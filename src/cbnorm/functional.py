@@ -24,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._kernels import mixture_moments, mixture_transform, scale_shift, snapshot
+from ._kernels import mixture_transform, normalize_with_moments, scale_shift, snapshot
 
 __all__ = [
     "ComponentStats",
@@ -163,15 +163,24 @@ def _normalize(
 ) -> Tensor:
     r""":math:`\gamma_c \sum_k \tau_k s_k (x - \mu_k - \delta_k) + \beta_c`, one pass of :func:`mixture_transform`.
 
-    ``x`` is ``(N, C, L)``; ``scale`` :math:`s` and ``shift`` :math:`\delta` (``None``: zero) are
-    ``(K, C)``. As the posteriors sum to one, the affine map folds into the per-component coefficients,
-    :math:`\gamma \sum_k \tau_k s_k (d_k - \delta_k) + \beta = \sum_k \tau_k ((\beta - \gamma s_k \delta_k) + \gamma s_k d_k)`.
+    ``x`` is ``(N, C, L)``; ``scale`` :math:`s` and ``shift`` :math:`\delta` (``None``: zero) are ``(K, C)``.
+    """
+    return mixture_transform(x, mean, *logits, *_transform_coefficients(scale, shift, weight, bias))
+
+
+def _transform_coefficients(
+    scale: Tensor, shift: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    r"""``(a, b)`` of :func:`mixture_transform` for :math:`\gamma \sum_k \tau_k s_k (d_k - \delta_k) + \beta`.
+
+    As the posteriors sum to one, the affine map folds into the per-component coefficients:
+    :math:`a_k = \beta - \gamma s_k \delta_k`, :math:`b_k = \gamma s_k`.
     """
     slope = scale if weight is None else scale * weight.to(scale.dtype)
     offset = torch.zeros_like(slope) if shift is None else -slope * shift
     if bias is not None:
         offset = offset + bias.to(slope.dtype)
-    return mixture_transform(x, mean, *logits, offset, slope)
+    return offset, slope
 
 
 def _clamped_prior(prior: Tensor) -> Tensor:
@@ -393,8 +402,9 @@ def ucb_norm_batch(
 
     Two passes over ``x``: one takes the sums :math:`S_{r,k} = \sum_{j\in B_c}\tau_k(x_j)(x_j-\mu_k)^r`,
     ``r = 0, 1, 2`` (moments about the current means, so :math:`V_k` suffers no cancellation); the
-    ``(K, C)`` statistics follow from them; the other applies the transform. Backward is two passes too
-    and stores nothing of size ``K x N x C x L``.
+    ``(K, C)`` statistics follow from them; the other applies the transform
+    (:func:`cbnorm._kernels.normalize_with_moments`). Backward is two passes too -- one reduces, one
+    writes the input gradient -- and stores nothing of size ``K x N x C x L``.
 
     Shape: ``x`` ``(N, C, *)``; ``prior`` ``(K,)`` or ``(K, C)``; ``mean``, ``var`` ``(K, C)``.
 
@@ -419,10 +429,13 @@ def ucb_norm_batch(
         prior, mean, var = snapshot([t.to(dtype) for t in (prior, mean, var)])
         prior = _clamped_prior(prior)
         logits = _log_density(prior, var, eps)
-        x3 = _channels(xf)
-        mass, shift, batch_var = _batch_statistics(mixture_moments(x3, mean, *logits), reduce_sums)
-        scale = (prior * (batch_var + eps)).rsqrt()
-        y = _normalize(x3, mean, logits, scale, shift, weight, bias).reshape(x.shape)
+
+        def coefficients(sums, prior, weight, bias):
+            mass, shift, batch_var = _batch_statistics(sums, reduce_sums)
+            scale = (prior * (batch_var + eps)).rsqrt()
+            return (*_transform_coefficients(scale, shift, weight, bias), (mass, shift, batch_var))
+
+        y, mass, shift, batch_var = normalize_with_moments(_channels(xf), mean, *logits, coefficients, prior, weight, bias)
         count = x.numel() // x.shape[1]
         stats = ComponentStats(mass.detach(), (mean + shift).detach(), batch_var.detach(), count)
-    return y.to(x.dtype), stats
+    return y.reshape(x.shape).to(x.dtype), stats

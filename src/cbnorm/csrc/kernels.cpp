@@ -12,6 +12,8 @@
 //                       = omega * sum_k [tau_k q_k' + u_k logit_k'],   u_k = tau_k (q_k - sum_j tau_j q_j)
 //     tau moments:  sum_{n,l} omega tau_k d_k^r,   r = 0, 1, 2 (forward) or 0, 1 (backward)
 //     u moments:    sum_{n,l} omega u_k d_k^r,     r = 0, 1, 2
+//     mixed grad:   d/dx sum_k tau_k (omega (wa_k + wb_k d_k) + q_k): the whole input gradient of a
+//                   transform (wa, wb) whose coefficients depend on the moments of x (q: their gradient)
 // Sums accumulate in x's dtype within a work item (a few thousand entries), then in double across
 // items and threads.
 //
@@ -41,32 +43,38 @@ struct Flags {
   bool grad = false;
   int64_t tau_rows = 0;  // moments of tau: r = 0, ..., tau_rows - 1
   bool u_moments = false;
+  bool mixed = false;    // grad of omega (wa + wb d) + q, not of omega q
   int64_t rows() const { return tau_rows + 3 * u_moments; }
 };
 
-// Per-lane coefficients of every component for one vector of entries.
+// Per-lane coefficients of every component for one vector of entries. After derive(), log_coef and
+// quad_coef are in base 2 (times log2(e)), so that the posteriors take exp2: no range reduction.
 template <typename T>
 struct Lanes {
   using Vec = Vectorized<T>;
   Vec mean[kMaxComponents], log_coef[kMaxComponents], quad_coef[kMaxComponents];
   Vec a[kMaxComponents], b[kMaxComponents], c[kMaxComponents];
+  Vec wa[kMaxComponents], wb[kMaxComponents];            // the omega-weighted terms of a mixed grad
   Vec two_quad[kMaxComponents], two_c[kMaxComponents];  // derivatives of the logits and of q
   bool quadratic;                                        // c present: q has its d^2 term
 
   void derive(int64_t K, bool has_c) {
     quadratic = has_c;
+    const Vec log2e(T(1.44269504088896340736));
     for (int64_t k = 0; k < K; ++k) {
       two_quad[k] = quad_coef[k] + quad_coef[k];
       two_c[k] = c[k] + c[k];
+      log_coef[k] = log_coef[k] * log2e;
+      quad_coef[k] = quad_coef[k] * log2e;
     }
   }
 };
 
-// The (K, C) coefficient arrays; a, b, c may be null (zero).
+// The (K, C) coefficient arrays; a, b, c, wa, wb may be null (zero).
 template <typename T>
 struct Coefficients {
   using Vec = Vectorized<T>;
-  const T *mean, *log_coef, *quad_coef, *a, *b, *c;
+  const T *mean, *log_coef, *quad_coef, *a, *b, *c, *wa, *wb;
   int64_t K, C;
 
   // Channels-first: every lane is channel `ch`.
@@ -79,6 +87,8 @@ struct Coefficients {
       lanes.a[k] = Vec(a ? a[i] : T(0));
       lanes.b[k] = Vec(b ? b[i] : T(0));
       lanes.c[k] = Vec(c ? c[i] : T(0));
+      lanes.wa[k] = Vec(wa ? wa[i] : T(0));
+      lanes.wb[k] = Vec(wb ? wb[i] : T(0));
     }
     lanes.derive(K, c != nullptr);
   }
@@ -93,6 +103,8 @@ struct Coefficients {
       lanes.a[k] = row(a, k);
       lanes.b[k] = row(b, k);
       lanes.c[k] = row(c, k);
+      lanes.wa[k] = row(wa, k);
+      lanes.wb[k] = row(wb, k);
     }
     lanes.derive(K, c != nullptr);
   }
@@ -101,32 +113,33 @@ struct Coefficients {
 template <typename T>
 using Accumulators = Vectorized<T>[kMaxRows][kMaxComponents];
 
-// exp(x) for x <= 0, inline: the posteriors take K of them per entry, and a call into Sleef per
+// 2^x for x <= 0, inline: the posteriors take K of them per entry, and a call into Sleef per
 // vector costs about twice the rest of the kernel. In float, 2^n times a degree-5 minimax polynomial
-// on [-ln2/2, ln2/2] after Cody-Waite reduction (relative error below 2.1e-7 in float arithmetic,
-// as Sleef's u10); in double, Sleef. Arguments below log(FLT_MIN) give FLT_MIN: a posterior off by
-// less than 1.2e-38.
-inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+// in r = x - n on [-1/2, 1/2], n = round(x) (relative error below 2.4e-7 in float arithmetic, as
+// Sleef's u10); in double, Sleef. Arguments below -126 give FLT_MIN: a posterior off by less than
+// 1.2e-38.
+inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
   using Int = Vectorized<int32_t>;
-  const Vec clamped = at::vec::maximum(x, Vec(-87.3365447f));  // log(FLT_MIN)
-  const Vec n = at::vec::fmadd(clamped, Vec(1.44269504088896341f), Vec(0.5f)).floor();
-  const Vec r = at::vec::fmadd(n, Vec(2.12194440e-4f), at::vec::fmadd(n, Vec(-0.693359375f), clamped));
-  Vec p(8.297655088e-3f);
-  for (const float coefficient : {4.191538199e-2f, 1.666757473e-1f, 4.999889485e-1f, 9.999996920e-1f, 1.000000072f}) {
+  const Vec clamped = at::vec::maximum(x, Vec(-126.0f));
+  const Vec n = clamped.round();
+  const Vec r = clamped - n;
+  Vec p(1.327647097e-3f);
+  for (const float coefficient : {9.675541596e-3f, 5.550713279e-2f, 2.402211972e-1f, 6.931469671e-1f, 1.000000072f}) {
     p = at::vec::fmadd(p, r, Vec(coefficient));
   }
   const Int exponent = (at::vec::convert_to_int_of_same_size(n) + Int(127)) << Int(23);  // the bits of 2^n
   return p * at::vec::cast<float>(exponent);
 }
 
-inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) {
-  return x.exp();
+inline Vectorized<double> exp2_nonpositive(const Vectorized<double>& x) {
+  return x.exp2();
 }
 
 // One vector of entries: returns the value or the gradient and adds to the moments. A non-zero
-// `KC` fixes the number of components at compile time, so that the loops over k unroll.
-template <typename T, int64_t KC>
+// `KC` fixes the number of components at compile time, so that the loops over k unroll; `Mixed`
+// (flags.mixed) is a template parameter too, as its code in the other kernels slows them down.
+template <typename T, int64_t KC, bool Mixed>
 inline Vectorized<T> entry(
     const Vectorized<T>& x, const Vectorized<T>& omega, const Lanes<T>& cf, int64_t num_components,
     const Flags& flags, Accumulators<T>& acc) {
@@ -143,11 +156,11 @@ inline Vectorized<T> entry(
   }
   Vec total(0);
   for (int64_t k = 0; k < K; ++k) {
-    e[k] = exp_nonpositive(e[k] - top);
+    e[k] = exp2_nonpositive(e[k] - top);
     total = total + e[k];
   }
   const Vec inverse = Vec(1) / total;
-  const Vec weight = omega * inverse;
+  const Vec weight = Mixed ? inverse : omega * inverse;  // a mixed grad weights only wa, wb
 
   Vec out(0);
   if (flags.value) {
@@ -169,9 +182,16 @@ inline Vectorized<T> entry(
   if (flags.grad || flags.u_moments) {
     Vec q[kMaxComponents];
     Vec mean_q(0);
+    Vec b[Mixed ? kMaxComponents : 1];  // Mixed: b + omega wb, per entry
     for (int64_t k = 0; k < K; ++k) {
-      const Vec slope = cf.quadratic ? at::vec::fmadd(cf.c[k], d[k], cf.b[k]) : cf.b[k];
-      q[k] = at::vec::fmadd(slope, d[k], cf.a[k]);
+      Vec a = cf.a[k];
+      if constexpr (Mixed) {
+        a = at::vec::fmadd(omega, cf.wa[k], a);
+        b[k] = at::vec::fmadd(omega, cf.wb[k], cf.b[k]);
+      }
+      const Vec& bk = Mixed ? b[k] : cf.b[k];
+      const Vec slope = cf.quadratic ? at::vec::fmadd(cf.c[k], d[k], bk) : bk;
+      q[k] = at::vec::fmadd(slope, d[k], a);
       mean_q = at::vec::fmadd(e[k], q[k], mean_q);
     }
     mean_q = mean_q * inverse;
@@ -180,7 +200,8 @@ inline Vectorized<T> entry(
     for (int64_t k = 0; k < K; ++k) {
       const Vec eu = e[k] * (q[k] - mean_q);  // u_k * total
       if (flags.grad) {
-        const Vec dq = cf.quadratic ? at::vec::fmadd(cf.two_c[k], d[k], cf.b[k]) : cf.b[k];
+        const Vec& bk = Mixed ? b[k] : cf.b[k];
+        const Vec dq = cf.quadratic ? at::vec::fmadd(cf.two_c[k], d[k], bk) : bk;
         grad = at::vec::fmadd(eu, cf.two_quad[k] * d[k], at::vec::fmadd(e[k], dq, grad));
       }
       if (flags.u_moments) {
@@ -197,7 +218,7 @@ inline Vectorized<T> entry(
   return out;
 }
 
-template <typename T, int64_t KC>
+template <typename T, int64_t KC, bool Mixed>
 struct Pass {
   using Vec = Vectorized<T>;
   static constexpr int64_t V = Vec::size();
@@ -218,7 +239,7 @@ struct Pass {
     if (omega) {
       w = full ? Vec::loadu(omega + offset) : Vec::loadu(omega + offset, count);
     }
-    const Vec y = entry<T, KC>(xv, w, lanes, coef.K, flags, acc);
+    const Vec y = entry<T, KC, Mixed>(xv, w, lanes, coef.K, flags, acc);
     if (out) {
       full ? y.store(out + offset) : y.store(out + offset, count);
     }
@@ -329,7 +350,8 @@ void check_coefficient(const at::Tensor& t, const at::Tensor& x, int64_t K, cons
 std::tuple<at::Tensor, at::Tensor> run(
     const at::Tensor& x, const std::optional<at::Tensor>& omega, const at::Tensor& mean, const at::Tensor& log_coef,
     const at::Tensor& quad_coef, const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
-    const std::optional<at::Tensor>& c, Flags flags) {
+    const std::optional<at::Tensor>& c, Flags flags, const std::optional<at::Tensor>& wa = std::nullopt,
+    const std::optional<at::Tensor>& wb = std::nullopt) {
   TORCH_CHECK(x.dim() == 3, "cbnorm: expected x of shape (N, C, L)");
   TORCH_CHECK(x.is_contiguous() || x.transpose(1, 2).is_contiguous(),
               "cbnorm: x must be contiguous as (N, C, L) or as (N, L, C)");
@@ -339,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> run(
   check_coefficient(mean, x, K, "mean");
   check_coefficient(log_coef, x, K, "log_coef");
   check_coefficient(quad_coef, x, K, "quad_coef");
-  for (const auto* t : {&a, &b, &c}) {
+  for (const auto* t : {&a, &b, &c, &wa, &wb}) {
     if (t->has_value()) {
       check_coefficient(**t, x, K, "a transform coefficient");
     }
@@ -358,12 +380,15 @@ std::tuple<at::Tensor, at::Tensor> run(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbnorm_mixture", [&] {
     auto ptr = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<scalar_t>() : nullptr; };
     const Coefficients<scalar_t> coef{mean.data_ptr<scalar_t>(), log_coef.data_ptr<scalar_t>(),
-                                      quad_coef.data_ptr<scalar_t>(), ptr(a), ptr(b), ptr(c), K, C};
-    auto launch = [&](auto fixed) {
-      const Pass<scalar_t, decltype(fixed)::value> pass{
+                                      quad_coef.data_ptr<scalar_t>(), ptr(a), ptr(b), ptr(c), ptr(wa), ptr(wb), K, C};
+    auto launch_as = [&](auto fixed, auto mixed) {
+      const Pass<scalar_t, decltype(fixed)::value, decltype(mixed)::value> pass{
           x.data_ptr<scalar_t>(), ptr(omega), elementwise ? out.data_ptr<scalar_t>() : nullptr, x.size(0), C,
           x.size(2), coef, flags, rows ? partial.data_ptr<double>() : nullptr};
       is_channels_last(x) ? pass.channels_last() : pass.channels_first();
+    };
+    auto launch = [&](auto fixed) {
+      flags.mixed ? launch_as(fixed, std::true_type{}) : launch_as(fixed, std::false_type{});
     };
     if (x.numel() == 0) {
       return;
@@ -404,6 +429,19 @@ std::tuple<at::Tensor, at::Tensor> mixture_transform_backward(
   flags.tau_rows = tau_moments ? 2 : 0;  // the gradients of a and b; that of c is never needed
   flags.u_moments = u_moments;
   return run(x, omega, mean, log_coef, quad_coef, a, b, c, flags);
+}
+
+// The input gradient of y = sum_k tau_k (a_k + b_k d_k) with (a, b) functions of the moments
+// S = mixture_moments(x): omega is dL/dy and sums_grad (3, K, C) is dL/dS, both paths in one pass.
+at::Tensor mixture_normalize_backward(
+    const at::Tensor& x, const at::Tensor& omega, const at::Tensor& mean, const at::Tensor& log_coef,
+    const at::Tensor& quad_coef, const at::Tensor& a, const at::Tensor& b, const at::Tensor& sums_grad) {
+  TORCH_CHECK(sums_grad.dim() == 3 && sums_grad.size(0) == 3, "cbnorm: sums_grad must be (3, K, C)");
+  const at::Tensor g = sums_grad.contiguous();
+  Flags flags;
+  flags.grad = true;
+  flags.mixed = true;
+  return std::get<0>(run(x, omega, mean, log_coef, quad_coef, g[0], g[1], g[2], flags, a, b));
 }
 
 // Per-sample affine map y[n, c, l] = x[n, c, l] * scale[n, c] + shift[n, c] (SCB-Norm, Eq. 10),
@@ -492,6 +530,9 @@ TORCH_LIBRARY(cbnorm_native, m) {
   m.def(
       "mixture_transform_backward(Tensor x, Tensor? omega, Tensor mean, Tensor log_coef, Tensor quad_coef, "
       "Tensor a, Tensor b, Tensor? c, bool grad_x, bool tau_moments, bool u_moments) -> (Tensor, Tensor)");
+  m.def(
+      "mixture_normalize_backward(Tensor x, Tensor omega, Tensor mean, Tensor log_coef, Tensor quad_coef, "
+      "Tensor a, Tensor b, Tensor sums_grad) -> Tensor");
   m.def("scale_shift_backward(Tensor x, Tensor grad, Tensor scale) -> (Tensor, Tensor, Tensor)");
 }
 
@@ -499,5 +540,6 @@ TORCH_LIBRARY_IMPL(cbnorm_native, CPU, m) {
   m.impl("mixture_moments", &mixture_moments);
   m.impl("mixture_transform", &mixture_transform);
   m.impl("mixture_transform_backward", &mixture_transform_backward);
+  m.impl("mixture_normalize_backward", &mixture_normalize_backward);
   m.impl("scale_shift_backward", &scale_shift_backward);
 }
