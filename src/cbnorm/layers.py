@@ -7,7 +7,6 @@ computes its statistics in float32 under autocast and returns the input's dtype.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

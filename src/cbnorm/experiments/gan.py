@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,8 @@ from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
-from .runs import (RUN_CONTROL, RunFolder, RunSettings, autocast, check_fields,
-                   keyed_generator, option, resolve_device)
+from .runs import (RUN_CONTROL, RunFolder, RunSettings, autocast, check_fields, command_line,
+                   keyed_generator, option, resolve_device, results_folder, run_each, write_results)
 from .train import _subset, norm_kwargs
 
 __all__ = ["GANConfig", "GAN_SCALES", "GANScale", "reproduce_dcgan", "train_gan"]
@@ -366,28 +365,27 @@ def reproduce_dcgan(
     """
     scale = GAN_SCALES[scale] if isinstance(scale, str) else scale
     seeds = tuple(seeds) if seeds else scale.seeds
-    command = command or "cbnorm " + " ".join(sys.argv[1:])
+    command = command_line(command)
     data = data if data is not None else load_dataset(dataset, data_dir)
-    root = Path(out) / "results" / f"dcgan-{dataset}" / scale.name
-    root.mkdir(parents=True, exist_ok=True)
+    root = results_folder(out, f"dcgan-{dataset}", scale.name)
     features = resolve_features(fid_features)
     metric = FEATURES[features]
-    histories, failures, grids = {}, {}, {}
-    for i, ((label, norm), seed) in enumerate(((n, s) for n in norms for s in seeds), 1):
-        print(f"\n[{i}/{len(norms) * len(seeds)}] {label}, seed {seed}")
-        run = root / "runs" / f"{norm}-seed{seed}"
+
+    def start(key):
+        norm, seed = key
         config = GANConfig(
             dataset=dataset, data_dir=data_dir, train_size=scale.train_size, norm=norm, epochs=scale.epochs,
             fid_every=scale.fid_every, fid_samples=scale.fid_samples, fid_reference=scale.fid_reference,
-            fid_features=features, seed=seed, device=device, amp=amp, threads=threads, out=str(run), resume=True,
-            progress=progress,
+            fid_features=features, seed=seed, device=device, amp=amp, threads=threads,
+            out=str(root / "runs" / f"{norm}-seed{seed}"), resume=True, progress=progress,
         )
-        try:
-            histories.setdefault(label, []).append(train_gan(config, data))
-            grids.setdefault(label, run / "samples" / f"epoch-{scale.epochs:04d}.png")
-        except Exception as error:  # one failed run must not lose the others; the table shows it
-            failures[label] = f"{type(error).__name__}: {error}"
-            print(f"run failed: {failures[label]}")
+        return train_gan(config, data)
+
+    done, failed = run_each([((norm, seed), f"{label}, seed {seed}") for label, norm in norms for seed in seeds], start)
+    histories = {label: [done[norm, s] for s in seeds if (norm, s) in done] for label, norm in norms}
+    failures = {label: failed[norm, s] for label, norm in norms for s in seeds if (norm, s) in failed}
+    grids = {label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{scale.epochs:04d}.png"
+             for label, norm in norms for s in reversed(seeds) if (norm, s) in done}  # the first finished seed's
 
     # FID of real test images against the same reference, at the generated sample size: the floor
     # that the finite sample size alone puts under every FID of the table.
@@ -411,8 +409,7 @@ def reproduce_dcgan(
                "metric": dataclasses.asdict(metric), "real_test_floor": floor, "rows": rows,
                "device": str(device_), "train_seconds": sum(r["seconds"] + r.get("fid_seconds", 0)
                                                             for hs in histories.values() for h in hs for r in h)}
-    (root / "table.md").write_text(_gan_table(dataset, scale, results))
-    (root / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(root, _gan_table(dataset, scale, results), results)
     _figures(root, histories, metric, grids)
     print(f"\n{(root / 'table.md').read_text()}\nresults in {root}")
     return root

@@ -26,11 +26,9 @@ only ever measured.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -43,6 +41,7 @@ from .clusters import mixture_clusters, save_cluster_ids
 from .data import Dataset, available, load_dataset
 from .metrics import at_fraction, mean_std
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
+from .runs import command_line, results_folder, run_each, write_results
 from .train import TrainConfig, resolve_device, supervised_norm, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "Experiment", "Scale", "reproduce"]
@@ -229,10 +228,9 @@ def reproduce(
     experiment = EXPERIMENTS[experiment] if isinstance(experiment, str) else experiment
     scale = SCALES[experiment.name][scale] if isinstance(scale, str) else scale
     seeds = tuple(seeds) if seeds else scale.seeds
-    command = command or "cbnorm " + " ".join(sys.argv[1:])  # what produced the results, for the table
+    command = command_line(command)
     data = data if data is not None else load_dataset(dataset, data_dir)
-    root = Path(out) / "results" / f"{experiment.name}-{dataset}" / scale.name
-    root.mkdir(parents=True, exist_ok=True)
+    root = results_folder(out, f"{experiment.name}-{dataset}", scale.name)
     registered = set(norm_layer_names()) | {"none"}
 
     clusters_file = root / f"clusters-{dataset}-gmm-k{experiment.k}.npz"
@@ -240,11 +238,8 @@ def reproduce(
         print(f"fitting the {experiment.k}-component mixture of {dataset} for SCB-Norm's clusters")
         save_cluster_ids(clusters_file, mixture_clusters(data, experiment.k), dataset)
 
-    runs = [(label, norm, lr, seed) for label, norm in experiment.norms for lr in experiment.lrs for seed in seeds]
-    todo = [r for r in runs if r[1] in registered]
-    rows, histories, failures = [], {}, {}
-    for i, (label, norm, lr, seed) in enumerate(todo, 1):
-        print(f"\n[{i}/{len(todo)}] {label}, lr {lr:g}, seed {seed}")
+    def start(key):
+        norm, lr, seed = key
         config = TrainConfig(
             dataset=dataset, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
             model=experiment.model, norm=norm, num_clusters=experiment.k, clusters=str(clusters_file.resolve()),
@@ -254,12 +249,12 @@ def reproduce(
             snapshots=4 if scale.tsne_points and norm in ("scb", "ucb") and scale.epochs >= 4 else 0,
             progress=progress,
         )
-        try:
-            histories[(norm, lr, seed)] = train(config, data)
-        except Exception as error:  # one failed run must not lose the others; the table shows it
-            failures[(norm, lr, seed)] = f"{type(error).__name__}: {error}"
-            print(f"run failed: {failures[(norm, lr, seed)]}")
+        return train(config, data)
 
+    runs = [((norm, lr, seed), f"{label}, lr {lr:g}, seed {seed}") for label, norm in experiment.norms
+            for lr in experiment.lrs for seed in seeds if norm in registered]
+    histories, failures = run_each(runs, start)
+    rows = []
     for label, norm in experiment.norms:
         for lr in experiment.lrs:
             done = [histories[(norm, lr, s)] for s in seeds if (norm, lr, s) in histories]
@@ -277,8 +272,7 @@ def reproduce(
     results = {"experiment": experiment.name, "dataset": dataset, "scale": asdict(scale), "seeds": list(seeds),
                "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
-    (root / "table.md").write_text(_table(experiment, dataset, scale, results))
-    (root / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(root, _table(experiment, dataset, scale, results), results)
     _figures(experiment, scale, seeds, root, histories, data)
     print(f"\n{(root / 'table.md').read_text()}\nresults in {root}")
     return root

@@ -22,9 +22,10 @@ import contextlib
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Hashable, Iterable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -36,8 +37,11 @@ from .data import atomic_write
 from .distributed import Ranks, gather_objects
 from .metrics import COLUMNS, format_header, format_row, write_metrics
 
-__all__ = ["RUN_CONTROL", "RunFolder", "RunSettings", "autocast", "check_fields", "clustered", "config_diff",
-           "grad_scaler", "keyed_generator", "option", "resolve_device", "rng_states", "set_rng_states"]
+__all__ = ["RUN_CONTROL", "RunFolder", "RunSettings", "autocast", "check_fields", "clustered", "command_line",
+           "config_diff", "grad_scaler", "keyed_generator", "option", "resolve_device", "results_folder", "rng_states",
+           "run_each", "set_rng_states", "write_results"]
+
+T = TypeVar("T")
 
 # Config fields that may change when a run is resumed: they do not change what is computed.
 RUN_CONTROL = frozenset({"data_dir", "device", "threads", "out", "resume", "progress", "eval_batch_size"})
@@ -209,3 +213,42 @@ class RunFolder:
         atomic_write(self.path, lambda f: torch.save(state, f))
         write_metrics(self.out, self.config, self.history, self.columns)
         self.log(format_row(row, self.table))
+
+
+# -- reproductions: many runs, one table -----------------------------------------------------------
+
+
+def results_folder(out: Union[str, os.PathLike], experiment: str, scale: str) -> Path:
+    """``OUT/results/<experiment>/<scale>/``, created: where a reproduction writes its runs, table and figures."""
+    root = Path(out) / "results" / experiment / scale
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def command_line(command: Optional[str] = None) -> str:
+    """The command that produced a reproduction's results, for its table: ``command``, else this process's."""
+    return command or "cbnorm " + " ".join(sys.argv[1:])
+
+
+def run_each(runs: Sequence[tuple[Hashable, str]], start: Callable[[Hashable], T]) -> tuple[dict, dict]:
+    """``start(key)`` for each ``(key, title)`` in turn, after a ``[i/n] title`` line; returns
+    ``(results, failures)`` by key.
+
+    One failed run must not lose the others: its error, as ``"TypeName: message"``, goes into
+    ``failures`` for the table, and the next run starts. (An interrupt still stops them all.)
+    """
+    results, failures = {}, {}
+    for i, (key, title) in enumerate(runs, 1):
+        print(f"\n[{i}/{len(runs)}] {title}")
+        try:
+            results[key] = start(key)
+        except Exception as error:
+            failures[key] = f"{type(error).__name__}: {error}"
+            print(f"run failed: {failures[key]}")
+    return results, failures
+
+
+def write_results(root: Path, table: str, results: dict) -> None:
+    """``table.md`` and ``summary.json`` of a reproduction."""
+    (root / "table.md").write_text(table)
+    (root / "summary.json").write_text(json.dumps(results, indent=1) + "\n")

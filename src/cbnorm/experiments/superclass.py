@@ -29,11 +29,9 @@ again resumes unfinished runs and reuses finished ones.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -46,7 +44,7 @@ from .data import Dataset, Loader, available, load_dataset
 from .metrics import mean_std
 from .plots import _load_run, curves_figure, pca_figure
 from .reproduce import Scale, _run_name
-from .runs import clustered, resolve_device
+from .runs import clustered, command_line, resolve_device, results_folder, run_each, write_results
 from .train import TrainConfig, evaluate, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "SuperclassExperiment", "default_dataset", "evaluate_unknown",
@@ -248,18 +246,15 @@ def reproduce_superclass(
     experiment = EXPERIMENTS[model] if isinstance(model, str) else model
     scale = SCALES[experiment.model][scale] if isinstance(scale, str) else scale
     seeds = tuple(seeds) if seeds else scale.seeds
-    command = command or "cbnorm " + " ".join(sys.argv[1:])
+    command = command_line(command)
     data = data if data is not None else load_dataset(dataset, data_dir)
     if data.train.coarse_labels is None:
         raise ValueError(f"the superclass experiment needs a data set with superclasses (cifar100, cifar10, "
                          f"oxford-pet), got {data.name}")
-    root = Path(out) / "results" / f"{experiment.name}-{data.name}" / scale.name
-    root.mkdir(parents=True, exist_ok=True)
+    root = results_folder(out, f"{experiment.name}-{data.name}", scale.name)
 
-    runs = [(label, norm, seed) for label, norm in experiment.norms for seed in seeds]
-    histories, failures = {}, {}
-    for i, (label, norm, seed) in enumerate(runs, 1):
-        print(f"\n[{i}/{len(runs)}] {label}, seed {seed}")
+    def start(key):
+        norm, seed = key
         config = TrainConfig(
             dataset=data.name, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
             model=experiment.model, norm=norm, clusters="superclass", optimizer=experiment.optimizer, lr=experiment.lr,
@@ -267,11 +262,10 @@ def reproduce_superclass(
             device=device, amp=amp, threads=threads, out=str(root / "runs" / _run_name(norm, experiment.lr, seed)),
             resume=True, progress=progress,
         )
-        try:
-            histories[(norm, seed)] = train(config, data)
-        except Exception as error:  # one failed run must not lose the others; the table shows it
-            failures[(norm, seed)] = f"{type(error).__name__}: {error}"
-            print(f"run failed: {failures[(norm, seed)]}")
+        return train(config, data)
+
+    runs = [((norm, seed), f"{label}, seed {seed}") for label, norm in experiment.norms for seed in seeds]
+    histories, failures = run_each(runs, start)
 
     rows = []
     for label, norm in experiment.norms:
@@ -296,8 +290,7 @@ def reproduce_superclass(
     results = {"experiment": experiment.name, "dataset": data.name, "scale": asdict(scale), "seeds": list(seeds),
                "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
-    (root / "table.md").write_text(_table(experiment, data, scale, results))
-    (root / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(root, _table(experiment, data, scale, results), results)
     _figures(experiment, seeds, root, histories, data)
     print(f"\n{(root / 'table.md').read_text()}\nresults in {root}")
     return root
