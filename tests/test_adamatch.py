@@ -214,3 +214,11 @@ def test_reproduce_adamatch_smoke(tmp_path, data_root):
     assert paper.protocol().startswith("WRN-28-2, Adam lr 0.03 with cosine decay to 25%, BatchNorm momentum 0.01")
     for name in ("figure12.png", "curves.png"):
         assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_names_the_seeds_that_ran():
+    """``--seeds`` overrides the scale's: the table says which seeds its numbers average."""
+    results = {"command": "cbnorm reproduce adamatch --seeds 3 4", "seeds": [3, 4], "device": "cpu", "rows": [],
+               "train_seconds": 0.0}
+    table = adamatch._adamatch_table("mnist", "digits", adamatch.ADAMATCH_SCALES["small"], results)
+    assert "seeds 3, 4. Protocol: WRN-10-2, Adam lr 0.001" in table

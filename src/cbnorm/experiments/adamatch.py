@@ -582,7 +582,7 @@ def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dic
         f"Scale: {size(scale.source_train)} {source} + {size(scale.target_train)} {target} training images (the "
         f"target's unlabelled), {size(scale.source_test)} / {size(scale.target_test)} test images (fixed random "
         f"subsets), {scale.epochs} epochs, batch {scale.batch_size} source + {3 * scale.batch_size} target, seeds "
-        f"{', '.join(map(str, scale.seeds))}. Protocol: {scale.protocol()}, "
+        f"{', '.join(map(str, results['seeds']))}. Protocol: {scale.protocol()}, "
         f"32x32x3 images in [0, 1]; SCB clusters: the domains (K = 2), UCB-Norm K = 2.",
         f"Torch {torch.__version__}, {platform.machine()}, {results['device']}; "
         f"{results['train_seconds'] / 60:.1f} min of training and evaluation, summed over the runs.",
@@ -704,7 +704,7 @@ def reproduce_adamatch(
         rows.append({"label": label, "norm": norm, "seeds": list(seeds), "final": final, "rules": per_rule,
                      "status": f"failed: {failures[label]}" if label in failures else "ok"})
     results = {"experiment": "adamatch", "source": source, "target": target, "scale": dataclasses.asdict(scale),
-               "command": command, "device": str(resolve_device(device)), "rows": rows,
+               "seeds": list(seeds), "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(r["seconds"] for hs in histories.values() for h in hs for r in h)}
     write_results(root, _adamatch_table(source, target, scale, results), results)
     _adamatch_figures(root, histories)

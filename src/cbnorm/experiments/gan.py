@@ -405,8 +405,8 @@ def reproduce_dcgan(
         bests = [min(r[metric.key] for r in h if metric.key in r) for h in done if any(metric.key in r for r in h)]
         rows.append({"label": label, "norm": norm, "status": f"failed: {failures[label]}" if label in failures else "ok",
                      "final": mean_std(finals), "best": mean_std(bests), "seeds": list(seeds)})
-    results = {"experiment": "dcgan", "dataset": dataset, "scale": dataclasses.asdict(scale), "command": command,
-               "metric": dataclasses.asdict(metric), "real_test_floor": floor, "rows": rows,
+    results = {"experiment": "dcgan", "dataset": dataset, "scale": dataclasses.asdict(scale), "seeds": list(seeds),
+               "command": command, "metric": dataclasses.asdict(metric), "real_test_floor": floor, "rows": rows,
                "device": str(device_), "train_seconds": sum(r["seconds"] + r.get("fid_seconds", 0)
                                                             for hs in histories.values() for h in hs for r in h)}
     write_results(root, _gan_table(dataset, scale, results), results)
@@ -427,7 +427,7 @@ def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
         f"Command: `{results['command']}`",
         "",
         f"Scale: {size(scale.train_size)} training images, {scale.epochs} epochs, seeds "
-        f"{', '.join(map(str, scale.seeds))}; {metric['label']} every {scale.fid_every} epochs of "
+        f"{', '.join(map(str, results['seeds']))}; {metric['label']} every {scale.fid_every} epochs of "
         f"{size(scale.fid_samples)} generated images against {size(scale.fid_reference)} training images. "
         f"Protocol: Adam lr 2e-4, betas (0, 0.9), batch 64, K = 3 in the generator's first two norm layers.",
         f"Features: {metric['extractor']}. Torch {torch.__version__}, {platform.machine()}, {results['device']}; "

@@ -182,7 +182,7 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
         f"Command: `{results['command']}`",
         "",
         f"Scale: {size(scale.train_size)} train / {size(scale.test_size)} test images (fixed random subsets), "
-        f"{scale.epochs} epochs, seeds {', '.join(map(str, scale.seeds))}. Protocol: {experiment.optimizer} "
+        f"{scale.epochs} epochs, seeds {', '.join(map(str, results['seeds']))}. Protocol: {experiment.optimizer} "
         f"({experiment.schedule} schedule), batch {experiment.batch_size}, weight decay 1e-4, K = {experiment.k}; "
         f"SCB clusters: a {experiment.k}-component Gaussian mixture of the data set (PCA features).",
         "",
