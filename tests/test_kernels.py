@@ -250,6 +250,25 @@ def test_fused_training_backward(kernels, layout):
         grad.sum().backward()
 
 
+def test_single_component_gradient_is_as_accurate_as_batchnorm(kernels):
+    """K = 1 is BatchNorm: its float32 input gradient stays within a few float roundings of the float64 one
+    (the posterior-weighted terms vanish exactly instead of leaving the rounding of the gradient's size)."""
+    torch.manual_seed(0)
+    x, grad = 3 * torch.randn(32, 16, 8, 8, dtype=torch.float64) + 1, torch.randn(32, 16, 8, 8, dtype=torch.float64)
+    state = torch.ones(1, dtype=torch.float64), x.mean((0, 2, 3))[None], torch.ones(1, 16, dtype=torch.float64)
+
+    def input_grad(dtype):
+        (xd,) = leaves(x.to(dtype))
+        F.ucb_norm_batch(xd, *[t.to(dtype) for t in state])[0].backward(grad.to(dtype))
+        return xd.grad.double()
+
+    exact = input_grad(torch.float64)
+    (xb,) = leaves(x)
+    torch.nn.functional.batch_norm(xb, None, None, training=True).backward(grad)
+    torch.testing.assert_close(exact, xb.grad)
+    assert (input_grad(torch.float32) - exact).abs().max() <= 5e-7 * exact.abs().max()
+
+
 def test_blocks_and_threads(kernels):
     """Channels split over several work items (many samples, long rows) still sum to the reference."""
     torch.manual_seed(1)

@@ -76,8 +76,13 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     expected = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
     assert state["model"].keys() == expected.keys()  # the plain model's keys: no DDP "module." prefix
+    # Rounding differences of 1e-7 between torch's BatchNorm (one process) and cbnorm's CPU SyncBatchNorm
+    # flip the odd max-pool argmax over 20 steps: measured, one of 128 running variances 1.1e-3 apart
+    # (and none when the two round alike by chance). A sync bug is far larger: gradients summed over the
+    # ranks instead of averaged (measured as lr 0.02 for 0.01) put a weight 9x its tensor's largest entry off.
     for key, value in expected.items():
-        torch.testing.assert_close(state["model"][key].double(), value.double(), rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(state["model"][key].double(), value.double(), rtol=3e-3, atol=1e-4,
+                                   msg=lambda m, key=key: f"{key}: {m}")
     assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "metrics.json"]
 

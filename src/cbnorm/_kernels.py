@@ -111,6 +111,7 @@ def _eager_transform(x, mean, log_coef, quad_coef, a, b):
 def _vjp_terms(tau: Tensor, d: Tensor, quad_coef: Tensor, a, b, c) -> tuple[Tensor, Tensor]:
     r"""``(u, tau q' + u logit')`` of :math:`\sum_k \tau_k q_k`, :math:`q_k = a_k + b_k d_k + c_k d_k^2`, per component."""
     q = a + d * (b + c * d)
+    q = q - q[:1]  # u is unchanged, and what the q_k share is not rounded into it (as in the native kernel)
     u = tau * (q - (tau * q).sum(0))
     return u, tau * (b + 2 * c * d) + 2 * _components(quad_coef) * d * u
 

@@ -192,6 +192,11 @@ inline Vectorized<T> entry(
       const Vec& bk = Mixed ? b[k] : cf.b[k];
       const Vec slope = cf.quadratic ? at::vec::fmadd(cf.c[k], d[k], bk) : bk;
       q[k] = at::vec::fmadd(slope, d[k], a);
+    }
+    // u_k = tau_k (q_k - sum_j tau_j q_j) does not change when every q_k moves alike: taken about q_0,
+    // what the q_k share (most of the input gradient's own size) is not rounded into u (K = 1: u = 0).
+    for (int64_t k = K - 1; k >= 0; --k) {
+      q[k] = q[k] - q[0];
       mean_q = at::vec::fmadd(e[k], q[k], mean_q);
     }
     mean_q = mean_q * inverse;
