@@ -706,7 +706,5 @@ def reproduce_adamatch(
     results = {"experiment": "adamatch", "source": source, "target": target, "scale": dataclasses.asdict(scale),
                "seeds": list(seeds), "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(r["seconds"] for hs in histories.values() for h in hs for r in h)}
-    write_results(root, _adamatch_table(source, target, scale, results), results)
-    _adamatch_figures(root, histories)
-    print(f"\n{(root / 'table.md').read_text()}\nresults in {root}")
-    return root
+    return write_results(root, _adamatch_table(source, target, scale, results), results,
+                         lambda: _adamatch_figures(root, histories))

@@ -409,10 +409,8 @@ def reproduce_dcgan(
                "command": command, "metric": dataclasses.asdict(metric), "real_test_floor": floor, "rows": rows,
                "device": str(device_), "train_seconds": sum(r["seconds"] + r.get("fid_seconds", 0)
                                                             for hs in histories.values() for h in hs for r in h)}
-    write_results(root, _gan_table(dataset, scale, results), results)
-    _figures(root, histories, metric, grids)
-    print(f"\n{(root / 'table.md').read_text()}\nresults in {root}")
-    return root
+    return write_results(root, _gan_table(dataset, scale, results), results,
+                         lambda: _figures(root, histories, metric, grids))
 
 
 def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:

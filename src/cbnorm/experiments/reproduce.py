@@ -272,10 +272,8 @@ def reproduce(
     results = {"experiment": experiment.name, "dataset": dataset, "scale": asdict(scale), "seeds": list(seeds),
                "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
-    write_results(root, _table(experiment, dataset, scale, results), results)
-    _figures(experiment, scale, seeds, root, histories, data)
-    print(f"\n{(root / 'table.md').read_text()}\nresults in {root}")
-    return root
+    return write_results(root, _table(experiment, dataset, scale, results), results,
+                         lambda: _figures(experiment, scale, seeds, root, histories, data))
 
 
 def _figures(experiment: Experiment, scale: Scale, seeds, root: Path, histories: dict, data: Dataset) -> None:

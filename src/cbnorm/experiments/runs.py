@@ -248,7 +248,11 @@ def run_each(runs: Sequence[tuple[Hashable, str]], start: Callable[[Hashable], T
     return results, failures
 
 
-def write_results(root: Path, table: str, results: dict) -> None:
-    """``table.md`` and ``summary.json`` of a reproduction."""
+def write_results(root: Path, table: str, results: dict, figures: Callable[[], None]) -> Path:
+    """A reproduction's ``table.md`` and ``summary.json``, then its figures (``figures()``); prints the
+    table and returns ``root``."""
     (root / "table.md").write_text(table)
     (root / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    figures()
+    print(f"\n{table}\nresults in {root}")
+    return root

@@ -290,10 +290,8 @@ def reproduce_superclass(
     results = {"experiment": experiment.name, "dataset": data.name, "scale": asdict(scale), "seeds": list(seeds),
                "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
-    write_results(root, _table(experiment, data, scale, results), results)
-    _figures(experiment, seeds, root, histories, data)
-    print(f"\n{(root / 'table.md').read_text()}\nresults in {root}")
-    return root
+    return write_results(root, _table(experiment, data, scale, results), results,
+                         lambda: _figures(experiment, seeds, root, histories, data))
 
 
 def _figures(experiment: SuperclassExperiment, seeds, root: Path, histories: dict, data: Dataset) -> None:
