@@ -134,6 +134,8 @@ class TestPieces:
     def test_config_errors(self):
         with pytest.raises(ValueError, match="expected uratio to be a positive int, got 0"):
             adamatch.AdaMatchConfig(uratio=0)
+        with pytest.raises(ValueError, match=r"expected bn_momentum to be in \(0, 1\], got 0"):
+            adamatch.AdaMatchConfig(bn_momentum=0)
         with pytest.raises(ValueError, match="expected the same classes in both domains"):
             three = Dataset("three", Split(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)),
                             Split(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)), ["a", "b", "c"])
