@@ -6,8 +6,9 @@ compiler (``$CXX``, else ``c++``), cached under ``$CBNORM_CACHE_DIR`` (default
 ``torch.ops.cbnorm_native.*``. No ninja, pybind11 or Python headers are needed.
 
 ``CBNORM_KERNELS`` picks the implementation: ``auto`` (default: native kernels when they build,
-else the pure-PyTorch ones, with one warning), ``native`` (fail loudly when they do not build) or
-``eager`` (never build; pure PyTorch everywhere).
+else the pure-PyTorch ones, with one warning; Triton kernels on CUDA), ``native`` (fail loudly when
+they do not build), ``eager`` (never build; pure PyTorch everywhere) or ``triton`` (the Triton
+kernels of :mod:`cbnorm._triton` for every tensor they take; CPU tensors need ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 __all__ = ["kernels_mode", "native_ops"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-_MODES = ("auto", "native", "eager")
+_MODES = ("auto", "native", "eager", "triton")
 # Instruction-set flags and macros, as torch.backends.cpu.get_cpu_capability() names the sets.
 _ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
@@ -40,7 +41,7 @@ _ops = None  # the loaded namespace, False after a failed build, None before any
 
 
 def kernels_mode() -> str:
-    """``$CBNORM_KERNELS``: ``"auto"``, ``"native"`` or ``"eager"``."""
+    """``$CBNORM_KERNELS``: ``"auto"``, ``"native"``, ``"eager"`` or ``"triton"``."""
     mode = os.environ.get("CBNORM_KERNELS", "auto").lower()
     if mode not in _MODES:
         raise ValueError(f"CBNORM_KERNELS must be one of {_MODES}, got {mode!r}")
