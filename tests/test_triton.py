@@ -291,6 +291,35 @@ def test_cpu_users_never_import_triton_and_forcing_it_needs_the_interpreter():
             "interpreter: set TRITON_INTERPRET=1 before triton is imported") in result.stdout
 
 
+def test_every_kernel_compiles_for_a_gpu():
+    """Triton's GPU compiler, which the interpreter skips, accepts every kernel (PTX for sm_90, no GPU needed):
+    each kernel and option once, with a bfloat16 input."""
+    result = run_python("""
+        import importlib, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        kernels = {name: importlib.import_module(f"cbnorm._triton.{name}") for name in ("moments", "transform", "backward", "scale_shift", "_core")}
+        def compile(fn, **constants):
+            signature = {name: "constexpr" if name in constants else "*bf16" if name in ("x_ptr", "omega_ptr", "out_ptr", "grad_ptr", "grad_x_ptr")
+                         else "*fp32" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+            ptx = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            assert ".entry" in ptx
+        for last in (False, True):
+            mixture = dict(K=3, BLOCK_K=4, ROWS=8 if last else 1, COLS=64 if last else 512, CHANNELS_LAST=last, WIDE=last)
+            compile(kernels["moments"]._moments_kernel, **mixture)
+            compile(kernels["transform"]._transform_kernel, **mixture)
+            for mixed in (False, True):
+                compile(kernels["backward"]._vjp_kernel, **mixture, HAS_OMEGA=True, HAS_C=True, MIXED=mixed, GRAD=True,
+                        TAU_MOMENTS=not mixed, U_MOMENTS=not mixed)
+            sample = dict(ROWS=32 if last else 4, COLS=64 if last else 512, CHANNELS_LAST=last, WIDE=last)
+            compile(kernels["scale_shift"]._scale_shift_kernel, **sample)
+            compile(kernels["scale_shift"]._scale_shift_backward_kernel, **sample)
+        compile(kernels["_core"]._sum_splits_kernel, BLOCK=1024)
+        print("compiled")
+        """, TRITON_DEFAULT_FP_FUSION="1")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
     module = importlib.util.module_from_spec(spec)

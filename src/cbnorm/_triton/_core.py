@@ -1,9 +1,9 @@
 """What the Triton kernels share: the tiling of ``(N, C, L)`` activations, the posteriors, the split sums.
 
 A mixture kernel runs on a grid ``(groups, splits)``. A *group* is one channel (channels-first: a
-channel's entries are rows of ``L`` contiguous values, one per sample) or ``COLS`` consecutive
-channels (channels-last: every position holds ``C`` contiguous values). A group's entries are cut
-into tiles of ``ROWS x COLS``; *split* ``s`` takes ``tiles_per_program`` consecutive tiles, so a
+channel's entries are rows of ``L`` contiguous values, one per sample, and a tile is a run of them
+across rows) or ``COLS`` consecutive channels (channels-last: every position holds ``C`` contiguous
+values, and a tile is ``ROWS`` positions). A group's entries are cut into tiles of ``ROWS x COLS``; *split* ``s`` takes ``tiles_per_program`` consecutive tiles, so a
 channel's sums over ``N * L`` are spread over ``splits`` programs. Each program writes its partial
 sums to its own slot of a ``(splits, rows, K, C)`` buffer, which :func:`sum_splits` then adds in a
 fixed order: no atomics, and the same input gives the same bits on every run.
@@ -23,10 +23,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: the kernels may read it
 
-# Components x entries in one tile: the registers a program holds per tile-sized temporary.
+# Components x entries in one tile, and the warps that hold it: 8 values per thread per tile-sized
+# temporary, of which the backward pass keeps about a dozen live.
 TILE_ELEMENTS = 2048
+NUM_WARPS = 8
 # Programs a pass aims for: enough to fill the GPU several times over (per streaming multiprocessor);
 # on CPU tensors (the interpreter) a few, which still split every channel's sums.
 PROGRAMS_PER_MULTIPROCESSOR = 4
@@ -83,9 +85,9 @@ class Plan:
         return self.groups, self.splits
 
     def constants(self, num_components: int) -> dict:
-        """The compile-time arguments every mixture kernel takes."""
+        """The compile-time arguments every mixture kernel takes, and its launch options."""
         return {"K": num_components, "BLOCK_K": self.block_k, "ROWS": self.rows, "COLS": self.cols,
-                "CHANNELS_LAST": self.channels_last, "WIDE": self.wide}
+                "CHANNELS_LAST": self.channels_last, "WIDE": self.wide, "num_warps": NUM_WARPS}
 
 
 def plan(x: Tensor, num_components: int) -> Plan:
@@ -97,10 +99,9 @@ def plan(x: Tensor, num_components: int) -> Plan:
         cols = min(triton.next_power_of_2(channels), MAX_CHANNELS_PER_TILE, entries)
         rows = entries // cols
         groups, tiles = triton.cdiv(channels, cols), triton.cdiv(batch * length, rows)
-    else:
-        cols = min(triton.next_power_of_2(length), entries)
-        rows = entries // cols
-        groups, tiles = channels, triton.cdiv(batch, rows) * triton.cdiv(length, cols)
+    else:  # one tile shape for every L: fewer kernels to compile
+        rows, cols = 1, entries
+        groups, tiles = channels, triton.cdiv(batch * length, entries)
     splits = max(min(triton.cdiv(_target_programs(x.device), groups), tiles), 1)
     per_program = max(triton.cdiv(tiles, splits), 1)
     return Plan(groups, triton.cdiv(tiles, per_program) or 1, per_program, block_k, rows, cols, last,
@@ -110,7 +111,7 @@ def plan(x: Tensor, num_components: int) -> Plan:
 def shape_arguments(x: Tensor, plan: Plan) -> tuple[int, ...]:
     """The runtime arguments every mixture kernel takes after its pointers."""
     batch, channels, length = x.shape
-    return batch, channels, length, batch * length, plan.tiles_per_program
+    return channels, length, batch * length, plan.tiles_per_program
 
 
 @triton.jit
@@ -124,7 +125,7 @@ def tile_channels(group, COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def tile_offsets(tile, group, N, C, L, positions, ROWS: tl.constexpr, COLS: tl.constexpr,
+def tile_offsets(tile, group, C, L, positions, ROWS: tl.constexpr, COLS: tl.constexpr,
                  CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr):
     """``(offsets, mask)``, ``[ROWS, COLS]``, of tile ``tile`` of group ``group``; a tile past the end is all masked."""
     rows = tl.arange(0, ROWS)[:, None]
@@ -136,14 +137,13 @@ def tile_offsets(tile, group, N, C, L, positions, ROWS: tl.constexpr, COLS: tl.c
         channel = group * COLS + cols
         offsets = position * C + channel
         mask = (position < positions) & (channel < C)
-    else:  # (n, c, l) at (n * C + c) * L + l; tiles run over (sample block, position block)
-        tiles_along_l = tl.cdiv(L, COLS)
-        sample = (tile // tiles_along_l) * ROWS + rows
+    else:  # (n, c, l) at (n * C + c) * L + l; a tile is a run of p = n * L + l, rows running across samples
+        index = tile * (ROWS * COLS) + rows * COLS + cols
         if WIDE:
-            sample = sample.to(tl.int64)
-        position = (tile % tiles_along_l) * COLS + cols
-        offsets = (sample * C + group) * L + position
-        mask = (sample < N) & (position < L)
+            index = index.to(tl.int64)
+        sample = index // L
+        offsets = (sample * C + group) * L + (index - sample * L)
+        mask = index < positions
     return offsets, mask
 
 

@@ -39,7 +39,7 @@ from ._core import (
 def _vjp_kernel(
     x_ptr, omega_ptr, mean_ptr, log_coef_ptr, quad_coef_ptr, a_ptr, b_ptr, c_ptr, wa_ptr, wb_ptr, grad_ptr,
     partial_ptr,
-    N, C, L, positions, tiles_per_program,
+    C, L, positions, tiles_per_program,
     K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
     HAS_OMEGA: tl.constexpr, HAS_C: tl.constexpr, MIXED: tl.constexpr,
@@ -66,7 +66,7 @@ def _vjp_kernel(
     u_1 = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     u_2 = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     for i in range(tiles_per_program):
-        offsets, mask = tile_offsets(split * tiles_per_program + i, group, N, C, L, positions, ROWS, COLS,
+        offsets, mask = tile_offsets(split * tiles_per_program + i, group, C, L, positions, ROWS, COLS,
                                      CHANNELS_LAST, WIDE)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         d, e, inverse = posteriors(x, mask, mean, log2_coef, quad2_coef, K, BLOCK_K)

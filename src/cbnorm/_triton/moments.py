@@ -24,7 +24,7 @@ from ._core import (
 @triton.jit
 def _moments_kernel(
     x_ptr, mean_ptr, log_coef_ptr, quad_coef_ptr, partial_ptr,
-    N, C, L, positions, tiles_per_program,
+    C, L, positions, tiles_per_program,
     K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -37,7 +37,7 @@ def _moments_kernel(
     first = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     second = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     for i in range(tiles_per_program):
-        offsets, mask = tile_offsets(split * tiles_per_program + i, group, N, C, L, positions, ROWS, COLS,
+        offsets, mask = tile_offsets(split * tiles_per_program + i, group, C, L, positions, ROWS, COLS,
                                      CHANNELS_LAST, WIDE)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         d, e, inverse = posteriors(x, mask, mean, log2_coef, quad2_coef, K, BLOCK_K)

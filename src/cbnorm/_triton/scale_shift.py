@@ -13,36 +13,42 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._core import MAX_CHANNELS_PER_TILE, TILE_ELEMENTS, channels_last, check_activations
+from ._core import MAX_CHANNELS_PER_TILE, NUM_WARPS, TILE_ELEMENTS, channels_last, check_activations
 
 
 @triton.jit
-def _sample_tile(program, step, C, L, num_rows, ROWS: tl.constexpr, COLS: tl.constexpr,
-                 CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr):
-    """``(offsets, mask, row, row_mask)`` of step ``step`` of ``program``: ``[ROWS, COLS]`` entries, and the
-    index ``n * C + c`` of their ``(n, c)`` rows, ``[ROWS, 1]`` or ``[1, COLS]``: the sums run over the other axis."""
-    rows = tl.arange(0, ROWS)[:, None]
-    cols = tl.arange(0, COLS)[None, :]
-    if CHANNELS_LAST:  # program: (sample, channel block); steps run along the sample's positions
+def _sample_rows(program, C, num_rows, ROWS: tl.constexpr, COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                 WIDE: tl.constexpr):
+    """``(row, mask)``: the index ``n * C + c`` of the ``(n, c)`` rows that ``program`` owns, ``[1, COLS]``
+    (channels-last: ``COLS`` channels of one sample) or ``[ROWS, 1]`` (channels-first: ``ROWS`` rows)."""
+    if CHANNELS_LAST:
         blocks = tl.cdiv(C, COLS)
         sample = program // blocks
-        channel = (program % blocks) * COLS + cols
-        position = step * ROWS + rows
         if WIDE:
             sample = sample.to(tl.int64)
+        channel = (program % blocks) * COLS + tl.arange(0, COLS)[None, :]
         row = sample * C + channel
-        row_mask = channel < C
-        offsets = (sample * L + position) * C + channel
-        mask = (position < L) & row_mask
-    else:  # program: ROWS consecutive (n, c) rows; steps run along l
-        row = program * ROWS + rows
+        mask = channel < C
+    else:
+        row = program * ROWS + tl.arange(0, ROWS)[:, None]
         if WIDE:
             row = row.to(tl.int64)
-        position = step * COLS + cols
-        row_mask = row < num_rows
+        mask = row < num_rows
+    return row, mask
+
+
+@triton.jit
+def _sample_tile(row, row_mask, step, C, L, ROWS: tl.constexpr, COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """``(offsets, mask)``, ``[ROWS, COLS]``, of step ``step`` along the rows: ``ROWS`` positions of every
+    row (channels-last) or ``COLS`` positions of each (channels-first)."""
+    if CHANNELS_LAST:  # row = n * C + c, (n, l, c) at (n * L + l) * C + c
+        position = step * ROWS + tl.arange(0, ROWS)[:, None]
+        channel = row % C
+        offsets = ((row - channel) * L + position * C) + channel
+    else:  # (n, c, l) at row * L + l
+        position = step * COLS + tl.arange(0, COLS)[None, :]
         offsets = row * L + position
-        mask = row_mask & (position < L)
-    return offsets, mask, row, row_mask
+    return offsets, row_mask & (position < L)
 
 
 @triton.jit
@@ -50,12 +56,11 @@ def _scale_shift_kernel(
     x_ptr, scale_ptr, shift_ptr, out_ptr, C, L, num_rows, steps,
     ROWS: tl.constexpr, COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
 ):
-    program = tl.program_id(0)
-    _, _, row, row_mask = _sample_tile(program, 0, C, L, num_rows, ROWS, COLS, CHANNELS_LAST, WIDE)
+    row, row_mask = _sample_rows(tl.program_id(0), C, num_rows, ROWS, COLS, CHANNELS_LAST, WIDE)
     scale = tl.load(scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
     for step in range(steps):
-        offsets, mask, _, _ = _sample_tile(program, step, C, L, num_rows, ROWS, COLS, CHANNELS_LAST, WIDE)
+        offsets, mask = _sample_tile(row, row_mask, step, C, L, ROWS, COLS, CHANNELS_LAST)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, (x * scale + shift).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -65,13 +70,12 @@ def _scale_shift_backward_kernel(
     x_ptr, grad_ptr, scale_ptr, grad_x_ptr, grad_scale_ptr, grad_shift_ptr, C, L, num_rows, steps,
     ROWS: tl.constexpr, COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
 ):
-    program = tl.program_id(0)
-    _, _, row, row_mask = _sample_tile(program, 0, C, L, num_rows, ROWS, COLS, CHANNELS_LAST, WIDE)
+    row, row_mask = _sample_rows(tl.program_id(0), C, num_rows, ROWS, COLS, CHANNELS_LAST, WIDE)
     scale = tl.load(scale_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
     grad_x_sum = tl.zeros([ROWS, COLS], tl.float32)
     grad_sum = tl.zeros([ROWS, COLS], tl.float32)
     for step in range(steps):
-        offsets, mask, _, _ = _sample_tile(program, step, C, L, num_rows, ROWS, COLS, CHANNELS_LAST, WIDE)
+        offsets, mask = _sample_tile(row, row_mask, step, C, L, ROWS, COLS, CHANNELS_LAST)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(grad_x_ptr + offsets, (grad * scale).to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -97,7 +101,7 @@ def _launch(kernel, x: Tensor, *tensors: Tensor) -> None:
         rows = TILE_ELEMENTS // cols
         programs, steps = triton.cdiv(batch * channels, rows), triton.cdiv(length, cols)
     kernel[(programs,)](x, *tensors, channels, length, batch * channels, steps,
-                        ROWS=rows, COLS=cols, CHANNELS_LAST=last, WIDE=x.numel() >= 2**31)
+                        ROWS=rows, COLS=cols, CHANNELS_LAST=last, WIDE=x.numel() >= 2**31, num_warps=NUM_WARPS)
 
 
 def _check(x: Tensor, scale: Tensor, name: str = "scale") -> None:

@@ -22,7 +22,7 @@ from ._core import (
 @triton.jit
 def _transform_kernel(
     x_ptr, mean_ptr, log_coef_ptr, quad_coef_ptr, a_ptr, b_ptr, out_ptr,
-    N, C, L, positions, tiles_per_program,
+    C, L, positions, tiles_per_program,
     K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -34,7 +34,7 @@ def _transform_kernel(
     a = load_components(a_ptr, channel, C, K, BLOCK_K)
     b = load_components(b_ptr, channel, C, K, BLOCK_K)
     for i in range(tiles_per_program):
-        offsets, mask = tile_offsets(split * tiles_per_program + i, group, N, C, L, positions, ROWS, COLS,
+        offsets, mask = tile_offsets(split * tiles_per_program + i, group, C, L, positions, ROWS, COLS,
                                      CHANNELS_LAST, WIDE)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         d, e, inverse = posteriors(x, mask, mean, log2_coef, quad2_coef, K, BLOCK_K)
