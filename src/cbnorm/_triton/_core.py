@@ -157,20 +157,33 @@ def load_components(pointer, channel, C, K: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def posteriors(x, mask, mean, log2_coef, quad2_coef, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``(d, e, inverse)`` of the ``[ROWS, COLS]`` entries ``x``: ``d = x - mean`` and ``e = tau * total``,
-    ``[BLOCK_K, ROWS, COLS]``, and ``inverse = 1 / total``, ``[ROWS, COLS]``, zero on masked entries.
+def channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                    COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """``(channel, mean, log2_coef, quad_coef)``: the group's channels ``[COLS]`` and their components'
+    coefficients ``[BLOCK_K, 1, COLS]``, ``log_coef`` in base 2 (times log2(e)) for ``exp2``."""
+    channel = tile_channels(group, COLS, CHANNELS_LAST)
+    mean = load_components(mean_ptr, channel, C, K, BLOCK_K)
+    log2_coef = load_components(log_coef_ptr, channel, C, K, BLOCK_K) * LOG2E
+    quad_coef = load_components(quad_coef_ptr, channel, C, K, BLOCK_K)
+    return channel, mean, log2_coef, quad_coef
 
-    The logits come in base 2 (``log2_coef``, ``quad2_coef``: times log2(e)) so that the posteriors
-    take ``exp2``; components past ``K`` get ``e = 0``.
-    """
+
+@triton.jit
+def tile_posteriors(x_ptr, tile, group, C, L, positions, mean, log2_coef, quad_coef, K: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    WIDE: tl.constexpr):
+    """``(offsets, mask, d, e, inverse)`` of tile ``tile``: its ``[ROWS, COLS]`` entries' offsets and mask,
+    ``d = x - mean`` and ``e = tau * total``, ``[BLOCK_K, ROWS, COLS]``, and ``inverse = 1 / total``,
+    ``[ROWS, COLS]``, zero on masked entries. Components past ``K`` get ``e = 0``."""
+    offsets, mask = tile_offsets(tile, group, C, L, positions, ROWS, COLS, CHANNELS_LAST, WIDE)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     present = tl.arange(0, BLOCK_K)[:, None, None] < K
     d = x[None, :, :] - mean
-    logit = tl.where(present, log2_coef + quad2_coef * d * d, float("-inf"))
+    logit = tl.where(present, log2_coef + (quad_coef * LOG2E) * d * d, float("-inf"))
     top = tl.max(logit, axis=0)
     e = tl.exp2(logit - top[None, :, :])
     inverse = tl.where(mask, 1.0 / tl.sum(e, axis=0), 0.0)
-    return d, e, inverse
+    return offsets, mask, d, e, inverse
 
 
 @triton.jit

@@ -22,16 +22,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ._core import (
-    LOG2E,
+    channel_mixture,
     check_activations,
     load_components,
     plan,
-    posteriors,
     shape_arguments,
     store_sums,
     sum_splits,
-    tile_channels,
-    tile_offsets,
+    tile_posteriors,
 )
 
 
@@ -46,11 +44,8 @@ def _vjp_kernel(
     GRAD: tl.constexpr, TAU_MOMENTS: tl.constexpr, U_MOMENTS: tl.constexpr,
 ):
     group, split = tl.program_id(0), tl.program_id(1)
-    channel = tile_channels(group, COLS, CHANNELS_LAST)
-    mean = load_components(mean_ptr, channel, C, K, BLOCK_K)
-    log2_coef = load_components(log_coef_ptr, channel, C, K, BLOCK_K) * LOG2E
-    quad_coef = load_components(quad_coef_ptr, channel, C, K, BLOCK_K)
-    quad2_coef = quad_coef * LOG2E
+    channel, mean, log2_coef, quad_coef = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K, BLOCK_K,
+                                                          COLS, CHANNELS_LAST)
     a = load_components(a_ptr, channel, C, K, BLOCK_K)
     b = load_components(b_ptr, channel, C, K, BLOCK_K)
     if HAS_C:
@@ -66,10 +61,9 @@ def _vjp_kernel(
     u_1 = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     u_2 = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     for i in range(tiles_per_program):
-        offsets, mask = tile_offsets(split * tiles_per_program + i, group, C, L, positions, ROWS, COLS,
-                                     CHANNELS_LAST, WIDE)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        d, e, inverse = posteriors(x, mask, mean, log2_coef, quad2_coef, K, BLOCK_K)
+        offsets, mask, d, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L, positions,
+                                                       mean, log2_coef, quad_coef, K, BLOCK_K, ROWS, COLS,
+                                                       CHANNELS_LAST, WIDE)
         weight = inverse
         if HAS_OMEGA:
             omega = tl.load(omega_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

@@ -7,16 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._core import (
-    LOG2E,
-    check_activations,
-    load_components,
-    plan,
-    posteriors,
-    shape_arguments,
-    tile_channels,
-    tile_offsets,
-)
+from ._core import channel_mixture, check_activations, load_components, plan, shape_arguments, tile_posteriors
 
 
 @triton.jit
@@ -27,17 +18,14 @@ def _transform_kernel(
     CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
 ):
     group, split = tl.program_id(0), tl.program_id(1)
-    channel = tile_channels(group, COLS, CHANNELS_LAST)
-    mean = load_components(mean_ptr, channel, C, K, BLOCK_K)
-    log2_coef = load_components(log_coef_ptr, channel, C, K, BLOCK_K) * LOG2E
-    quad2_coef = load_components(quad_coef_ptr, channel, C, K, BLOCK_K) * LOG2E
+    channel, mean, log2_coef, quad_coef = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K, BLOCK_K,
+                                                          COLS, CHANNELS_LAST)
     a = load_components(a_ptr, channel, C, K, BLOCK_K)
     b = load_components(b_ptr, channel, C, K, BLOCK_K)
     for i in range(tiles_per_program):
-        offsets, mask = tile_offsets(split * tiles_per_program + i, group, C, L, positions, ROWS, COLS,
-                                     CHANNELS_LAST, WIDE)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        d, e, inverse = posteriors(x, mask, mean, log2_coef, quad2_coef, K, BLOCK_K)
+        offsets, mask, d, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L, positions,
+                                                       mean, log2_coef, quad_coef, K, BLOCK_K, ROWS, COLS,
+                                                       CHANNELS_LAST, WIDE)
         y = tl.sum(e * (a + b * d), axis=0) * inverse
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
