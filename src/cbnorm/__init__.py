@@ -7,7 +7,7 @@ Example::
     >>> y = norm(torch.randn(32, 64, 8, 8))
 """
 
-from . import distributed, functional, mixture
+from . import distributed, functional, kernels, mixture
 from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
 from .context import cluster_context
 from .distributed import convert_sync_cbnorm
@@ -33,6 +33,7 @@ __all__ = [
     "functional",
     "get_norm_layer",
     "image_features",
+    "kernels",
     "mixture",
     "norm_layer_names",
     "register_norm_layer",
