@@ -111,7 +111,7 @@ def _load_or_warn(strict: bool):
             f"cbnorm: native CPU kernels unavailable ({error}); using the pure-PyTorch kernels, which are "
             f"several times slower. Set CBNORM_KERNELS=eager to skip the build.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
         return False
 
