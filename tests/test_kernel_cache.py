@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cbnorm import _cache, _native
+from cbnorm import _cache, _native, kernels
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native kernels build on Linux only")
 
@@ -202,7 +202,7 @@ class TestBuild:
             os.kill(int(started.read_text()), signal.SIGKILL)  # the orphaned compiler
         assert scratch_files(cache)  # what the killed build was writing
 
-        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "exit 1")))
+        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "exit 1", "failing-c++")))
         with pytest.warns(RuntimeWarning, match=FALLBACK):
             assert _native.native_ops() is None  # the next build
         assert not scratch_files(cache)
@@ -232,45 +232,47 @@ class TestBuild:
         assert _native.status() == (True, f"{target} verifies")
 
 
-def test_build_and_info_commands(cache, real_library, tmp_path, monkeypatch):
-    monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, f'cp "{real_library}" "$out"')))
-    target = _native.library_path()
+class TestCommands:
+    def test_build(self, cache, real_library, tmp_path, monkeypatch, capsys):
+        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, f'cp "{real_library}" "$out"')))
+        target = _native.library_path()
+        built = kernels_command("build")
+        assert built.returncode == 0, built.stderr
+        announce, done = built.stderr.splitlines()
+        assert announce == (f"cbnorm: building the native CPU kernels into {target}; about a minute, once per torch "
+                            f"version and CPU")
+        assert done.startswith("cbnorm: built the native CPU kernels in ") and done.endswith(" s")
+        assert built.stdout == f"native CPU kernels ready: {target}\n"
+        again = kernels_command("build")
+        assert again.stderr == "" and again.stdout == built.stdout
 
-    info = kernels_command("info")
-    assert info.returncode == 0, info.stderr
-    assert f"CBNORM_CACHE_DIR      {cache} (from $CBNORM_CACHE_DIR)" in info.stdout
-    assert f"native library        {target}\n" in info.stdout
-    assert "no: not built yet: builds at the first call, or now with `python -m cbnorm.kernels build`" in info.stdout
-    assert "mixture_moments             eager\n" in info.stdout
+        monkeypatch.setenv("CBNORM_KERNELS", "eager")
+        assert kernels.main(["build"]) == 0
+        assert capsys.readouterr().out == "CBNORM_KERNELS=eager: the pure-PyTorch kernels run, nothing to build\n"
+        monkeypatch.setenv("CBNORM_KERNELS", "auto")
+        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "echo 'kernels.cpp:1: error: boom' >&2; exit 1", "failing-c++")))
+        assert kernels.main(["build"]) == 1
+        failed = capsys.readouterr().err
+        assert f"cbnorm: the native CPU kernels are unavailable: compiling {_native.library_path()} failed (exit " \
+               f"status 1):\nkernels.cpp:1: error: boom" in failed
 
-    built = kernels_command("build")
-    assert built.returncode == 0, built.stderr
-    announce, done = built.stderr.splitlines()
-    assert announce == (f"cbnorm: building the native CPU kernels into {target}; about a minute, once per torch "
-                        f"version and CPU")
-    assert done.startswith("cbnorm: built the native CPU kernels in ") and done.endswith(" s")
-    assert built.stdout == f"native CPU kernels ready: {target}\n"
-    again = kernels_command("build")
-    assert again.stderr == "" and again.stdout == built.stdout
+    def test_info(self, cache, real_library, tmp_path, monkeypatch):
+        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, f'cp "{real_library}" "$out"')))
+        target = _native.library_path()
+        info = kernels_command("info")
+        assert info.returncode == 0, info.stderr
+        assert f"CBNORM_CACHE_DIR      {cache} (from $CBNORM_CACHE_DIR)\n" in info.stdout
+        assert f"native library        {target}\n" in info.stdout
+        assert "no: not built yet: builds at the first call, or now with `python -m cbnorm.kernels build`\n" in info.stdout
+        assert "mixture_moments             eager\n" in info.stdout
 
-    info = kernels_command("info")
-    assert f"yes: {target} verifies" in info.stdout
-    assert "mixture_moments             native, else eager\n" in info.stdout
-    target.write_bytes(target.read_bytes()[:1000])
-    assert "fails verification (its SHA-256 differs from the manifest's: truncated or replaced)" \
-        in kernels_command("info").stdout
-
-    monkeypatch.setenv("CBNORM_KERNELS", "eager")
-    assert "no: off: CBNORM_KERNELS=eager" in kernels_command("info").stdout
-    assert kernels_command("build").stdout == "CBNORM_KERNELS=eager: the pure-PyTorch kernels run, nothing to build\n"
-
-    monkeypatch.setenv("CBNORM_KERNELS", "auto")
-    monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "echo 'kernels.cpp:1: error: boom' >&2; exit 1")))
-    failed = kernels_command("build")
-    assert failed.returncode == 1
-    assert f"cbnorm: the native CPU kernels are unavailable: compiling {_native.library_path()} failed (exit status 1)" \
-        in failed.stderr
-    assert "kernels.cpp:1: error: boom" in failed.stderr
+        _native.build()
+        assert f"yes: {target} verifies\n" in kernels.info()
+        assert "mixture_moments             native, else eager\n" in kernels.info()
+        target.write_bytes(target.read_bytes()[:1000])
+        assert "fails verification (its SHA-256 differs from the manifest's: truncated or replaced)" in kernels.info()
+        monkeypatch.setenv("CBNORM_KERNELS", "eager")
+        assert "no: off: CBNORM_KERNELS=eager\n" in kernels.info()
 
 
 def test_training_builds_the_kernels_before_the_first_epoch(real_library, tmp_path, monkeypatch):
