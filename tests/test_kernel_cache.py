@@ -253,8 +253,12 @@ class TestCommands:
         monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "echo 'kernels.cpp:1: error: boom' >&2; exit 1", "failing-c++")))
         assert kernels.main(["build"]) == 1
         failed = capsys.readouterr().err
-        assert f"cbnorm: the native CPU kernels are unavailable: compiling {_native.library_path()} failed (exit " \
-               f"status 1):\nkernels.cpp:1: error: boom" in failed
+        assert failed.endswith(f"\npython -m cbnorm.kernels build: compiling {_native.library_path()} failed (exit "
+                               f"status 1):\nkernels.cpp:1: error: boom\n")
+        monkeypatch.setenv("CBNORM_BUILD_TIMEOUT", "0")
+        assert kernels.main(["info"]) == 1
+        assert capsys.readouterr().err == ("python -m cbnorm.kernels info: CBNORM_BUILD_TIMEOUT must be a positive "
+                                           "number of seconds, got '0'\n")
 
     def test_info(self, cache, real_library, tmp_path, monkeypatch):
         monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, f'cp "{real_library}" "$out"')))

@@ -263,7 +263,7 @@ def _run(command: list[str], timeout: float, target: Path) -> None:
         _kill_group(process)
         raise
     if process.returncode != 0:
-        raise RuntimeError(f"compiling {target} failed (exit status {process.returncode}):\n{output[-2000:]}")
+        raise RuntimeError(f"compiling {target} failed (exit status {process.returncode}):\n{output[-2000:].rstrip()}")
 
 
 def _kill_group(process: subprocess.Popen) -> None:

@@ -115,16 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("build", help="compile, verify and load the native CPU kernels now; exit status 1 if they fail")
     commands.add_parser("info", help="the settings, and which implementation each operator uses and why")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info())
-        return 0
-    if _native.kernels_mode() == "eager":
-        print("CBNORM_KERNELS=eager: the pure-PyTorch kernels run, nothing to build")
-        return 0
     try:
-        _native.load()
-    except RuntimeError as error:
-        print(f"cbnorm: the native CPU kernels are unavailable: {error}", file=sys.stderr)
+        if args.command == "info":
+            print(info())
+        elif _native.kernels_mode() == "eager":
+            print("CBNORM_KERNELS=eager: the pure-PyTorch kernels run, nothing to build")
+        else:
+            _native.load()
+            print(f"native CPU kernels ready: {_native.loaded_library()}")
+    except (RuntimeError, ValueError) as error:  # a failed build, a malformed setting
+        print(f"{parser.prog} {args.command}: {error}", file=sys.stderr)
         return 1
-    print(f"native CPU kernels ready: {_native.loaded_library()}")
     return 0
