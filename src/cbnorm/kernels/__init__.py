@@ -3,9 +3,10 @@
     python -m cbnorm.kernels build   # compile, verify and load the native CPU kernels now (once, about a minute)
     python -m cbnorm.kernels info    # the settings, and which implementation each operator uses and why
 
-Each call of an operator (:mod:`cbnorm._kernels`) takes the first implementation of
-``_IMPLEMENTATIONS`` that is available and takes such calls; ``$CBNORM_KERNELS`` (``auto``,
-``native``, ``eager``) decides which are available.
+The operators of :mod:`cbnorm._kernels` have several implementations. A call runs the first one, in
+the order of ``_IMPLEMENTATIONS``, that is available and takes that call (a new backend is one more
+entry there, and its dispatch in ``_kernels``); ``$CBNORM_KERNELS`` (``auto``, ``native``,
+``eager``) decides which are available.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _compiler_version() -> str:
         version = subprocess.run([compiler, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
         return str(error)
-    return f"{compiler}: {version.partition(chr(10))[0]}"
+    return f"{compiler}: {version.splitlines()[0] if version else '?'}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
