@@ -227,6 +227,9 @@ class TestBuild:
             assert process.returncode == 0, err
             assert out.split() == ["native", "True"], err
         assert len(compiles.read_text().split()) == 1
+        stderr = "".join(err for _, err in results)
+        assert stderr.count("cbnorm: building the native CPU kernels into") == 1
+        assert stderr.count("cbnorm: waiting for another process building the native CPU kernels in") == 1
         target = _native.library_path()
         assert sorted(path.name for path in target.parent.iterdir()) == sorted([".lock", target.name, target.name + ".json"])
         assert _native.status() == (True, f"{target} verifies")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -279,11 +280,13 @@ def _build_lock(folder: Path, timeout: float):
 
     deadline = time.monotonic() + timeout
     with open(folder / ".lock", "a") as handle:
-        while True:
+        for attempt in itertools.count():
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if attempt == 0:
+                    _say(f"waiting for another process building the native CPU kernels in {folder}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"another process has been building in {folder} for over {timeout:g} s "
                                        f"(CBNORM_BUILD_TIMEOUT)") from None
