@@ -214,13 +214,13 @@ class TestBuild:
         monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, compiler)))
         ready = [tmp_path / f"ready-{i}" for i in range(2)]
         processes = [
-            subprocess.Popen([sys.executable, "-c", f"open({str(flag)!r}, 'w').close()\n" + FORWARD],
+            subprocess.Popen([sys.executable, "-c", f"import cbnorm\nopen({str(flag)!r}, 'w').close()\n" + FORWARD],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for flag in ready
         ]
         for flag, process in zip(ready, processes):
             wait_for(flag, process)
-        time.sleep(2)  # both are past their checks: one compiles, the other waits for it
+        time.sleep(2)  # both are past their imports and checks: one compiles, the other waits for it
         go.touch()
         results = [process.communicate(timeout=120) for process in processes]
 
