@@ -294,12 +294,20 @@ def reproduce_superclass(
                          lambda: _figures(experiment, seeds, root, histories, data))
 
 
-def _figures(experiment: SuperclassExperiment, seeds, root: Path, histories: dict, data: Dataset) -> None:
-    curves, pca = experiment.figures
-    lines = {label: [histories[(norm, s)] for s in seeds if (norm, s) in histories] for label, norm in experiment.norms}
+def superclass_curves(experiment: SuperclassExperiment, dataset: str, root: Path, lines: dict) -> None:
+    """Figure 13 (or OxfordCNN's ``curves.png``) in ``root``, from each label's histories (one a seed)."""
+    curves = experiment.figures[0]
     lines = {label: h for label, h in lines.items() if h}
     if lines:
-        curves_figure({"": lines}, root / f"{curves}.png", ("train_loss", "test_loss", "test_acc"))
+        name = "Figure 13" if curves == "figure13" else "Curves"
+        curves_figure({"": lines}, root / f"{curves}.png", ("train_loss", "test_loss", "test_acc"),
+                      title=f"{name}: {experiment.model}, {dataset}")
+
+
+def _figures(experiment: SuperclassExperiment, seeds, root: Path, histories: dict, data: Dataset) -> None:
+    pca = experiment.figures[1]
+    superclass_curves(experiment, data.name, root, {
+        label: [histories[(norm, s)] for s in seeds if (norm, s) in histories] for label, norm in experiment.norms})
     for label, norm in experiment.norms:
         if (norm, seeds[0]) in histories:
             outputs, superclasses = run_outputs(root / "runs" / _run_name(norm, experiment.lr, seeds[0]), data=data)
