@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import Loader
+from .data import Loader, load_dataset
 from .metrics import read_metrics
 
 __all__ = ["Activations", "activation_figure", "capture", "curves_figure", "gradient_variance_figure",
@@ -433,8 +433,9 @@ def plot_runs(
                           paths[-1], title=f"Activations on {points} test images, with a 3-component mixture fit")
     if tsne:
         for d in run_dirs:
+            config = read_metrics(d)[0]
+            data = load_dataset(config["dataset"], data_dir or config["data_dir"])
             paths.append(out / f"tsne-{d.name}.png")
-            classes = _load_run(d, data_dir).data.classes
-            tsne_figure({d.name: run_snapshots(d, points, data_dir=data_dir)}, paths[-1], classes=classes,
+            tsne_figure({d.name: run_snapshots(d, points, data=data)}, paths[-1], classes=data.classes,
                         title=f"{d.name}: t-SNE of the classifier's inputs on {points} test images")
     return paths
