@@ -46,7 +46,7 @@ images and ``n_T = uratio * n_S`` target images, each weakly (``w``) and strongl
 **Optimiser** (the paper's): Adam, initial learning rate 0.03, cosine decay per step to 25% of it
 at the end (Keras' ``CosineDecay(0.03, T, alpha=0.25)`` of the example the paper's baseline numbers
 come from), no weight decay (that example's L2 regularisers are never added to its loss). Adam at
-0.03 is far above Adam's usual range; see the README for what it did here.
+0.03 is far above Adam's usual range; see ``docs/reproducing.md`` (AdaMatch) for what it did here.
 
 **Gradient variance** (Figure 12). On every ``--grad-every``-th step the gradients of the two loss
 terms are taken separately, :math:`g_S = \nabla_\theta L_S` and :math:`g_T = \nabla_\theta L_T`

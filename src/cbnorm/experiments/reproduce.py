@@ -99,7 +99,7 @@ def densenet(depth: int) -> Experiment:
 EXPERIMENTS = {"table5": TABLE5, "densenet40": densenet(40), "densenet100": densenet(100)}
 
 # `small` is sized from epochs timed on 2 shared CPU cores to take about an hour for all its runs,
-# MN's included (README, "Reproducing the paper"); `smoke` is CI's; `paper` is the paper's protocol.
+# MN's included (docs/reproducing.md); `smoke` is CI's; `paper` is the paper's protocol.
 SCALES: dict[str, dict[str, Scale]] = {
     "table5": {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),

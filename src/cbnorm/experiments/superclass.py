@@ -96,7 +96,7 @@ OXFORD_CNN = SuperclassExperiment(
 EXPERIMENTS = {"vit": VIT, "oxford_cnn": OXFORD_CNN}
 
 # `small` is sized from epochs timed with --threads 1 on 2 shared CPU cores (ViT: 65 s for 5,000 + 1,000
-# images; OxfordCNN: 55 s for 20,000 + 10,000) to take about 20-25 minutes for all its runs (README,
+# images; OxfordCNN: 55 s for 20,000 + 10,000) to take about 20-25 minutes for all its runs (docs/reproducing.md,
 # "Superclasses as prior clusters"); `smoke` is CI's; `paper` is the paper's protocol.
 SCALES: dict[str, dict[str, Scale]] = {
     "vit": {
