@@ -10,8 +10,8 @@ Example::
 from . import distributed, functional, mixture
 from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
 from .context import cluster_context
-from .distributed import convert_sync_cbnorm
-from .factory import convert_batchnorm, create_norm_layer, get_norm_layer, norm_layer_names, register_norm_layer
+from .convert import convert_batchnorm, convert_sync_cbnorm
+from .factory import create_norm_layer, get_norm_layer, norm_layer_names, register_norm_layer
 from .layers import SCBNorm, SCBNormBase, UCBNorm
 from .mixture_norm import MixtureNorm
 

@@ -1,15 +1,15 @@
-"""A name -> class registry so any model can take ``norm_layer=``, and BatchNorm replacement."""
+"""A name -> class registry so any model can take ``norm_layer=``; :func:`cbnorm.convert_batchnorm` uses it."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Union
 
 from torch import nn
 
 from .layers import SCBNorm, SCBNormBase, UCBNorm
 from .mixture_norm import MixtureNorm
 
-__all__ = ["register_norm_layer", "get_norm_layer", "create_norm_layer", "convert_batchnorm", "norm_layer_names"]
+__all__ = ["create_norm_layer", "get_norm_layer", "norm_layer_names", "register_norm_layer"]
 
 NormLayer = Union[str, type, Callable[..., nn.Module]]
 
@@ -71,43 +71,3 @@ def create_norm_layer(norm_layer: NormLayer, num_features: int, **kwargs) -> nn.
         SCBNorm(64, 3, eps=1e-05, ...)
     """
     return get_norm_layer(norm_layer)(num_features, **kwargs)
-
-
-def convert_batchnorm(
-    model: nn.Module, norm_layer: NormLayer, *, only: Optional[Iterable[str]] = None, **kwargs
-) -> nn.Module:
-    """Replace BatchNorm layers of ``model`` with ``norm_layer`` built by :func:`create_norm_layer`.
-
-    Args:
-        model: the model; changed in place.
-        norm_layer: a registered name, a class or a partial.
-        only: names from ``model.named_modules()`` of the BatchNorm layers to replace; all when ``None``.
-        kwargs: passed to the new layers (after ``num_features``).
-
-    Returns:
-        The model (the new layer itself when ``model`` is a BatchNorm layer). New layers take the
-        device and dtype of the layers they replace and start in the model's training mode.
-
-    Example::
-
-        >>> net = convert_batchnorm(net, "ucb", only=["features.2"], num_components=3)
-    """
-    factory = get_norm_layer(norm_layer)
-    batchnorms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    targets = set(batchnorms) if only is None else set(only)
-    missing = targets - set(batchnorms)
-    if missing:
-        raise ValueError(f"convert_batchnorm: {sorted(missing)} are not BatchNorm layers of the model; "
-                         f"its BatchNorm layers are {sorted(batchnorms)}")
-    for name in targets:
-        old = batchnorms[name]
-        new = factory(old.num_features, **kwargs)
-        reference = next((t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point()), None)
-        if reference is not None:
-            new = new.to(device=reference.device, dtype=reference.dtype)
-        new.train(old.training)
-        if name == "":
-            return new
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-    return model
