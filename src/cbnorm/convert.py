@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .distributed import GlobalSums, all_reduce_sum, sync_active
-from .factory import NormLayer, get_norm_layer
+from .factory import NormLayer, create_norm_layer, norm_layer_info
 from .layers import _RunningMixtureNorm
 
 __all__ = ["SyncBatchNorm", "convert_batchnorm", "convert_sync_cbnorm"]
@@ -33,7 +33,7 @@ def convert_batchnorm(
         model: the model; changed in place.
         norm_layer: a registered name, a class or a partial.
         only: names from ``model.named_modules()`` of the BatchNorm layers to replace; all when ``None``.
-        kwargs: passed to the new layers (after ``num_features``).
+        kwargs: passed to :func:`create_norm_layer` (after ``num_features``), ``k=`` included.
 
     Returns:
         The model (the new layer itself when ``model`` is a BatchNorm layer). New layers take the
@@ -41,9 +41,9 @@ def convert_batchnorm(
 
     Example::
 
-        >>> net = convert_batchnorm(net, "ucb", only=["features.2"], num_components=3)
+        >>> net = convert_batchnorm(net, "ucb", only=["features.2"], k=3)
     """
-    factory = get_norm_layer(norm_layer)
+    norm_layer_info(norm_layer)  # an unknown layer raises before the model is looked at
     batchnorms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     targets = set(batchnorms) if only is None else set(only)
     missing = targets - set(batchnorms)
@@ -52,7 +52,7 @@ def convert_batchnorm(
                          f"its BatchNorm layers are {sorted(batchnorms)}")
     for name in targets:
         old = batchnorms[name]
-        new = factory(old.num_features, **kwargs)
+        new = create_norm_layer(norm_layer, old.num_features, **kwargs)
         reference = next((t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point()), None)
         if reference is not None:
             new = new.to(device=reference.device, dtype=reference.dtype)
