@@ -21,6 +21,7 @@ from .factory import (
 )
 from .layers import SCBNorm, SCBNormBase, UCBNorm
 from .mixture_norm import MixtureNorm
+from .running_stats import preserve_running_stats
 
 __version__ = "0.1.0"
 
@@ -44,5 +45,6 @@ __all__ = [
     "mixture",
     "norm_layer_info",
     "norm_layer_names",
+    "preserve_running_stats",
     "register_norm_layer",
 ]
