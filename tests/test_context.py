@@ -125,3 +125,10 @@ class TestClusterContext:
             with cbnorm.cluster_context(ids):
                 torch.testing.assert_close(model(x), norm(x, ids))
         torch.testing.assert_close(model(x), norm(x))
+
+    def test_compiled_layer_stays_in_one_graph_with_no_context_open(self):
+        norm, x = distinct_clusters_norm().eval(), torch.randn(6, 4, dtype=torch.float64)
+        with cbnorm.cluster_context(torch.zeros(6, dtype=torch.long)):
+            pass  # a block that was open and closed leaves nothing behind
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(norm, fullgraph=True, backend="eager")(x), norm(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -13,6 +14,17 @@ __all__ = ["cluster_context", "current_cluster"]
 
 # A ContextVar, so that every thread and every asyncio task sees only the contexts it entered itself.
 _CURRENT: ContextVar[Tensor | None] = ContextVar("cbnorm_cluster", default=None)
+# How many cluster_context blocks are open, in all threads and tasks together. torch.compile cannot read
+# a ContextVar, but it can read (and guard on) this count: while it is 0, a compiled layer knows that
+# there are no ids to look up, and stays in one graph.
+_open_blocks = 0
+_open_blocks_lock = threading.Lock()
+
+
+def _count_open_block(change: int) -> None:
+    global _open_blocks
+    with _open_blocks_lock:
+        _open_blocks += change
 
 
 @contextlib.contextmanager
@@ -25,9 +37,10 @@ def cluster_context(cluster: Tensor) -> Iterator[Tensor]:
 
     The context is held in a :class:`contextvars.ContextVar`: each thread and each asyncio task
     sees only the contexts it entered itself (a task starts with a copy of its creator's). As
-    ``torch.compile`` cannot read a ``ContextVar`` inside a graph, a compiled model reads the context
-    between graphs (a graph break at each SCB layer that takes its ids from it); pass ``cluster=``
-    explicitly for a single graph (``fullgraph=True``).
+    ``torch.compile`` cannot read a ``ContextVar`` inside a graph, a compiled model called while a
+    context is open reads it between graphs (a graph break at each SCB layer that looks it up); pass
+    ``cluster=`` explicitly for a single graph (``fullgraph=True``). With no context open, compiled
+    layers look nothing up and stay in one graph.
 
     Example::
 
@@ -36,14 +49,24 @@ def cluster_context(cluster: Tensor) -> Iterator[Tensor]:
         ...     out = model(images)
     """
     token = _CURRENT.set(cluster)
+    _count_open_block(+1)
     try:
         yield cluster
     finally:
+        _count_open_block(-1)
         _CURRENT.reset(token)
+
+
+def current_cluster() -> Tensor | None:
+    """The ids of the innermost :func:`cluster_context` of this thread or task, or ``None`` outside any."""
+    if torch.compiler.is_compiling() and _open_blocks == 0:
+        # Traced with no block open anywhere. (A task that inherited a context after its block closed
+        # still holds the ids in eager mode; traced, it sees none.)
+        return None
+    return _context_value()
 
 
 @torch.compiler.disable(reason="cbnorm.cluster_context is a ContextVar, which torch.compile cannot read in a graph; "
                                "pass cluster= to the layer explicitly for a single graph")
-def current_cluster() -> Tensor | None:
-    """The ids of the innermost :func:`cluster_context` of this thread or task, or ``None`` outside any."""
+def _context_value() -> Tensor | None:
     return _CURRENT.get()
