@@ -14,17 +14,20 @@ __all__ = ["cluster_context", "current_cluster"]
 
 # A ContextVar, so that every thread and every asyncio task sees only the contexts it entered itself.
 _CURRENT: ContextVar[Tensor | None] = ContextVar("cbnorm_cluster", default=None)
-# How many cluster_context blocks are open, in all threads and tasks together. torch.compile cannot read
-# a ContextVar, but it can read (and guard on) this count: while it is 0, a compiled layer knows that
-# there are no ids to look up, and stays in one graph.
+# torch.compile cannot read a ContextVar, but it can read (and guard on) a module-level bool: while no
+# cluster_context block is open in any thread or task, a compiled layer knows that there are no ids to
+# look up, and stays in one graph. (A bool rather than the count, so that compiled code is guarded on
+# two values, not on every count.)
 _open_blocks = 0
+_none_open = True
 _open_blocks_lock = threading.Lock()
 
 
 def _count_open_block(change: int) -> None:
-    global _open_blocks
+    global _open_blocks, _none_open
     with _open_blocks_lock:
         _open_blocks += change
+        _none_open = _open_blocks == 0
 
 
 @contextlib.contextmanager
@@ -59,7 +62,7 @@ def cluster_context(cluster: Tensor) -> Iterator[Tensor]:
 
 def current_cluster() -> Tensor | None:
     """The ids of the innermost :func:`cluster_context` of this thread or task, or ``None`` outside any."""
-    if torch.compiler.is_compiling() and _open_blocks == 0:
+    if torch.compiler.is_compiling() and _none_open:
         # Traced with no block open anywhere. (A task that inherited a context after its block closed
         # still holds the ids in eager mode; traced, it sees none.)
         return None
