@@ -159,3 +159,12 @@ def create_norm_layer(norm_layer: NormLayer, num_features: int, *, k: int | None
             raise ValueError(f"create_norm_layer: K given twice, as k={k!r} and {info.k_arg}={kwargs[info.k_arg]!r}")
         kwargs[info.k_arg] = k
     return info.layer(num_features, **kwargs)
+
+
+def __getattr__(name: str):
+    # convert_batchnorm moved to cbnorm.convert, which imports this module; still importable from here.
+    if name == "convert_batchnorm":
+        from .convert import convert_batchnorm
+
+        return convert_batchnorm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
