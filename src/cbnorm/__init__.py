@@ -10,15 +10,24 @@ Example::
 from . import distributed, functional, kernels, mixture
 from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
 from .context import cluster_context
-from .distributed import convert_sync_cbnorm
-from .factory import convert_batchnorm, create_norm_layer, get_norm_layer, norm_layer_names, register_norm_layer
+from .convert import convert_batchnorm, convert_sync_cbnorm
+from .factory import (
+    NormLayerInfo,
+    create_norm_layer,
+    get_norm_layer,
+    norm_layer_info,
+    norm_layer_names,
+    register_norm_layer,
+)
 from .layers import SCBNorm, SCBNormBase, UCBNorm
 from .mixture_norm import MixtureNorm
+from .running_stats import preserve_running_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MixtureNorm",
+    "NormLayerInfo",
     "SCBNorm",
     "SCBNormBase",
     "UCBNorm",
@@ -35,6 +44,8 @@ __all__ = [
     "image_features",
     "kernels",
     "mixture",
+    "norm_layer_info",
     "norm_layer_names",
+    "preserve_running_stats",
     "register_norm_layer",
 ]
