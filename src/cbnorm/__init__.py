@@ -7,7 +7,7 @@ Example::
     >>> y = norm(torch.randn(32, 64, 8, 8))
 """
 
-from . import distributed, functional, mixture
+from . import distributed, functional, kernels, mixture
 from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
 from .context import cluster_context
 from .convert import convert_batchnorm, convert_sync_cbnorm
@@ -42,6 +42,7 @@ __all__ = [
     "functional",
     "get_norm_layer",
     "image_features",
+    "kernels",
     "mixture",
     "norm_layer_info",
     "norm_layer_names",

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cbnorm import kernels
 from cbnorm.factory import norm_layer_info
 
 from .clusters import ClusterIds, prior_clusters
@@ -264,6 +265,8 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if device.type == "cpu" and config.norm != "none" and not config.norm.startswith("batchnorm"):
+        kernels.build()  # before any epoch is timed: the first build takes about a minute
     ranks = distributed.join(device)
     try:
         return _train(config, data, device, ranks)
