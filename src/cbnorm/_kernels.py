@@ -60,6 +60,8 @@ faster.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import threading
 import warnings
 from typing import Callable, Optional
@@ -124,6 +126,19 @@ def _import_triton(forced: bool):
     if _triton_module is False and forced:
         raise RuntimeError("cbnorm: CBNORM_KERNELS=triton, but Triton cannot be imported (see the warning)")
     return _triton_module or None
+
+
+def triton_status() -> tuple[bool, str]:
+    """Whether the Triton kernels can serve this process's calls, and why; imports nothing."""
+    mode = kernels_mode()
+    if mode == "eager":
+        return False, "off: CBNORM_KERNELS=eager"
+    if _triton_module is False or importlib.util.find_spec("triton") is None:
+        return False, "Triton cannot be imported (pip install triton)"
+    if mode == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false")
+        return True, "forced; CPU tensors " + ("in Triton's interpreter" if interpreted else "need TRITON_INTERPRET=1")
+    return True, f"on CUDA tensors ({'a GPU is' if torch.cuda.is_available() else 'no GPU'} visible)"
 
 
 def _triton(x: Tensor, num_components: int):
