@@ -138,7 +138,9 @@ def triton_status() -> tuple[bool, str]:
     if mode == "triton":
         interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false")
         return True, "forced; CPU tensors " + ("in Triton's interpreter" if interpreted else "need TRITON_INTERPRET=1")
-    return True, f"on CUDA tensors ({'a GPU is' if torch.cuda.is_available() else 'no GPU'} visible)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible (set CBNORM_KERNELS=triton and TRITON_INTERPRET=1 for CPU tensors)"
+    return True, "on CUDA tensors"
 
 
 def _triton(x: Tensor, num_components: int):
