@@ -373,5 +373,5 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="CBNORM_KERNELS=native"):
         _native.native_ops()
     monkeypatch.setenv("CBNORM_KERNELS", "fast")
-    with pytest.raises(ValueError, match=r"CBNORM_KERNELS must be one of \('auto', 'native', 'eager'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"CBNORM_KERNELS must be one of \('auto', 'native', 'eager', 'triton'\), got 'fast'"):
         _native.native_ops()

@@ -6,6 +6,7 @@ Conventions shared by every function here (see ``SPEC.md``):
   :math:`B_c = \{x[n, c, l]\}` (every sample ``n``, every trailing position ``l``), :math:`m = |B_c|`.
 * Component statistics have shape ``(K, C)``, priors ``(K,)``, per-sample statistics ``(N, C)``.
 * The math runs in float32 (float64 for float64 input) with autocast off; the output has ``x.dtype``.
+  The kernels read ``x`` in its own dtype (no float32 copy of a float16 or bfloat16 input on GPU).
 * :math:`\log\mathcal{N}(x;\mu,\sigma^2) = -\tfrac12(\log 2\pi + \log\sigma^2 + (x-\mu)^2/\sigma^2)`,
   with :math:`\sigma^2` floored at ``eps`` so a collapsed component cannot produce ``inf``;
   posteriors are a softmax of logits shifted by their maximum (log-sum-exp), never raw exponentials.
@@ -205,7 +206,7 @@ def sample_norm(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        y = scale_shift(_channels(x.to(dtype)), *_sample_affine(mean, var, weight, bias, eps, dtype))
+        y = scale_shift(_channels(x), *_sample_affine(mean, var, weight, bias, eps, dtype))
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -283,15 +284,15 @@ def scb_norm(
     _check_unknown_cluster_rule(unknown, posterior)
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, mean, var = (t.to(dtype) for t in (x, mean, var))
-        x3 = _channels(xf)
+        mean, var = mean.to(dtype), var.to(dtype)
         logits = _log_density(None, var, eps)  # uniform priors
         scale = (var + eps).rsqrt()
         if unknown == "paper":
             scale = scale * math.sqrt(mean.shape[0])
         if posterior == "element" and unknown != "map":
-            y = _normalize(x3, mean, logits, scale, None, weight, bias)  # one pass, affine map included
+            y = _normalize(_channels(x), mean, logits, scale, None, weight, bias)  # one pass, affine map included
         else:
+            x3 = _channels(x.to(dtype))
             if posterior == "element":
                 y = _map_transform(x3, mean, logits, scale)
             else:
@@ -355,10 +356,10 @@ def ucb_norm(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, prior, mean, var = (t.to(dtype) for t in (x, prior, mean, var))
+        prior, mean, var = (t.to(dtype) for t in (prior, mean, var))
         prior = _clamped_prior(prior)
         scale = (prior * (var + eps)).rsqrt()
-        y = _normalize(_channels(xf), mean, _log_density(prior, var, eps), scale, None, weight, bias)
+        y = _normalize(_channels(x), mean, _log_density(prior, var, eps), scale, None, weight, bias)
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -425,7 +426,6 @@ def ucb_norm_batch(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf = x.to(dtype)
         prior, mean, var = snapshot([t.to(dtype) for t in (prior, mean, var)])
         prior = _clamped_prior(prior)
         logits = _log_density(prior, var, eps)
@@ -435,7 +435,7 @@ def ucb_norm_batch(
             scale = (prior * (batch_var + eps)).rsqrt()
             return (*_transform_coefficients(scale, shift, weight, bias), (mass, shift, batch_var))
 
-        y, mass, shift, batch_var = normalize_with_moments(_channels(xf), mean, *logits, coefficients, prior, weight, bias)
+        y, mass, shift, batch_var = normalize_with_moments(_channels(x), mean, *logits, coefficients, prior, weight, bias)
         count = x.numel() // x.shape[1]
         stats = ComponentStats(mass.detach(), (mean + shift).detach(), batch_var.detach(), count)
     return y.reshape(x.shape).to(x.dtype), stats
