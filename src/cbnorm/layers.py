@@ -7,7 +7,8 @@ computes its statistics in float32 under autocast and returns the input's dtype.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -15,16 +16,34 @@ from torch import Tensor, nn
 from . import distributed
 from . import functional as F
 from .context import current_cluster
-from .mixture import channel_samples, init_mixture_1d
+from .mixture import Mixture1d, channel_samples, init_mixture_1d
 
 __all__ = ["SCBNorm", "SCBNormBase", "UCBNorm"]
 
 # k-means++ initialisation looks at no more than this many entries of each channel.
 _INIT_SAMPLES = 4096
 
+# What a layer's state_dict holds besides its mixture: a load without them still describes the mixture.
+_NOT_MIXTURE_STATE = ("weight", "bias", "initialized", "num_batches_tracked")
+
 #: A component whose posterior mass in a channel's batch is below one activation's worth has
 #: received "almost no responsibility" (SPEC): its running state is left where it was.
 MIN_MASS = 1.0
+
+
+def _host_checks(t: Tensor) -> bool:
+    """Whether a check may read ``t``'s values on the host: in eager mode on the CPU, where that costs no device
+    synchronisation, or anywhere with ``CBNORM_SYNC_CHECKS=1``; never while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("CBNORM_SYNC_CHECKS", "0") == "1"
+
+
+def _both(first: Optional[Tensor], second: Optional[Tensor]) -> Optional[Tensor]:
+    """The conjunction of two masks of :meth:`_ClusterNorm._require` (``None``: checked, true)."""
+    if first is None or second is None:
+        return second if first is None else first
+    return first & second
 
 
 def _check_positive_int(layer: str, name: str, value) -> None:
@@ -103,21 +122,35 @@ class _ClusterNorm(nn.Module):
     def _restore_layout(self, y: Tensor) -> Tensor:
         return y.movedim(1, self.channel_dim)
 
-    def _check_finite(self, values: Tensor) -> None:
-        # One reduction (a NaN or Inf anywhere makes the sum non-finite); the exact check runs
-        # only when the sum trips, so a finite batch whose sum overflows still passes.
-        total = values.sum(dtype=F.compute_dtype(values))
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(values).all()):
-            raise ValueError(
-                f"{self._name}: the training batch contains non-finite values (NaN or Inf); "
-                f"the layer's state was left unchanged"
-            )
+    def _require(self, ok: Tensor, message: str, detail: Optional[Callable[[], str]] = None) -> Optional[Tensor]:
+        """Raise ``ValueError`` unless ``ok``, a bool tensor; ``None`` if checked, else ``ok`` to mask state updates by.
 
-    def _check_batch_size(self, x: Tensor) -> None:
-        if x.numel() <= x.shape[1]:
+        Where reading ``ok`` costs no device synchronisation (eager on CPU, or ``CBNORM_SYNC_CHECKS=1``) it is
+        read at once and the error names the offending value (``detail()``, default ``message``). Elsewhere (CUDA,
+        ``torch.compile``) it becomes a device-side assertion with ``message`` (see ``docs/gpu-errors.md``), and the
+        caller masks its state updates by the returned ``ok``, so that a rejected batch changes no state there either.
+        """
+        if _host_checks(ok):
+            if not bool(ok):
+                raise ValueError(detail() if detail is not None else message)
+            return None
+        torch._assert_async(ok, message)
+        return ok
+
+    def _check_finite(self, x: Tensor) -> Optional[Tensor]:
+        """A training batch must be finite: one reduction, whose minimum and maximum carry any NaN or Inf."""
+        if x.numel() == 0:
+            return None
+        low, high = torch.aminmax(x.detach())
+        message = (f"{self._name}: the training batch contains non-finite values (NaN or Inf); "
+                   f"the layer's state was left unchanged")
+        return self._require(torch.isfinite(low) & torch.isfinite(high), message)
+
+    def _check_batch_size(self, x: Tensor, least: int = 2) -> None:
+        if x.numel() < least * x.shape[1]:
+            what = "more than 1 value" if least == 2 else f"at least {least} value{'s' * (least > 1)}"
             raise ValueError(
-                f"{self._name}: expected more than 1 value per channel when training, "
-                f"got input of shape {tuple(x.shape)}"
+                f"{self._name}: expected {what} per channel when training, got input of shape {tuple(x.shape)}"
             )
 
 
@@ -150,14 +183,15 @@ class _SupervisedClusterNorm(_ClusterNorm):
                 f"{self._name}: expected cluster ids of shape ({batch},) for a batch of {batch}, "
                 f"got shape {tuple(ids.shape)}"
             )
-        if batch:
-            low, high = torch.aminmax(ids)
-            low, high = int(low), int(high)
-            if low < 0 or high >= self.num_clusters:
-                raise ValueError(
-                    f"{self._name}: cluster id {low if low < 0 else high} is out of range for "
-                    f"num_clusters={self.num_clusters}; expected ids in [0, {self.num_clusters})"
-                )
+        k = self.num_clusters
+
+        def detail() -> str:
+            low, high = (int(t) for t in torch.aminmax(ids))
+            return (f"{self._name}: cluster id {low if low < 0 else high} is out of range for num_clusters={k}; "
+                    f"expected ids in [0, {k})")
+
+        message = f"{self._name}: a cluster id is out of range for num_clusters={k}; expected ids in [0, {k})"
+        self._require(((ids >= 0) & (ids < k)).all(), message, detail)
         return ids.to(x.device)
 
 
@@ -336,18 +370,23 @@ class SCBNormBase(_SupervisedClusterNorm):
         if cluster is None:
             return x.new_full((batch, self.num_clusters), 1.0 / self.num_clusters, dtype=F.compute_dtype(x))
         if not cluster.is_floating_point():
-            return nn.functional.one_hot(self._check_ids(cluster, x), self.num_clusters)
+            # a comparison, not nn.functional.one_hot, which reads the ids' range on the host on the CPU
+            ids = self._check_ids(cluster, x)
+            return ids.unsqueeze(1) == torch.arange(self.num_clusters, device=ids.device)
         if tuple(cluster.shape) != (batch, self.num_clusters):
             raise ValueError(
                 f"{self._name}: expected a cluster assignment of shape ({batch}, {self.num_clusters}), "
                 f"got shape {tuple(cluster.shape)}"
             )
         rows = cluster.sum(1)
-        if batch and (bool((cluster < 0).any()) or not torch.allclose(rows, torch.ones_like(rows), atol=1e-4)):
-            raise ValueError(
-                f"{self._name}: expected a cluster assignment with non-negative rows summing to 1, "
-                f"got row sums in [{float(rows.min()):.4g}, {float(rows.max()):.4g}] and minimum {float(cluster.min()):.4g}"
-            )
+
+        def detail() -> str:
+            return (f"{self._name}: expected a cluster assignment with non-negative rows summing to 1, got row sums in "
+                    f"[{float(rows.min()):.4g}, {float(rows.max()):.4g}] and minimum {float(cluster.min()):.4g}")
+
+        valid = (cluster >= 0).all() & torch.isclose(rows, torch.ones_like(rows), atol=1e-4).all()
+        message = f"{self._name}: expected a cluster assignment with non-negative rows summing to 1"
+        self._require(valid, message, detail)
         return cluster.to(x.device)
 
     def forward(self, x: Tensor, cluster: Optional[Tensor] = None) -> Tensor:
@@ -393,7 +432,7 @@ class _RunningMixtureNorm(_ClusterNorm):
         return distributed.sync_active(self.sync_statistics, self.training, self.process_group)
 
     def _check_global_count(self, count: int, x: Tensor, least: int) -> None:
-        """The check of :meth:`_check_batch_size` (``least=2``) on the global batch; every rank raises alike."""
+        """The check of :meth:`_check_batch_size` on the global batch; every rank raises alike."""
         if count < least:
             raise ValueError(
                 f"{self._name}: expected at least {least} value{'s' * (least > 1)} per channel in the global batch "
@@ -401,12 +440,42 @@ class _RunningMixtureNorm(_ClusterNorm):
                 f"(input of shape {tuple(x.shape)} on this rank)"
             )
 
+    def _check_training_batch(self, x: Tensor, collective: bool, least: int) -> Optional[Tensor]:
+        """Batch size and finiteness, before anything changes; see :meth:`_require` for the returned mask.
+
+        ``collective``: a step with collectives checks both on the global batch instead, on every rank alike
+        (:meth:`_global_initial_state`, :meth:`_batch_forward`, :meth:`_check_statistics`).
+        """
+        if collective:
+            return None
+        self._check_batch_size(x, least)
+        return self._check_finite(x)
+
+    def _check_statistics(self, x: Tensor, tensors, collective: bool) -> Optional[Tensor]:
+        """The statistics a training batch would leave must be finite: those of a finite batch can still overflow."""
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        dtype = F.compute_dtype(x)
+        if collective:
+            message = (f"{self._name}: the global training batch contains non-finite values (NaN or Inf) on some "
+                       f"rank, or values whose statistics overflow {dtype}; the layer's state was left unchanged")
+            return self._require(ok, message)
+        message = (f"{self._name}: the statistics of the training batch overflow {dtype}; scale the input down; "
+                   f"the layer's state was left unchanged")
+
+        def detail() -> str:
+            return (f"{self._name}: the training batch is finite, but its statistics overflow {dtype}: its largest "
+                    f"magnitude is {float(x.detach().abs().amax()):.3g} (the largest {dtype} is "
+                    f"{torch.finfo(dtype).max:.3g}); scale the input down; the layer's state was left unchanged")
+
+        return self._require(ok, message, detail)
+
     @torch.no_grad()
-    def _global_initial_state(self, x: Tensor, max_per_channel: Optional[int], fit) -> list[Tensor]:
+    def _global_initial_state(self, x: Tensor, max_per_channel: Optional[int], fit, least: int) -> list[Tensor]:
         """``fit(samples)`` of the global batch's entries, computed from rank 0's draw and broadcast from it.
 
         Every rank computes it from the same gathered samples (so all raise alike), then takes rank
-        0's result, which holds even where the ranks' random generators differ.
+        0's result, which holds even where the ranks' random generators differ. ``least``: the fewest
+        entries per channel that the step needs in the global batch, checked before the fit.
         """
         rows = channel_samples(x.detach().to(F.compute_dtype(x)))
         gathered = distributed.gather_channel_samples(rows, max_per_channel, self.process_group)
@@ -415,18 +484,17 @@ class _RunningMixtureNorm(_ClusterNorm):
                 f"{self._name}: the training batch of some rank contains non-finite values (NaN or Inf); "
                 f"the layer's state was left unchanged"
             )
-        self._check_global_count(gathered.count, x, 1)
+        self._check_global_count(gathered.count, x, least)
         return distributed.broadcast_from_first_rank(list(fit(gathered.samples)), self.process_group)
 
-    def _normalize_batch(self, x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, synchronised: bool) -> Tensor:
-        """Eq. 7-9 with the statistics of the batch (the global batch when ``synchronised``), then the running update."""
+    def _batch_forward(self, x: Tensor, state: Mixture1d, synchronised: bool) -> tuple[Tensor, F.ComponentStats]:
+        """Eq. 7-9 with posteriors from ``state`` and the statistics of the batch (the global batch when ``synchronised``)."""
         sums = distributed.GlobalSums(x.numel() // x.shape[1], self.process_group) if synchronised else None
-        y, stats = F.ucb_norm_batch(x, prior, mean, var, self.weight, self.bias, self.eps, reduce_sums=sums)
+        y, stats = F.ucb_norm_batch(x, *state, self.weight, self.bias, self.eps, reduce_sums=sums)
         if sums is not None:
             self._check_global_count(sums.count, x, 2)
             stats = stats._replace(count=sums.count)
-        self._track(stats)
-        return y
+        return y, stats
 
     def _register_running_state(self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False) -> None:
         prior_shape = (num_components, self.num_features) if per_channel_prior else (num_components,)
@@ -437,6 +505,10 @@ class _RunningMixtureNorm(_ClusterNorm):
             "num_batches_tracked",
             torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
         )
+
+    @property
+    def _running_state(self) -> Mixture1d:
+        return Mixture1d(self.running_prior, self.running_mean, self.running_var)
 
     def _set_momentum(self, momentum: Optional[float]) -> None:
         if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -450,20 +522,54 @@ class _RunningMixtureNorm(_ClusterNorm):
 
     def _mark_initialized(self, value: bool) -> None:
         self.initialized.fill_(value)
-        self._initialized = value  # a Python mirror, so that torch.compile does not branch on a tensor
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._initialized = bool(self.initialized)
-
-    def _momentum_factor(self) -> float:
-        if self.momentum is None:  # cumulative moving average, as in BatchNorm
-            return 1.0 / (int(self.num_batches_tracked) + 1)
-        return self.momentum
+        self._initialized = value  # a Python mirror: forward never reads the buffer on the host
 
     @torch.no_grad()
-    def _track(self, stats: F.ComponentStats) -> None:
-        r"""Fold one batch's component statistics into the running state (one online-EM step).
+    def _commit(self, ok: Optional[Tensor], values: dict[str, Tensor], count_batch: bool = True) -> None:
+        """Store a training batch's state into the parameters or buffers of those names and mark the layer initialised.
+
+        ``ok``, from device-side checks (:meth:`_require`), masks every update: a rejected batch changes nothing.
+        """
+        for name, value in values.items():
+            target = getattr(self, name)
+            value = value.to(target.dtype)
+            target.copy_(value if ok is None else torch.where(ok, value, target))
+        if count_batch:
+            self.num_batches_tracked.add_(1 if ok is None else ok.long())
+        if ok is None:
+            self.initialized.fill_(True)
+        else:
+            self.initialized.logical_or_(ok)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """As ``nn.Module``'s, but a load that fails changes nothing here, and ``initialized`` follows the mixture.
+
+        A size mismatch makes ``load_state_dict`` raise: every tensor of this layer is then left as it was. A load
+        that lacks part of the mixture state (``strict=False``) keeps the ``initialized`` flag it had, so the flag
+        never claims a mixture that was not loaded.
+        """
+        own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+        before = {name: t.detach().clone() for name, t in own.items()}
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        with torch.no_grad():
+            if len(error_msgs) > errors:
+                for name, value in before.items():
+                    own[name].copy_(value)
+            elif any(prefix + name not in state_dict for name in own if name not in _NOT_MIXTURE_STATE):
+                self.initialized.copy_(before["initialized"])
+        self._initialized = bool(self.initialized)
+
+    def _momentum_factor(self, dtype: torch.dtype):
+        if self.momentum is None:  # cumulative moving average, as in BatchNorm (a tensor: never read on the host)
+            return (self.num_batches_tracked + 1).to(dtype).reciprocal()
+        return self.momentum
+
+    def _running_update(self, state: Mixture1d, stats: F.ComponentStats) -> Mixture1d:
+        r"""The running state after folding one batch's component statistics into ``state`` (one online-EM step).
 
         :math:`\mu_k \leftarrow (1-m)\mu_k + m E_k`, :math:`\sigma^2_k \leftarrow (1-m)\sigma^2_k +
         m V_k \cdot n/(n-1)`, :math:`\lambda_k \leftarrow (1-m)\lambda_k + m\,\mathrm{mean}_i\tau_k(x_i)`,
@@ -474,20 +580,22 @@ class _RunningMixtureNorm(_ClusterNorm):
         Such a batch holds less than one sample of the component, so its :math:`E_k, V_k` estimate
         nothing; following them anyway drives the prior and variance of a fading component toward
         zero, and Eq. 15's :math:`\tau_k/\sqrt{\lambda_k}` then blows up the activations that
-        land near it at inference. A non-finite batch raises and changes nothing.
+        land near it at inference.
         """
-        self._check_finite(torch.cat([stats.mass.flatten(), stats.mean.flatten(), stats.var.flatten()]))
-        factor = self._momentum_factor()
+        dtype = state.mean.dtype
+        factor = self._momentum_factor(dtype)
         filled = stats.mass >= MIN_MASS
         unbiased_var = stats.var * (stats.count / (stats.count - 1))
-        for running, batch in ((self.running_mean, stats.mean), (self.running_var, unbiased_var)):
-            running.copy_(torch.where(filled, torch.lerp(running, batch.to(running.dtype), factor), running))
+        mean, var = (torch.where(filled, torch.lerp(old, new.to(dtype), factor), old)
+                     for old, new in ((state.mean, stats.mean), (state.var, unbiased_var)))
         # Priors shared by the channels (K,) pool the mass of all channels; per-channel (K, C) do not.
-        mass = stats.mass.mean(1) if self.running_prior.dim() == 1 else stats.mass
-        batch_prior = (mass / mass.sum(0)).to(self.running_prior.dtype)
-        prior = torch.where(mass >= MIN_MASS, torch.lerp(self.running_prior, batch_prior, factor), self.running_prior)
-        self.running_prior.copy_(prior / prior.sum(0))
-        self.num_batches_tracked.add_(1)
+        mass = stats.mass.mean(1) if state.prior.dim() == 1 else stats.mass
+        batch_prior = (mass / mass.sum(0)).to(dtype)
+        prior = torch.where(mass >= MIN_MASS, torch.lerp(state.prior, batch_prior, factor), state.prior)
+        return Mixture1d(prior / prior.sum(0), mean, var)
+
+    def _commit_running(self, ok: Optional[Tensor], running: Mixture1d, **values: Tensor) -> None:
+        self._commit(ok, {f"running_{name}": t for name, t in running._asdict().items()} | values)
 
 
 class UCBNorm(_RunningMixtureNorm):
@@ -604,17 +712,12 @@ class UCBNorm(_RunningMixtureNorm):
         """Component variances :math:`\\sigma^2`, ``(K, C)``."""
         return self.log_var.exp() if self.update == "weight" else self.running_var
 
-    @torch.no_grad()
-    def _set_state(self, prior: Tensor, mean: Tensor, var: Tensor) -> None:
+    def _set_state(self, prior: Tensor, mean: Tensor, var: Tensor, ok: Optional[Tensor] = None) -> None:
         if self.update == "weight":
-            self.prior_logits.copy_(prior.log())
-            self.loc.copy_(mean)
-            self.log_var.copy_(var.log())
+            values = {"prior_logits": prior.log(), "loc": mean, "log_var": var.log()}
         else:
-            self.running_prior.copy_(prior)
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var)
-        self._mark_initialized(True)
+            values = {"running_prior": prior, "running_mean": mean, "running_var": var}
+        self._commit(ok, values, count_batch=False)
 
     def reset_running_stats(self) -> None:
         """Back to the initial state; with ``init="kmeans++"`` the next training batch re-seeds it."""
@@ -635,31 +738,39 @@ class UCBNorm(_RunningMixtureNorm):
         self.reset_running_stats()
 
     @torch.no_grad()
-    def _initialize(self, x: Tensor, synchronised: bool) -> None:
+    def _initial_state(self, x: Tensor, synchronised: bool, least: int) -> Mixture1d:
+        """The first training batch's k-means start (of the global batch when ``synchronised``), not yet stored."""
         def fit(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return init_mixture_1d(samples, self.num_components, self.eps)
 
         if synchronised:
-            self._set_state(*self._global_initial_state(x, _INIT_SAMPLES, fit))
-            return
-        self._check_finite(x)
-        self._set_state(*fit(channel_samples(x.detach().to(F.compute_dtype(x)), _INIT_SAMPLES)))
+            state = self._global_initial_state(x, _INIT_SAMPLES, fit, least)
+        else:
+            state = fit(channel_samples(x.detach().to(F.compute_dtype(x)), _INIT_SAMPLES))
+        return Mixture1d(*(t.to(self.mean.dtype) for t in state))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         xc = self._channels_first(x)
+        if not self.training:
+            return self._restore_layout(F.ucb_norm(xc, self.prior, self.mean, self.var, self.weight, self.bias, self.eps))
+        # Every check runs before any state changes: the k-means start and the running update are computed
+        # first, checked, and only then stored.
         synchronised = self._synchronised()
-        if self.training and not self._initialized:
-            self._initialize(xc, synchronised)
-        if self.training and self.update == "moving_average":
-            if not synchronised:
-                self._check_batch_size(xc)
-            y = self._normalize_batch(xc, self.running_prior, self.running_mean, self.running_var, synchronised)
-        else:
-            if self.training:
-                self._check_finite(xc)
-            y = F.ucb_norm(xc, self.prior, self.mean, self.var, self.weight, self.bias, self.eps)
-        return self._restore_layout(y)
+        batch_statistics = self.update == "moving_average"
+        least = 2 if batch_statistics else int(not self._initialized)  # Eq. 15 alone needs no batch statistics
+        ok = self._check_training_batch(xc, synchronised and (batch_statistics or not self._initialized), least)
+        start = None if self._initialized else self._initial_state(xc, synchronised, least)
+        if batch_statistics:
+            state = self._running_state if start is None else start
+            y, stats = self._batch_forward(xc, state, synchronised)
+            checked = [*state, stats.mass, stats.mean, stats.var]
+            ok = _both(ok, self._check_statistics(xc, checked, synchronised))
+            self._commit_running(ok, self._running_update(state, stats))
+            return self._restore_layout(y)
+        if start is not None:
+            self._set_state(*start, ok=_both(ok, self._check_statistics(xc, start, synchronised)))
+        return self._restore_layout(F.ucb_norm(xc, self.prior, self.mean, self.var, self.weight, self.bias, self.eps))
 
     def extra_repr(self) -> str:
         return (
