@@ -4,14 +4,17 @@
 // Mixture passes (UCB-Norm, MN, SCB-Norm with unknown clusters). Activations x are (N, C, L),
 // channels-first (L contiguous) or channels-last (C contiguous). Channel c has K components with
 // coefficients (K, C):
-//     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * d_k^2,   tau = softmax_k(logit)
+//     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * p_k^2,   tau = softmax_k(logit)
+// with p_k = clamp(x, lo_c, hi_c) - mean[k, c] (= d_k for any x short of ~1e18 in float): within [lo_c, hi_c]
+// no logit overflows, and beyond it the posteriors are those at the bound, which are their limit as |x| grows.
 // Every kernel is one pass over x that recomputes tau per entry; nothing of size K x N x C x L is
 // ever stored. With q_k = a_k + b_k d_k + c_k d_k^2 and a per-entry weight omega (1 if absent):
 //     value:        out = sum_k tau_k q_k                                  (c = 0)
 //     grad:         out = omega * d/dx sum_k tau_k q_k
 //                       = omega * sum_k [tau_k q_k' + u_k logit_k'],   u_k = tau_k (q_k - sum_j tau_j q_j)
+//                   (logit_k' = 2 quad_coef p_k within [lo, hi], 0 beyond)
 //     tau moments:  sum_{n,l} omega tau_k d_k^r,   r = 0, 1, 2 (forward) or 0, 1 (backward)
-//     u moments:    sum_{n,l} omega u_k d_k^r,     r = 0, 1, 2
+//     u moments:    sum_{n,l} omega u_k p_k^r,     r = 0, 1, 2
 //     mixed grad:   d/dx sum_k tau_k (omega (wa_k + wb_k d_k) + q_k): the whole input gradient of a
 //                   transform (wa, wb) whose coefficients depend on the moments of x (q: their gradient)
 // Sums accumulate in x's dtype within a work item (a few thousand entries), then in double across
@@ -26,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 namespace {
@@ -56,12 +60,23 @@ struct Lanes {
   Vec a[kMaxComponents], b[kMaxComponents], c[kMaxComponents];
   Vec wa[kMaxComponents], wb[kMaxComponents];            // the omega-weighted terms of a mixed grad
   Vec two_quad[kMaxComponents], two_c[kMaxComponents];  // derivatives of the logits and of q
+  Vec low[kMaxComponents], high[kMaxComponents];         // the bounds of p_k: [lo, hi] - mean_k
   bool quadratic;                                        // c present: q has its d^2 term
 
   void derive(int64_t K, bool has_c) {
     quadratic = has_c;
+    // [lo, hi]: where |quad_coef_k| (x - mean_k)^2 stays below max / 8 for every k (infinite where quad_coef is 0)
+    const Vec room(std::numeric_limits<T>::max() / T(8));
+    Vec lo, hi;
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec reach = (room / quad_coef[k].abs()).sqrt();
+      lo = k == 0 ? mean[k] - reach : at::vec::maximum(lo, mean[k] - reach);
+      hi = k == 0 ? mean[k] + reach : at::vec::minimum(hi, mean[k] + reach);
+    }
     const Vec log2e(T(1.44269504088896340736));
     for (int64_t k = 0; k < K; ++k) {
+      low[k] = lo - mean[k];
+      high[k] = hi - mean[k];
       two_quad[k] = quad_coef[k] + quad_coef[k];
       two_c[k] = c[k] + c[k];
       log_coef[k] = log_coef[k] * log2e;
@@ -147,11 +162,12 @@ inline Vectorized<T> entry(
   const int64_t K = KC ? KC : num_components;
   // e_k = tau_k * total: posteriors before normalisation, which is deferred to the end of each use
   // so that the division overlaps with the work that does not need it.
-  Vec d[kMaxComponents], e[kMaxComponents];
+  Vec d[kMaxComponents], p[kMaxComponents], e[kMaxComponents];
   Vec top;
   for (int64_t k = 0; k < K; ++k) {
     d[k] = x - cf.mean[k];
-    e[k] = at::vec::fmadd(cf.quad_coef[k] * d[k], d[k], cf.log_coef[k]);
+    p[k] = at::vec::clamp(d[k], cf.low[k], cf.high[k]);
+    e[k] = at::vec::fmadd(cf.quad_coef[k] * p[k], p[k], cf.log_coef[k]);
     top = k == 0 ? e[k] : at::vec::maximum(top, e[k]);
   }
   Vec total(0);
@@ -201,19 +217,21 @@ inline Vectorized<T> entry(
     }
     mean_q = mean_q * inverse;
     const int64_t row = flags.tau_rows;
+    // Beyond [lo, hi] the posteriors are constant (u = 0), which the floor of exp2_nonpositive would blur.
+    const Vec beyond = d[0] != p[0];
     Vec grad(0);
     for (int64_t k = 0; k < K; ++k) {
-      const Vec eu = e[k] * (q[k] - mean_q);  // u_k * total
+      const Vec eu = Vec::blendv(e[k] * (q[k] - mean_q), Vec(0), beyond);  // u_k * total
       if (flags.grad) {
         const Vec& bk = Mixed ? b[k] : cf.b[k];
         const Vec dq = cf.quadratic ? at::vec::fmadd(cf.two_c[k], d[k], bk) : bk;
-        grad = at::vec::fmadd(eu, cf.two_quad[k] * d[k], at::vec::fmadd(e[k], dq, grad));
+        grad = at::vec::fmadd(eu, cf.two_quad[k] * p[k], at::vec::fmadd(e[k], dq, grad));
       }
       if (flags.u_moments) {
-        const Vec u0 = weight * eu, u1 = u0 * d[k];
+        const Vec u0 = weight * eu, u1 = u0 * p[k];
         acc[row][k] = acc[row][k] + u0;
         acc[row + 1][k] = acc[row + 1][k] + u1;
-        acc[row + 2][k] = at::vec::fmadd(u1, d[k], acc[row + 2][k]);
+        acc[row + 2][k] = at::vec::fmadd(u1, p[k], acc[row + 2][k]);
       }
     }
     if (flags.grad) {
