@@ -546,9 +546,10 @@ class _RunningMixtureNorm(_ClusterNorm):
                               error_msgs) -> None:
         """As ``nn.Module``'s, but a load that fails changes nothing here, and ``initialized`` follows the mixture.
 
-        A size mismatch makes ``load_state_dict`` raise: every tensor of this layer is then left as it was. A load
-        that lacks part of the mixture state (``strict=False``) keeps the ``initialized`` flag it had, so the flag
-        never claims a mixture that was not loaded.
+        A size mismatch makes ``load_state_dict`` raise: every tensor of this layer is then left as it was. The
+        mixture (its tensors and ``initialized``) loads whole or not at all: a state dict that lacks part of it
+        leaves all of it as it was (and raises unless ``strict=False``), so the flag never claims a mixture
+        that was not loaded.
         """
         own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
         before = {name: t.detach().clone() for name, t in own.items()}
@@ -560,7 +561,9 @@ class _RunningMixtureNorm(_ClusterNorm):
                 for name, value in before.items():
                     own[name].copy_(value)
             elif any(prefix + name not in state_dict for name in own if name not in _NOT_MIXTURE_STATE):
-                self.initialized.copy_(before["initialized"])
+                for name, value in before.items():
+                    if name not in ("weight", "bias"):
+                        own[name].copy_(value)
         self._initialized = bool(self.initialized)
 
     def _momentum_factor(self, dtype: torch.dtype):

@@ -144,7 +144,8 @@ def _kmeans_plusplus(x: Tensor, k: int, seed: Seed) -> Tensor:
 def _nearest(x: Tensor, centers: Tensor) -> Tensor:
     """One-hot assignment ``(K, B, M)`` of every point to its nearest center (ties: lowest index)."""
     labels = _sq_dist(x, centers).argmin(0)
-    return torch.nn.functional.one_hot(labels, centers.shape[0]).permute(2, 0, 1).to(x.dtype)
+    components = torch.arange(centers.shape[0], device=x.device)
+    return (labels == components[:, None, None]).to(x.dtype)  # not one_hot, which checks the labels on the host
 
 
 def _lloyd(x: Tensor, centers: Tensor, max_steps: int, until_stable: bool = False) -> Tensor:
