@@ -97,7 +97,7 @@ def _logit_offsets(x: Tensor, mean: Tensor, quad_coef: Tensor) -> Tensor:
 
 
 def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, all ``(K, N, C, L)``: temporaries of one call."""
+    """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, ``(K, N, C, L)``: one call's temporaries."""
     d, p = x - _components(mean), _logit_offsets(x, mean, quad_coef)
     return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), p * p), dim=0)
 

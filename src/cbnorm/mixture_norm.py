@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import distributed
 from . import functional as F
-from .layers import _both, _check_positive_int, _RunningMixtureNorm
+from ._base import _both, _check_positive_int, _RunningMixtureNorm
 from .mixture import Mixture1d, channel_samples, fit_mixture_1d
 
 __all__ = ["MixtureNorm"]
@@ -48,8 +48,9 @@ class MixtureNorm(_RunningMixtureNorm):
     about zero, their posteriors to zero, so they drop out of the output, and they keep their
     previous mean and variance. Fitted variances are floored at ``eps``. A constant channel
     therefore comes out as :math:`\beta_c` (0 without ``affine``), as in BatchNorm. A training
-    batch with NaN or Inf raises ``ValueError`` and leaves every buffer (fit and running state)
-    unchanged; in eval a non-finite entry gives a non-finite output at that entry only, as
+    batch with NaN or Inf, or whose statistics overflow, raises ``ValueError`` (on CUDA a device-side
+    assertion: ``docs/gpu-errors.md``) and leaves every buffer (fit and running state) unchanged;
+    in eval a non-finite entry gives a non-finite output at that entry only, as
     BatchNorm's does. Training needs more than one value per channel.
 
     Distributed training: after :func:`cbnorm.convert_sync_cbnorm`, the EM fit, the first batch's
