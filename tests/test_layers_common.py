@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import cbnorm
+from cbnorm import functional as F
 
 MIXTURE_LAYERS = {
     "ucb": lambda **kw: cbnorm.UCBNorm(4, 3, **kw),
@@ -147,14 +148,18 @@ class TestLoadStateDict:
 
 
 class TestHugeInputs:
+    LAYERS = {**MIXTURE_LAYERS, **{f"scb_{unknown}_{scope}": (lambda u=unknown, s=scope: cbnorm.SCBNorm(4, 3, unknown=u,
+                                                                                                 posterior=s))
+                                   for unknown in F.UNKNOWN_RULES for scope in F.POSTERIOR_SCOPES}}
+
     @pytest.mark.parametrize("kernels", ["native", "eager"])
-    @pytest.mark.parametrize("name", ["ucb", "ucb_weight", "mn", "scb"])
+    @pytest.mark.parametrize("name", LAYERS)
     def test_eval_posteriors_stay_finite(self, name, kernels, monkeypatch):
         """float32 beyond ~1.8e19 squared past its largest value in the log-density: all NaN. The posteriors now
         take their limit there, so float32 gives float64's output, which does not overflow at 1e20."""
         monkeypatch.setenv("CBNORM_KERNELS", kernels)
-        layer = LAYERS[name]().double()
-        if name == "scb":
+        layer = self.LAYERS[name]().double()
+        if name.startswith("scb"):
             with torch.no_grad():
                 layer.loc.copy_(torch.randn(3, 4))
                 layer.log_var.copy_(torch.randn(3, 4))
@@ -230,23 +235,20 @@ class TestNoHostSynchronisation:
 
 
 class TestCompile:
-    @pytest.mark.parametrize("name", LAYERS)
-    def test_fullgraph_train_and_eval(self, name, device):
-        """Every layer traces whole: the first batch's k-means start, the checks and the running update included."""
-        layer, eager = LAYERS[name](device=device), LAYERS[name](device=device)
+    """``torch.compile(fullgraph=True)`` in train and eval is tested with each layer (test_ucb, test_scb,
+    test_mixture_norm, test_kernels); here, the first training batch, k-means start included, in the graph."""
+
+    @pytest.mark.parametrize("name", MIXTURE_LAYERS)
+    def test_first_batch_in_the_graph(self, name, device):
+        layer = MIXTURE_LAYERS[name](device=device)
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True)
-        call(compiled, modes(device=device), name)  # the first batch, in the graph
-        eager.load_state_dict(layer.state_dict())
-        assert getattr(layer, "_initialized", True)
-        x = modes(device=device)
-        torch.testing.assert_close(call(compiled, x, name), call(eager, x, name), rtol=1e-4, atol=1e-4)
-        for key, value in eager.state_dict().items():
-            torch.testing.assert_close(layer.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
-        layer.eval(), eager.eval()
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)  # SCB layers: unknown clusters
-        if name in SUPERVISED_LAYERS:
-            torch.testing.assert_close(call(compiled, x, name), call(eager, x, name), rtol=1e-4, atol=1e-4)
+        y = compiled(modes(device=device))
+        assert layer.initialized and layer._initialized and torch.isfinite(y).all()
+        start = layer.fit_mean if name == "mn" else layer.mean  # MixtureNorm's running mean starts at 0
+        modes_found = start.sort(0).values
+        torch.testing.assert_close(modes_found, torch.tensor([[0.0], [4.0], [8.0]], device=device).expand(3, 4),
+                                   atol=1.0, rtol=0)
 
 
 class TestSingleComponentIsBatchNorm:

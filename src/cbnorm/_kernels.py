@@ -60,7 +60,7 @@ from torch import Tensor
 
 from ._native import native_ops
 
-__all__ = ["mixture_moments", "mixture_transform", "normalize_with_moments", "scale_shift", "snapshot"]
+__all__ = ["logit_bounds", "mixture_moments", "mixture_transform", "normalize_with_moments", "scale_shift", "snapshot"]
 
 _MAX_NATIVE_COMPONENTS = 16
 
@@ -89,15 +89,22 @@ def _components(t: Tensor) -> Tensor:
     return t[:, None, :, None]
 
 
+def logit_bounds(mean: Tensor, quad_coef: Tensor, terms: int = 1) -> tuple[Tensor, Tensor]:
+    r"""``(lo, hi)``, ``(C,)``: where every :math:`|\mathrm{quad\_coef}_k| (x - \mu_k)^2` stays below an eighth of the
+    dtype's largest value, divided by ``terms`` (the logits of that many entries summed); infinite where
+    ``quad_coef`` is 0. The posteriors take ``x`` clamped to it."""
+    reach = (torch.finfo(quad_coef.dtype).max / (8 * terms) / quad_coef.abs()).sqrt()
+    return (mean - reach).amax(0), (mean + reach).amin(0)
+
+
 def _logit_offsets(x: Tensor, mean: Tensor, quad_coef: Tensor) -> Tensor:
     """``p = clamp(x, lo, hi) - mean``, ``(K, N, C, L)``: the offsets the logits take, which cannot overflow."""
-    reach = (torch.finfo(quad_coef.dtype).max / 8 / quad_coef.abs()).sqrt()  # inf where quad_coef is 0
-    lo, hi = (mean - reach).amax(0), (mean + reach).amin(0)
+    lo, hi = logit_bounds(mean, quad_coef)
     return x.clamp(lo[:, None], hi[:, None]) - _components(mean)
 
 
 def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, ``(K, N, C, L)``: one call's temporaries."""
+    """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, ``(K, N, C, L)``, one call's."""
     d, p = x - _components(mean), _logit_offsets(x, mean, quad_coef)
     return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), p * p), dim=0)
 

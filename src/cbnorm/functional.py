@@ -24,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._kernels import mixture_transform, normalize_with_moments, scale_shift, snapshot
+from ._kernels import logit_bounds, mixture_transform, normalize_with_moments, scale_shift, snapshot
 
 __all__ = [
     "ComponentStats",
@@ -231,11 +231,16 @@ def _each_component(t: Tensor) -> tuple[Tensor, ...]:
     return t.unsqueeze(-1).unbind(0)
 
 
-def _component_logits(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(x - mean_k, logit_k)`` for each component in turn, ``x`` ``(N, C, L)``."""
+def _component_logits(
+    x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, terms: int = 1
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x - mean_k, logit_k)`` for each component in turn, ``x`` ``(N, C, L)``; the logits take ``x`` clamped to
+    :func:`~cbnorm._kernels.logit_bounds` (``terms``: how many of them are summed), as the kernels' do."""
+    lo, hi = logit_bounds(mean, quad_coef, terms)
+    clamped = x.clamp(lo[:, None], hi[:, None])
     for mu, lc, lw in zip(_each_component(mean), _each_component(log_coef), _each_component(quad_coef)):
-        d = x - mu
-        yield d, torch.addcmul(lc, lw, d * d)
+        p = clamped - mu
+        yield x - mu, torch.addcmul(lc, lw, p * p)
 
 
 def _map_transform(x: Tensor, mean: Tensor, logits: tuple[Tensor, Tensor], scale: Tensor) -> Tensor:
@@ -301,7 +306,8 @@ def scb_norm(
             if posterior == "element":
                 y = _map_transform(x3, mean, logits, scale)
             else:
-                log_lik = torch.stack([logit.sum((1, 2)) for _, logit in _component_logits(x3, mean, *logits)])
+                entries = x3.shape[1] * x3.shape[2]  # each sample's logits are summed over its entries
+                log_lik = torch.stack([logit.sum((1, 2)) for _, logit in _component_logits(x3, mean, *logits, entries)])
                 log_resp = torch.log_softmax(log_lik, dim=0)  # (K, N)
                 if unknown == "map":
                     best = log_resp.argmax(0)

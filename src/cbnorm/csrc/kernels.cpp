@@ -162,12 +162,13 @@ inline Vectorized<T> entry(
   const int64_t K = KC ? KC : num_components;
   // e_k = tau_k * total: posteriors before normalisation, which is deferred to the end of each use
   // so that the division overlaps with the work that does not need it.
-  Vec d[kMaxComponents], p[kMaxComponents], e[kMaxComponents];
+  // p_k is recomputed where it is needed: one more array of vectors here costs more than the clamps.
+  Vec d[kMaxComponents], e[kMaxComponents];
   Vec top;
   for (int64_t k = 0; k < K; ++k) {
     d[k] = x - cf.mean[k];
-    p[k] = at::vec::clamp(d[k], cf.low[k], cf.high[k]);
-    e[k] = at::vec::fmadd(cf.quad_coef[k] * p[k], p[k], cf.log_coef[k]);
+    const Vec p = at::vec::clamp(d[k], cf.low[k], cf.high[k]);
+    e[k] = at::vec::fmadd(cf.quad_coef[k] * p, p, cf.log_coef[k]);
     top = k == 0 ? e[k] : at::vec::maximum(top, e[k]);
   }
   Vec total(0);
@@ -218,20 +219,21 @@ inline Vectorized<T> entry(
     mean_q = mean_q * inverse;
     const int64_t row = flags.tau_rows;
     // Beyond [lo, hi] the posteriors are constant (u = 0), which the floor of exp2_nonpositive would blur.
-    const Vec beyond = d[0] != p[0];
+    const Vec beyond = d[0] != at::vec::clamp(d[0], cf.low[0], cf.high[0]);
     Vec grad(0);
     for (int64_t k = 0; k < K; ++k) {
+      const Vec p = at::vec::clamp(d[k], cf.low[k], cf.high[k]);
       const Vec eu = Vec::blendv(e[k] * (q[k] - mean_q), Vec(0), beyond);  // u_k * total
       if (flags.grad) {
         const Vec& bk = Mixed ? b[k] : cf.b[k];
         const Vec dq = cf.quadratic ? at::vec::fmadd(cf.two_c[k], d[k], bk) : bk;
-        grad = at::vec::fmadd(eu, cf.two_quad[k] * p[k], at::vec::fmadd(e[k], dq, grad));
+        grad = at::vec::fmadd(eu, cf.two_quad[k] * p, at::vec::fmadd(e[k], dq, grad));
       }
       if (flags.u_moments) {
-        const Vec u0 = weight * eu, u1 = u0 * p[k];
+        const Vec u0 = weight * eu, u1 = u0 * p;
         acc[row][k] = acc[row][k] + u0;
         acc[row + 1][k] = acc[row + 1][k] + u1;
-        acc[row + 2][k] = at::vec::fmadd(u1, p[k], acc[row + 2][k]);
+        acc[row + 2][k] = at::vec::fmadd(u1, p, acc[row + 2][k]);
       }
     }
     if (flags.grad) {
