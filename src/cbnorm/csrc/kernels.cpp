@@ -131,8 +131,8 @@ using Accumulators = Vectorized<T>[kMaxRows][kMaxComponents];
 // 2^x for x <= 0, inline: the posteriors take K of them per entry, and a call into Sleef per
 // vector costs about twice the rest of the kernel. In float, 2^n times a degree-5 minimax polynomial
 // in r = x - n on [-1/2, 1/2], n = round(x) (relative error below 2.4e-7 in float arithmetic, as
-// Sleef's u10); in double, Sleef. Arguments below -126 give FLT_MIN: a posterior off by less than
-// 1.2e-38.
+// Sleef's u10); in double, Sleef. Arguments below -126 give 0, as Sleef's do: a posterior off by less
+// than 1.2e-38, and one-hot posteriors exactly one-hot.
 inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
   using Int = Vectorized<int32_t>;
@@ -144,7 +144,7 @@ inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
     p = at::vec::fmadd(p, r, Vec(coefficient));
   }
   const Int exponent = (at::vec::convert_to_int_of_same_size(n) + Int(127)) << Int(23);  // the bits of 2^n
-  return p * at::vec::cast<float>(exponent);
+  return Vec::blendv(p * at::vec::cast<float>(exponent), Vec(0), x < Vec(-126.0f));
 }
 
 inline Vectorized<double> exp2_nonpositive(const Vectorized<double>& x) {
@@ -218,12 +218,11 @@ inline Vectorized<T> entry(
     }
     mean_q = mean_q * inverse;
     const int64_t row = flags.tau_rows;
-    // Beyond [lo, hi] the posteriors are constant (u = 0), which the floor of exp2_nonpositive would blur.
-    const Vec beyond = d[0] != at::vec::clamp(d[0], cf.low[0], cf.high[0]);
+    // Beyond [lo, hi] the posteriors are one-hot (their exp2 exactly 0 or 1), so u = 0 there exactly.
     Vec grad(0);
     for (int64_t k = 0; k < K; ++k) {
       const Vec p = at::vec::clamp(d[k], cf.low[k], cf.high[k]);
-      const Vec eu = Vec::blendv(e[k] * (q[k] - mean_q), Vec(0), beyond);  // u_k * total
+      const Vec eu = e[k] * (q[k] - mean_q);  // u_k * total
       if (flags.grad) {
         const Vec& bk = Mixed ? b[k] : cf.b[k];
         const Vec dq = cf.quadratic ? at::vec::fmadd(cf.two_c[k], d[k], bk) : bk;
