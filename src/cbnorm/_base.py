@@ -1,5 +1,5 @@
-r"""What every cbnorm layer shares: argument checks, the channel layout, the checks of a training batch, and the
-running mixture state of UCB-Norm and Mixture Normalization with its update rule."""
+r"""What every cbnorm layer shares: its constructor's argument checks, the channel layout, the checks of a
+training batch, and the running mixture state of UCB-Norm and Mixture Normalization with its update rule."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from . import functional as F
+from ._checks import check_positive_int
 from .mixture import Mixture1d, channel_samples
 
 # What a layer's state_dict holds besides its mixture: a load without them still describes the mixture.
@@ -36,16 +37,6 @@ def _both(first: Optional[Tensor], second: Optional[Tensor]) -> Optional[Tensor]
     return first & second
 
 
-def _check_positive_int(layer: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{layer}: expected {name} to be a positive int, got {value!r}")
-
-
-def _check_choice(layer: str, name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{layer}: expected {name} to be one of {choices}, got {value!r}")
-
-
 class _ClusterNorm(nn.Module):
     """Common state of every cbnorm layer: channel layout, ``eps`` and the optional affine map."""
 
@@ -60,8 +51,8 @@ class _ClusterNorm(nn.Module):
     ) -> None:
         super().__init__()
         layer = type(self).__name__
-        _check_positive_int(layer, "num_features", num_features)
-        _check_positive_int(layer, "the number of components", num_components)
+        check_positive_int(layer, "num_features", num_features)
+        check_positive_int(layer, "the number of components", num_components)
         if not eps > 0:
             raise ValueError(f"{layer}: expected eps > 0, got {eps!r}")
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._base import MIN_MASS, _both, _check_choice, _ClusterNorm, _RunningMixtureNorm  # noqa: F401 (MIN_MASS: cbnorm.layers.MIN_MASS)
+from ._base import MIN_MASS, _both, _ClusterNorm, _RunningMixtureNorm  # noqa: F401 (cbnorm.layers.MIN_MASS)
+from ._checks import check_choice
 from .context import current_cluster
 from .mixture import Mixture1d, channel_samples, init_mixture_1d
 
@@ -128,8 +129,8 @@ class SCBNorm(_SupervisedClusterNorm):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, num_clusters, eps, affine, channel_dim, factory_kwargs)
-        _check_choice(self._name, "unknown", unknown, F.UNKNOWN_RULES)
-        _check_choice(self._name, "posterior", posterior, F.POSTERIOR_SCOPES)
+        check_choice(self._name, "unknown", unknown, F.UNKNOWN_RULES)
+        check_choice(self._name, "posterior", posterior, F.POSTERIOR_SCOPES)
         self.unknown = unknown
         self.posterior = posterior
         self.loc = nn.Parameter(torch.empty(num_clusters, num_features, **factory_kwargs))
@@ -373,8 +374,8 @@ class UCBNorm(_RunningMixtureNorm):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, num_components, eps, affine, channel_dim, factory_kwargs)
-        _check_choice(self._name, "update", update, self.UPDATES)
-        _check_choice(self._name, "init", init, self.INITS)
+        check_choice(self._name, "update", update, self.UPDATES)
+        check_choice(self._name, "init", init, self.INITS)
         self._set_momentum(momentum)
         self.num_components = num_components
         self.update = update
