@@ -72,18 +72,19 @@ class TestRejectedBatch:
     @pytest.mark.parametrize("initialized", [False, True], ids=["fresh", "initialized"])
     @pytest.mark.parametrize("case", CASES)
     @pytest.mark.parametrize("name", MIXTURE_LAYERS)
-    def test_changes_no_state(self, name, case, initialized):
-        layer = MIXTURE_LAYERS[name]()
+    def test_changes_no_state(self, name, case, initialized, device, monkeypatch):
+        monkeypatch.setenv("CBNORM_SYNC_CHECKS", "1")  # on CUDA, the synchronous errors (docs/gpu-errors.md)
+        layer = MIXTURE_LAYERS[name](device=device)
         if initialized:
-            layer(modes())
+            layer(modes(device=device))
         make_batch, match = self.CASES[case]
         if name == "ucb_weight" and (case == "one_sample" or (initialized and case in ("no_sample", "huge"))):
             pytest.skip("Eq. 15 needs no batch statistics: UCB-Norm(update='weight') takes these batches")
         before = snapshot(layer)
         with pytest.raises(ValueError, match=f"^{NAMES[name]}: {match}"):
-            layer(make_batch())
+            layer(make_batch().to(device))
         assert_unchanged(layer, before)
-        layer(modes())  # and the layer trains on as if the bad batch had never come
+        layer(modes(device=device))  # and the layer trains on as if the bad batch had never come
         assert torch.isfinite(layer.mean).all() and bool(layer.initialized)
 
     def test_one_sample_batch_does_not_seed_ucb_norm(self):
