@@ -4,11 +4,14 @@ Activations ``x`` are ``(N, C, L)``. Every channel ``c`` has ``K`` components wi
 coefficients ``mean``, ``log_coef``, ``quad_coef``; the posterior of component ``k`` at an entry is
 
 .. math::
-    d_k = x - \mu_{k,c}, \qquad \ell_k = \mathrm{log\_coef}_{k,c} + \mathrm{quad\_coef}_{k,c}\, d_k^2,
+    d_k = x - \mu_{k,c}, \qquad \ell_k = \mathrm{log\_coef}_{k,c} + \mathrm{quad\_coef}_{k,c}\, p_k^2,
     \qquad \tau_k = \operatorname{softmax}_k \ell_k
 
 (a Gaussian log-density plus log-prior is such a quadratic, written about the mean so that nothing
-cancels). The operators:
+cancels), with :math:`p_k = \mathrm{clamp}(x, lo_c, hi_c) - \mu_{k,c}`: on :math:`[lo_c, hi_c]`, where
+:math:`|\mathrm{quad\_coef}_{k,c}|\,p_k^2` stays below an eighth of the dtype's largest value, :math:`p_k = d_k`;
+beyond it (float32 inputs beyond about :math:`10^{18}\sigma`) the posteriors are those at the bound, which is their
+limit as :math:`|x|` grows, instead of the NaN of overflowing logits. The operators:
 
 * :func:`mixture_moments` ``(3, K, C)``: :math:`\sum_{n,l} \tau_k d_k^r` for ``r = 0, 1, 2`` -- the
   posterior mass and the first two moments about the means;
@@ -71,7 +74,7 @@ from torch import Tensor
 
 from ._native import kernels_mode, native_ops
 
-__all__ = ["mixture_moments", "mixture_transform", "normalize_with_moments", "scale_shift", "snapshot"]
+__all__ = ["logit_bounds", "mixture_moments", "mixture_transform", "normalize_with_moments", "scale_shift", "snapshot"]
 
 _MAX_NATIVE_COMPONENTS = 16
 _MAX_TRITON_COMPONENTS = 64
@@ -178,10 +181,24 @@ def _components(t: Tensor) -> Tensor:
     return t[:, None, :, None]
 
 
-def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor]:
-    """``d = x - mean`` and the posteriors ``tau``, both ``(K, N, C, L)``: temporaries of one call."""
-    d = x - _components(mean)
-    return d, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), d * d), dim=0)
+def logit_bounds(mean: Tensor, quad_coef: Tensor, terms: int = 1) -> tuple[Tensor, Tensor]:
+    r"""``(lo, hi)``, ``(C,)``: where every :math:`|\mathrm{quad\_coef}_k| (x - \mu_k)^2` stays below an eighth of the
+    dtype's largest value, divided by ``terms`` (the logits of that many entries summed); infinite where
+    ``quad_coef`` is 0. The posteriors take ``x`` clamped to it."""
+    reach = (torch.finfo(quad_coef.dtype).max / (8 * terms) / quad_coef.abs()).sqrt()
+    return (mean - reach).amax(0), (mean + reach).amin(0)
+
+
+def _logit_offsets(x: Tensor, mean: Tensor, quad_coef: Tensor) -> Tensor:
+    """``p = clamp(x, lo, hi) - mean``, ``(K, N, C, L)``: the offsets the logits take, which cannot overflow."""
+    lo, hi = logit_bounds(mean, quad_coef)
+    return x.clamp(lo[:, None], hi[:, None]) - _components(mean)
+
+
+def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, ``(K, N, C, L)``, one call's."""
+    d, p = x - _components(mean), _logit_offsets(x, mean, quad_coef)
+    return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), p * p), dim=0)
 
 
 def _moments(t: Tensor, d: Tensor) -> Tensor:
@@ -191,29 +208,32 @@ def _moments(t: Tensor, d: Tensor) -> Tensor:
 
 
 def _eager_moments(x, mean, log_coef, quad_coef):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, _, tau = _posteriors(x, mean, log_coef, quad_coef)
     return _moments(tau, d)
 
 
 def _eager_transform(x, mean, log_coef, quad_coef, a, b):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, _, tau = _posteriors(x, mean, log_coef, quad_coef)
     return _strided_like((tau * torch.addcmul(_components(a), _components(b), d)).sum(0), x)
 
 
-def _vjp_terms(tau: Tensor, d: Tensor, quad_coef: Tensor, a, b, c) -> tuple[Tensor, Tensor]:
-    r"""``(u, tau q' + u logit')`` of :math:`\sum_k \tau_k q_k`, :math:`q_k = a_k + b_k d_k + c_k d_k^2`, per component."""
+def _vjp_terms(tau: Tensor, d: Tensor, p: Tensor, quad_coef: Tensor, a, b, c) -> tuple[Tensor, Tensor]:
+    r"""``(u, tau q' + u logit')`` of :math:`\sum_k \tau_k q_k`, :math:`q_k = a_k + b_k d_k + c_k d_k^2`, per component.
+
+    Beyond the clamp of the logits the posteriors are one-hot, so :math:`u = 0` there exactly."""
     q = a + d * (b + c * d)
     q = q - q[:1]  # u is unchanged, and what the q_k share is not rounded into it (as in the native kernel)
     u = tau * (q - (tau * q).sum(0))
-    return u, tau * (b + 2 * c * d) + 2 * _components(quad_coef) * d * u
+    return u, tau * (b + 2 * c * d) + 2 * _components(quad_coef) * p * u
 
 
 def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, p, tau = _posteriors(x, mean, log_coef, quad_coef)
     c = torch.zeros_like(a) if c is None else c
-    u, terms = _vjp_terms(tau, d, quad_coef, *(_components(t) for t in (a, b, c)))
+    u, terms = _vjp_terms(tau, d, p, quad_coef, *(_components(t) for t in (a, b, c)))
     weight = 1 if omega is None else omega
-    moments = [_moments(weight * t, d)[:rows] for t, rows, wanted in ((tau, 2, tau_moments), (u, 3, u_moments)) if wanted]
+    moments = [_moments(weight * t, r)[:rows] for t, r, rows, wanted in ((tau, d, 2, tau_moments), (u, p, 3, u_moments))
+               if wanted]
     return (
         _strided_like(weight * terms.sum(0), x) if grad_x else x.new_empty(0),
         torch.cat(moments) if moments else x.new_empty(0, *mean.shape),
@@ -221,9 +241,9 @@ def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad
 
 
 def _eager_normalize_backward(x, omega, mean, log_coef, quad_coef, a, b, sums_grad):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, p, tau = _posteriors(x, mean, log_coef, quad_coef)
     g0, g1, g2 = (_components(t) for t in sums_grad)
-    _, terms = _vjp_terms(tau, d, quad_coef, omega * _components(a) + g0, omega * _components(b) + g1, g2)
+    _, terms = _vjp_terms(tau, d, p, quad_coef, omega * _components(a) + g0, omega * _components(b) + g1, g2)
     return _strided_like(terms.sum(0), x)
 
 
