@@ -1,12 +1,14 @@
 """The GPU harness on the CPU: speed settings, concurrent runs, the time-budget planner."""
 
 import dataclasses
+import io
 import json
 import os
 import signal
 
 import pytest
 import torch
+from utils import without_time
 
 from cbnorm.experiments import reproduce as rep
 from cbnorm.experiments import speed
@@ -15,8 +17,6 @@ from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.parallel import ProgressDisplay, RunState, run_parallel
 from cbnorm.experiments.planner import BudgetError, plan_runs
 from cbnorm.experiments.train import TrainConfig, train
-
-from utils import without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,13 +65,15 @@ class TestSpeedSettings:
 
 class TestParallel:
     def test_parallel_runs_give_the_sequential_metrics(self, tmp_path, digits):
+        experiment = dataclasses.replace(TWO_LAYERS, lrs=(0.005,))
         kwargs = dict(seeds=(0,), progress=False, command="test", threads=1, data=digits)
-        one = rep.reproduce(TWO_LAYERS, "digits", TINY, out=tmp_path / "one", **kwargs)
-        two = rep.reproduce(TWO_LAYERS, "digits", TINY, out=tmp_path / "two", parallel=2, **kwargs)
+        one = rep.reproduce(experiment, "digits", TINY, out=tmp_path / "one", **kwargs)
+        two = rep.reproduce(experiment, "digits", TINY, out=tmp_path / "two", parallel=2, **kwargs)
         names = sorted(p.name for p in (one / "runs").iterdir())
-        assert names == sorted(p.name for p in (two / "runs").iterdir()) and len(names) == 4
+        assert names == sorted(p.name for p in (two / "runs").iterdir()) and len(names) == 2
         for name in names:
-            assert without_time(read_metrics(one / "runs" / name)[1]) == without_time(read_metrics(two / "runs" / name)[1])
+            sequential, parallel = (read_metrics(root / "runs" / name)[1] for root in (one, two))
+            assert without_time(sequential) == without_time(parallel)
         summary = json.loads((two / "summary.json").read_text())
         assert summary["parallel"] == 2 and summary["device_name"]
         assert all(row["seconds_per_epoch"] > 0 for row in summary["rows"])
@@ -80,7 +82,7 @@ class TestParallel:
 
     def test_a_failed_run_is_recorded_and_the_others_go_on(self, tmp_path, digits):
         configs = {"good": _config(tmp_path / "runs" / "good"), "bad": _config(tmp_path / "runs" / "bad", norm="nope")}
-        display = ProgressDisplay(open(os.devnull, "w"))
+        display = ProgressDisplay(io.StringIO())
         histories, failures = run_parallel([("bad", "bad"), ("good", "good")], configs.get, 2, digits, display)
         assert list(histories) == ["good"] and len(histories["good"]) == 2
         assert list(failures) == ["bad"] and "nope" in failures["bad"]
@@ -97,14 +99,14 @@ class TestParallel:
                 super().update(states)
 
         runs = [("killed", "killed"), ("other", "other")]
-        display = KillAfterTwoEpochs(open(os.devnull, "w"))
+        display = KillAfterTwoEpochs(io.StringIO())
         histories, failures = run_parallel(runs, configs.get, 2, digits, display, poll_seconds=0.005)
         assert list(failures) == ["killed"] and "exit code -9" in failures["killed"]
         killed_at = len(torch.load(tmp_path / "runs" / "killed" / "checkpoint.pt", weights_only=True)["history"])
         assert 2 <= killed_at < 6
-        histories, failures = run_parallel(runs, configs.get, 2, digits, ProgressDisplay(open(os.devnull, "w")))
-        assert not failures
-        assert without_time(histories["killed"]) == without_time(histories["other"]) == without_time(reference)
+        assert without_time(histories["other"]) == without_time(reference)
+        histories, failures = run_parallel(runs[:1], configs.get, 2, digits, ProgressDisplay(io.StringIO()))
+        assert not failures and without_time(histories["killed"]) == without_time(reference)
 
     def test_the_display_shows_every_run_on_one_screen(self, tmp_path):
         class Terminal:
@@ -157,13 +159,29 @@ class TestTimeBudget:
         timer = lambda *args: self.SECONDS  # noqa: E731  # 100 epochs do not fit 1 minute; --epochs 2: 2 runs do
         root = rep.reproduce(TWO_LAYERS, "digits", dataclasses.replace(TINY, epochs=100), out=tmp_path, data=digits,
                              time_budget=0.2, epochs=2, timer=timer, threads=1, progress=False, command="test")
-        assert sorted(p.name for p in (root / "runs").iterdir()) == ["batchnorm-lr0.001-seed0", "batchnorm-lr0.005-seed0",
-                                                                    "ucb-lr0.001-seed0", "ucb-lr0.005-seed0"]
+        assert sorted(p.name for p in (root / "runs").iterdir()) == [
+            "batchnorm-lr0.001-seed0", "batchnorm-lr0.005-seed0", "ucb-lr0.001-seed0", "ucb-lr0.005-seed0"]
         table = (root / "table.md").read_text()
-        assert "Only part of the protocol ran, as planned by --time-budget: time budget 0.2 min: 4 of 12 runs at 2 epochs" in table
+        assert ("Only part of the protocol ran, as planned by --time-budget: time budget 0.2 min: 4 of 12 runs at "
+                "2 epochs") in table
         summary = json.loads((root / "summary.json").read_text())
         assert summary["plan"]["runs"][0] == ["batchnorm", 0.001, 0] and summary["scale"]["epochs"] == 2
         assert summary["seeds"] == [0] and all(row["status"] == "ok" for row in summary["rows"])
+
+    def test_the_command_stops_with_what_one_run_takes(self, tmp_path, monkeypatch, capsys):
+        from cbnorm.experiments.cli import main
+
+        monkeypatch.setattr(rep, "time_epochs", lambda *args: {norm: 60.0 for norm in args[5]})
+        argv = ["reproduce", "table5", "--dataset", "digits", "--scale", "smoke", "--out", str(tmp_path),
+                "--time-budget", "1.5", "--no-progress"]
+        assert main(argv) == 2
+        assert "not even one run fits the time budget of 1.5 min: the cheapest, batchnorm, takes about 2.0 min" in (
+            capsys.readouterr().err)
+        assert not (tmp_path / "results" / "table5-digits" / "smoke" / "runs").exists()
+        assert main(argv + ["--epochs", "1"]) == 0  # a minute a run: one fits
+        summary = json.loads((tmp_path / "results" / "table5-digits" / "smoke" / "summary.json").read_text())
+        assert summary["plan"]["runs"] == [["batchnorm", 0.001, 0]] and summary["scale"]["epochs"] == 1
+        assert [row["status"] for row in summary["rows"]][:2] == ["ok", "not run: outside the --time-budget plan"]
 
     def test_timing_on_this_device(self, digits):
         from cbnorm.experiments.planner import time_epochs

@@ -231,14 +231,15 @@ def reproduce(
     time_budget: Optional[float] = None,
     epochs: Optional[int] = None,
     speed_settings: Optional[dict] = None,
-    timer=time_epochs,
+    timer=None,
 ) -> Path:
     """Run (or resume) every run of ``experiment`` at ``scale`` and write its table and figures.
 
     Returns the results directory. ``seeds`` overrides the scale's; ``data`` skips loading the dataset.
     ``parallel``: runs at once, each in its own process (:mod:`~cbnorm.experiments.parallel`).
-    ``time_budget`` (minutes): run only what :mod:`~cbnorm.experiments.planner` finds fits it, seeds
-    ``seeds`` or 0, 1, 2, timed by ``timer``; ``epochs`` overrides the scale's. ``speed_settings``: the
+    ``time_budget`` (minutes): run only what :mod:`~cbnorm.experiments.planner` finds fits it, of
+    seeds ``seeds`` or 0, 1, 2, timed by ``timer`` (default :func:`~.planner.time_epochs`).
+    ``epochs`` overrides the scale's. ``speed_settings``: the
     :class:`~cbnorm.experiments.speed.SpeedSettings` fields of every run (e.g. ``{"compile": True}``).
     """
     experiment = EXPERIMENTS[experiment] if isinstance(experiment, str) else experiment
@@ -260,7 +261,8 @@ def reproduce(
     if time_budget:
         where = resolve_device(device)
         print(f"timing {experiment.model} with each layer on {device_name(where)} for the --time-budget plan")
-        seconds = timer(experiment, data, scale.train_size, scale.test_size, where, registered_norms, speed_settings)
+        seconds = (timer or time_epochs)(experiment, data, scale.train_size, scale.test_size, where, registered_norms,
+                                         speed_settings)
         plan = plan_runs(experiment, seconds, time_budget * 60, seeds, scale.epochs, registered_norms)
         print(plan.describe())
         seeds = tuple(sorted({seed for _, _, seed in plan.runs}))
