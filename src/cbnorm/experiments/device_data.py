@@ -21,9 +21,16 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .data import Loader, _epoch_generator, crop_flip
+from .data import Loader, Split, _epoch_generator, crop_flip
 
-__all__ = ["DeviceLoader", "EpochDraws"]
+__all__ = ["DeviceLoader", "EpochDraws", "images_on"]
+
+
+def images_on(split: Split, device: torch.device) -> Split:
+    """``split`` with its images on ``device`` and its labels where they were: a loop that indexes the
+    images there gets its batches, and augments them, on the device (AdaMatch's weak and strong
+    augmentations run wherever their images are, with the same draws)."""
+    return Split(split.images.to(device), split.labels, split.coarse_labels)
 
 
 @dataclass
