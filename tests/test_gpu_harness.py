@@ -77,7 +77,7 @@ class TestParallel:
         summary = json.loads((two / "summary.json").read_text())
         assert summary["parallel"] == 2 and summary["device_name"]
         assert all(row["seconds_per_epoch"] > 0 for row in summary["rows"])
-        assert "| UCB-Norm | 0.005 | " in (two / "table.md").read_text().split("Time per run on")[1]
+        assert "UCB-Norm at lr 0.005: " in (two / "table.md").read_text().split("Time per run on")[1]
         assert (two / "logs" / f"{names[0]}.log").read_text()
 
     def test_a_failed_run_is_recorded_and_the_others_go_on(self, tmp_path, digits):

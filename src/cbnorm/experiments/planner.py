@@ -157,10 +157,8 @@ def _timed(step, steps: int, warmup: int, device) -> float:
 
 
 def timing_lines(rows: Sequence[dict], device_name: str) -> list[str]:
-    """The time-per-run table of a reproduction: seconds per epoch of each row's runs on ``device_name``."""
-    lines = ["", f"Time per run on {device_name}: seconds per epoch (training and evaluation), mean over the seeds.",
-             "", "| model | lr | s/epoch |", "| --- | --- | --- |"]
-    for row in rows:
-        cell = "—" if row.get("seconds_per_epoch") is None else f"{row['seconds_per_epoch']:.2f}"
-        lines.append(f"| {row['label']} | {row['lr']:g} | {cell} |")
-    return lines
+    """The time per run of a reproduction, a line per table row: seconds per epoch of its runs on ``device_name``."""
+    timed = [f"{row['label']} at lr {row['lr']:g}: {row['seconds_per_epoch']:.2f} s" for row in rows
+             if row.get("seconds_per_epoch") is not None]
+    return ["", f"Time per run on {device_name}, seconds per epoch (training and evaluation, mean over the seeds): "
+            + ("; ".join(timed) or "none ran") + "."]
