@@ -178,10 +178,11 @@ class TestTimeBudget:
         assert "not even one run fits the time budget of 1.5 min: the cheapest, batchnorm, takes about 2.0 min" in (
             capsys.readouterr().err)
         assert not (tmp_path / "results" / "table5-digits" / "smoke" / "runs").exists()
-        assert main(argv + ["--epochs", "1"]) == 0  # a minute a run: one fits
+        assert main(argv + ["--epochs", "1", "--parallel", "2"]) == 0  # a minute a run: one fits; it loads the data
         summary = json.loads((tmp_path / "results" / "table5-digits" / "smoke" / "summary.json").read_text())
         assert summary["plan"]["runs"] == [["batchnorm", 0.001, 0]] and summary["scale"]["epochs"] == 1
         assert [row["status"] for row in summary["rows"]][:2] == ["ok", "not run: outside the --time-budget plan"]
+        assert summary["parallel"] == 2
 
     def test_timing_on_this_device(self, digits):
         from cbnorm.experiments.planner import time_epochs

@@ -247,6 +247,7 @@ def reproduce(
     scale = dataclasses.replace(scale, epochs=epochs) if epochs else scale
     seeds = tuple(seeds) if seeds else (0, 1, 2) if time_budget else scale.seeds
     command = command_line(command)
+    given = data  # what --parallel's processes share; else each loads the data set (no large shared memory)
     data = data if data is not None else load_dataset(dataset, data_dir)
     root = results_folder(out, f"{experiment.name}-{dataset}", scale.name)
     registered = set(norm_layer_names()) | {"none"}
@@ -285,7 +286,7 @@ def reproduce(
     if plan is not None:
         runs = [(key, title) for key, title in runs if key in plan.runs]
     if parallel > 1:
-        histories, failures = run_parallel(runs, configure, parallel, data)
+        histories, failures = run_parallel(runs, configure, parallel, given)
     else:
         histories, failures = run_each(runs, lambda key: train(configure(key), data))
     rows = []
