@@ -133,6 +133,17 @@ class TestParallel:
         assert "run a" in second and "epoch   1/4" in second and "50.00%" in second and "2.0 s/epoch" in second
         assert "run b" in second and "1 running" in second
 
+    def test_a_log_gets_each_line_as_it_changes(self, tmp_path):
+        log = io.StringIO()
+        states = [RunState(k, f"run {k}", _config(tmp_path / k, epochs=4)) for k in "ab"]
+        display = ProgressDisplay(log)
+        display.update(states)
+        states[0].status = "running"
+        display.update(states)
+        display.update(states)
+        assert log.getvalue().splitlines() == [states[0].line().replace("running", "waiting"), states[1].line(),
+                                               states[0].line()]
+
 
 class TestTimeBudget:
     SECONDS = {"batchnorm": 1.0, "ucb": 2.0}  # per epoch

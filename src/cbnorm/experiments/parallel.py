@@ -10,7 +10,7 @@ checkpoints every epoch and resumes from it as before, so a run computes the sam
 path runs it. A run that raises, or whose process dies, is recorded in ``failures`` and the others
 go on. Each process's output goes to ``logs/<run folder name>.log`` beside the run folders, and one
 screen shows every run's epoch, test accuracy and seconds per epoch, refreshed in place on a
-terminal (a line per change elsewhere).
+terminal (in a log, each run's line as it changes).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class RunState:
 
 
 class ProgressDisplay:
-    """Every run's line on one screen: redrawn in place on a terminal, else printed whenever a line changes."""
+    """Every run's line on one screen, redrawn in place on a terminal; elsewhere (a log) each line as it changes."""
 
     def __init__(self, stream: TextIO = sys.stdout) -> None:
         self.stream, self.shown = stream, []
@@ -64,9 +64,12 @@ class ProgressDisplay:
         lines = [", ".join(f"{n} {s}" for s, n in counts.items())] + [state.line() for state in states]
         if lines == self.shown:
             return
-        if self.redraw and self.shown:
-            self.stream.write(f"\x1b[{len(self.shown)}F\x1b[J")  # back to the first line shown, clear below
-        self.stream.write("\n".join(lines) + "\n")
+        if not self.redraw:  # a log: the runs' lines that changed
+            self.stream.write("".join(line + "\n" for line in lines[1:] if line not in self.shown))
+        else:
+            if self.shown:
+                self.stream.write(f"\x1b[{len(self.shown)}F\x1b[J")  # back to the first line shown, clear below
+            self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()
         self.shown = lines
 
