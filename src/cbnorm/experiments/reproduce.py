@@ -4,6 +4,7 @@ Figure 8 (DenseNet-BC, IV-C).
     cbnorm reproduce table5 --dataset cifar10 --scale smoke      # CI: under 2 minutes on CPU
     cbnorm reproduce table5 --dataset cifar10 --scale small      # about an hour on 2 CPU cores
     cbnorm reproduce table5 --dataset cifar10 --scale paper      # the paper's protocol, for a GPU
+    cbnorm reproduce table5 --scale paper --parallel 4 --time-budget 8   # what fits 8 min, 4 runs at once
     cbnorm reproduce densenet --depth 40 --scale small           # CIFAR-100 when present, else CIFAR-10
 
 Every scale follows the paper's protocol (models, optimiser, learning rates, K, batch size) and

@@ -10,6 +10,11 @@ saves RUN/checkpoint.pt atomically: model, optimiser, scheduler, AMP scaler, eve
 history. The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so ``--resume``
 continues exactly where the last checkpoint left off and a crash loses at most one epoch.
 
+The data set stays on the device as uint8 and each batch is cut and augmented there
+(:class:`~cbnorm.experiments.device_data.DeviceLoader`). On CUDA a run uses bfloat16 autocast,
+channels-last tensors and cuDNN's autotuner unless told not to (``--no-bf16``, ``--no-channels-last``,
+``--no-cudnn-benchmark``), and ``--compile`` compiles the model: see :mod:`cbnorm.experiments.speed`.
+
 Distributed: ``torchrun --nproc_per_node=P -m cbnorm train ...`` trains on ``P`` processes (see
 :mod:`cbnorm.experiments.distributed`). ``--batch-size`` is the global batch, each rank trains on its
 share with every batch statistic taken over the global batch, and the metrics are those of one
