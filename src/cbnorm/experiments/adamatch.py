@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import cbnorm
 from cbnorm.functional import POSTERIOR_SCOPES, UNKNOWN_RULES
 from cbnorm.layers import SCBNorm
 
@@ -243,25 +244,6 @@ def adamatch_objective(joint: Tensor, source_only: Tensor, labels: Tensor, progr
             "threshold": float(threshold)}
 
 
-@contextlib.contextmanager
-def buffers_kept(model: nn.Module):
-    """Within the block the model's layers update copies of their buffers (running statistics); afterwards
-    the original buffers are back, untouched: neither their values nor their autograd versions change,
-    so a graph built before the block (whose BatchNorm nodes hold the buffers) can still be differentiated."""
-    originals = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
-                 if buffer is not None]
-    mirrors = [(module, module._initialized) for module in model.modules() if hasattr(module, "_initialized")]
-    for module, name, buffer in originals:
-        module._buffers[name] = buffer.clone()
-    try:
-        yield
-    finally:
-        for module, name, buffer in originals:
-            module._buffers[name] = buffer
-        for module, value in mirrors:  # layers that mirror a buffer in Python (UCB-Norm's `initialized`)
-            module._initialized = value
-
-
 def _domain_ids(n: int, domain: int, device) -> Tensor:
     return torch.full((n,), domain, dtype=torch.long, device=device)
 
@@ -336,7 +318,7 @@ def _train_epoch(model, data: Domains, epoch: int, optimizer, scheduler, config:
         with autocast(device, config.amp, torch.bfloat16):
             with clustered(joint_ids):
                 joint = model(_to_input(torch.cat([weak_s, strong_s, weak_t, strong_t]), device))
-            with buffers_kept(model), clustered(source_ids):
+            with cbnorm.preserve_running_stats(model), clustered(source_ids):
                 source_only = model(_to_input(torch.cat([weak_s, strong_s]), device))
         out = adamatch_objective(joint, source_only, labels, t / total, config.tau)
         mu = out["mu"]
