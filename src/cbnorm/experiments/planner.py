@@ -97,6 +97,10 @@ def time_epochs(experiment, data, train_size: int, test_size: int, device, norms
     from .runs import autocast, clustered
     from .train import TrainConfig, norm_kwargs, supervised_norm
 
+    if device.type == "cpu":
+        from cbnorm import kernels
+
+        kernels.build()  # a first build takes about a minute: not in the warm-up steps' time, nor the timed ones
     train_images = train_size or len(data.train)
     test_images = test_size or len(data.test)
     mean, std = data.channel_stats()
