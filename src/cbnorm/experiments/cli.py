@@ -81,6 +81,7 @@ def _train_config(given: dict, config_class):
         saved = out / "config.json"
         if saved.is_file():
             base = json.loads(saved.read_text())
+            base.pop("overwrite", None)  # what the run was started with, never what continues it
     fields = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in {**base, **given}.items() if k in fields})
 

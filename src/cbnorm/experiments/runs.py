@@ -100,9 +100,10 @@ def set_rng_states(states: dict, device: torch.device) -> None:
 
 
 def config_diff(saved: dict, config: dict, run_control: Iterable[str] = ()) -> list[str]:
-    """The fields (outside ``run_control``) where ``config`` differs from a saved config."""
+    """The fields (outside ``run_control``) where ``config`` differs from a saved config. A field the saved
+    config lacks (one added to the config class since) is not compared."""
     skip = set(run_control)
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.items() if k not in skip and saved.get(k) != v]
+    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in config.items() if k not in skip and k in saved and saved[k] != v]
 
 
 CHECKPOINT, PREVIOUS_CHECKPOINT, LOCK = "checkpoint.pt", "checkpoint-previous.pt", "run.lock"
@@ -215,6 +216,8 @@ class RunFolder:
         ranks: Optional[Ranks] = None,
         log: Callable[[str], None] = print,
     ) -> None:
+        if resume and overwrite:
+            raise ValueError("expected one of resume (continue the run) and overwrite (replace it), got both")
         self.out = Path(out)
         self.path, self.previous = self.out / CHECKPOINT, self.out / PREVIOUS_CHECKPOINT
         self.ranks = ranks or Ranks()
