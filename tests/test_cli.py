@@ -279,7 +279,7 @@ def test_help_is_fast_and_clean():
               "    print(text.getvalue())\n"
               "print('seconds', time.perf_counter() - start)\n"
               "print('imported', sorted({'torch', 'numpy'} & set(sys.modules)))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("imported []")
     help_text = result.stdout

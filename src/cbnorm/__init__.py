@@ -33,7 +33,26 @@ _EXPORTS = {
 }
 _SUBMODULES = ("distributed", "functional", "mixture")
 
-__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+__all__ = [
+    "MixtureNorm",
+    "SCBNorm",
+    "SCBNormBase",
+    "UCBNorm",
+    "cached_cluster_ids",
+    "cluster_cache_path",
+    "cluster_context",
+    "cluster_dataset",
+    "convert_batchnorm",
+    "convert_sync_cbnorm",
+    "create_norm_layer",
+    "distributed",
+    "functional",
+    "get_norm_layer",
+    "image_features",
+    "mixture",
+    "norm_layer_names",
+    "register_norm_layer",
+]
 
 
 def __getattr__(name: str):
@@ -47,7 +66,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list:
-    return sorted({*globals(), *__all__})
+    return sorted([*__all__, "__version__"])
 
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and documentation tools

@@ -126,11 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    for command, help_text in (("train", "train one model (resumable); flags are TrainConfig's fields"),
-                               ("gan", "train one DCGAN with FID (resumable); flags are GANConfig's fields"),
-                               ("adamatch", "train one AdaMatch domain adaptation (resumable); flags are "
-                                            "AdaMatchConfig's fields")):
-        p = commands.add_parser(command, help=help_text, description=_DESCRIPTIONS[command],
+    for command, what in (("train", "one model"), ("gan", "one DCGAN with FID"),
+                          ("adamatch", "one AdaMatch domain adaptation")):
+        p = commands.add_parser(command, help=f"train {what} (resumable); flags are {_CONFIGS[command]}'s fields",
+                                description=_DESCRIPTIONS[command],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_flags(p, getattr(config, _CONFIGS[command]))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-__all__ = ["AdaMatchConfig", "DATASET_NAMES", "GANConfig", "RUN_CONTROL", "RunSettings", "TrainConfig",
+__all__ = ["DATASET_NAMES", "RUN_CONTROL", "AdaMatchConfig", "GANConfig", "RunSettings", "TrainConfig",
            "check_fields", "option"]
 
 # The keys of cbnorm.experiments.data.DATASETS (a test keeps the two equal).
@@ -39,7 +39,8 @@ class RunSettings:
     device: str = option("auto (CUDA when present), cpu, cuda, ...", default="auto")
     amp: bool = option("mixed precision (bfloat16 autocast)", default=False)
     threads: int = option("CPU threads for torch (0: torch's default)", default=0)
-    resume: bool = option("continue the run in --out from its checkpoint", default=False)
+    resume: bool = option("continue the run in --out from its checkpoint (with more --epochs, where the schedule "
+                          "allows)", default=False)
     overwrite: bool = option("replace the run or files in --out", default=False)
     progress: bool = option("progress bar within epochs", default=True)
 
@@ -80,7 +81,8 @@ class TrainConfig:
     amp: bool = option("mixed precision: float16 on CUDA, bfloat16 on CPU", default=False)
     threads: int = option("CPU threads for torch (0: torch's default)", default=0)
     out: str = option("run directory", default="runs/run")
-    resume: bool = option("continue the run in --out from its checkpoint", default=False)
+    resume: bool = option("continue the run in --out from its checkpoint (with more --epochs, where the schedule "
+                          "allows)", default=False)
     overwrite: bool = option("replace the run or files in --out", default=False)
     snapshots: int = option("keep the weights at this many evenly spaced epochs (4: 25/50/75/100%%)", default=0)
     progress: bool = option("progress bar within epochs", default=True)

@@ -232,10 +232,10 @@ class _PlainUnpickler(pickle.Unpickler):
     """Unpickles only what the official CIFAR files hold: dicts, lists, strings, bytes, numbers and numpy
     arrays. Any other global (a function a crafted file would call) is refused before it is looked up."""
 
-    ALLOWED = {
+    ALLOWED = frozenset({
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }
+    })
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

@@ -1,7 +1,8 @@
 """What every training loop of the harness shares: the device and its precision, RNG states, and the
 run folder with its resumable checkpoint, metrics files and progress table.
 
-    folder = RunFolder(out, asdict(config), resume=config.resume, run_control=RUN_CONTROL, table=TABLE)
+    folder = RunFolder(out, asdict(config), resume=config.resume, overwrite=config.overwrite,
+                       run_control=RUN_CONTROL, table=TABLE)                # locks the folder
     ...build the model and optimiser from the config...
     history = folder.restore(device, model=model, optimizer=optimizer)    # [] for a new run
     folder.start(description)                                             # config.json, header, rows so far
@@ -10,7 +11,8 @@ run folder with its resumable checkpoint, metrics files and progress table.
         folder.save(row, device, model=model, optimizer=optimizer)        # atomic checkpoint, metrics, a row
 
 A checkpoint holds ``config``, the ``state_dict()`` of every object passed by name, every RNG state
-(``rng``) and the ``history``, written atomically after each epoch: a crash loses at most one epoch,
+(``rng``) and the ``history``, written atomically after each epoch, the one it replaces kept as
+``checkpoint-previous.pt`` (used if the latest is damaged): a crash loses at most one epoch,
 and a run continued with ``resume=True`` goes on exactly as if it had never stopped, as long as each
 epoch draws its data order from ``(seed, epoch)`` (the loaders do) and everything else from the
 global RNGs saved here.
@@ -314,7 +316,7 @@ class RunFolder:
         """Release the folder's lock (once; also done when the object is collected or the process ends)."""
         self._unlock()
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         return self
 
     def __exit__(self, *exc) -> None:
