@@ -155,8 +155,11 @@ class TestRunFolderKeepsWork:
         with pytest.raises(FileExistsError, match="holds the results of a run"):  # unfinished: refused
             train(dataclasses.replace(config, resume=True, epochs=3), digits)
         assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+        (tmp_path / "run" / "snapshots").mkdir()
+        (tmp_path / "run" / "snapshots" / "epoch-0009.pt").write_bytes(b"")  # the old run's: replaced too
         again = train(dataclasses.replace(config, overwrite=True, lr=0.002), digits)
         assert len(again) == 2 and read_metrics(tmp_path / "run")[0]["lr"] == 0.002
+        assert not (tmp_path / "run" / "snapshots").exists()
 
     def test_a_users_folder_is_refused_unless_overwrite(self, tmp_path, digits):
         (tmp_path / "mine").mkdir()

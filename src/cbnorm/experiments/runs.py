@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import weakref
@@ -110,6 +111,9 @@ def config_diff(saved: dict, config: dict, run_control: Iterable[str] = ()) -> l
 
 CHECKPOINT, PREVIOUS_CHECKPOINT, LOCK = "checkpoint.pt", "checkpoint-previous.pt", "run.lock"
 _OWN_FILES = {"config.json", "metrics.csv", "metrics.json", LOCK}  # what a run writes before its first checkpoint
+# Everything the harness's runs write into their folder: what --overwrite replaces, nothing else.
+_RUN_OUTPUTS = (CHECKPOINT, PREVIOUS_CHECKPOINT, "config.json", "metrics.csv", "metrics.json", "inference.json",
+                "snapshots", "samples")
 
 
 def has_checkpoint(out: Union[str, os.PathLike]) -> bool:
@@ -247,20 +251,22 @@ class RunFolder:
 
     def _open(self, overwrite: bool, run_control: set, epochs_fixed: Optional[str]) -> None:
         out = self.out
+        if overwrite:
+            replaced = [out / name for name in _RUN_OUTPUTS if (out / name).exists()]
+            if replaced and self.is_main:
+                self.log(f"--overwrite: replacing {', '.join(p.name for p in replaced)} in {out}")
+                for path in replaced:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            return
         if has_checkpoint(out):
-            if overwrite:
-                self.log(f"--overwrite: replacing the run in {out}")
-                if self.is_main:
-                    self.path.unlink(missing_ok=True)
-                    self.previous.unlink(missing_ok=True)
-                return
             if not self.resume:
                 raise FileExistsError(f"{out} already holds a run ({self.path}); pass --resume to continue it, "
                                       f"--overwrite to replace it, or choose another --out")
             self._checkpoint = self._load()
             self._check_config(self._checkpoint["config"], len(self._checkpoint["history"]), run_control, epochs_fixed)
-            return
-        if overwrite:
             return
         saved, done = _saved_run(out)
         if self.resume and saved is not None and done and len(done) == self.config.get("epochs") \
