@@ -278,7 +278,8 @@ class RunFolder:
             raise FileExistsError(f"{out} holds the results of a run ({len(done)} epochs in metrics.json) but no "
                                   f"checkpoint to continue from; pass --overwrite to replace them or choose another "
                                   f"--out")
-        others = sorted(p.name for p in out.iterdir() if p.name not in _OWN_FILES and not p.name.endswith(".part"))
+        entries = out.iterdir() if out.is_dir() else ()  # other ranks may look before rank 0 has made it
+        others = sorted(p.name for p in entries if p.name not in _OWN_FILES and not p.name.endswith(".part"))
         if others:
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
             raise FileExistsError(f"{out} is not empty ({shown}) and holds no run; pass --overwrite to write into it "
