@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import cbnorm
 from cbnorm.experiments import adamatch, augment
 from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import Dataset, Split, load_dataset
@@ -92,12 +93,12 @@ class TestObjective:
 
 
 class TestPieces:
-    def test_buffers_kept_leaves_running_statistics_and_earlier_graphs_intact(self):
+    def test_preserve_running_stats_leaves_running_statistics_and_earlier_graphs_intact(self):
         model = WideResNet(10, 1, norm_layer="ucb", norm_kwargs={"num_components": 2})
         x = torch.rand(8, 3, 32, 32)
         first = model(x)  # trains: running statistics move, the graph holds BatchNorm's buffers
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        with adamatch.buffers_kept(model):
+        with cbnorm.preserve_running_stats(model):
             second = model(x[:4] * 3)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         (first.sum() + second.sum()).backward()  # an in-place restore would break this backward
@@ -170,9 +171,9 @@ def test_probed_steps_use_the_gradient_of_the_loss():
     def objective():
         torch.manual_seed(0)  # the same interpolation every time
         model.zero_grad()
-        with adamatch.buffers_kept(model):  # the same running state every time
+        with cbnorm.preserve_running_stats(model):  # the same running state every time
             joint = model(x)
-            with adamatch.buffers_kept(model):
+            with cbnorm.preserve_running_stats(model):
                 source_only = model(x[:4])
         return adamatch.adamatch_objective(joint, source_only, labels, 0.2)
 

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # itself does not import torch, so the ``cbnorm`` command line answers ``--help`` at once.
 _EXPORTS = {
     "MixtureNorm": "mixture_norm",
+    "NormLayerInfo": "factory",
     "SCBNorm": "layers",
     "SCBNormBase": "layers",
     "UCBNorm": "layers",
@@ -23,18 +24,21 @@ _EXPORTS = {
     "cluster_cache_path": "clustering",
     "cluster_context": "context",
     "cluster_dataset": "clustering",
-    "convert_batchnorm": "factory",
-    "convert_sync_cbnorm": "distributed",
+    "convert_batchnorm": "convert",
+    "convert_sync_cbnorm": "convert",
     "create_norm_layer": "factory",
     "get_norm_layer": "factory",
     "image_features": "clustering",
+    "norm_layer_info": "factory",
     "norm_layer_names": "factory",
+    "preserve_running_stats": "running_stats",
     "register_norm_layer": "factory",
 }
-_SUBMODULES = ("distributed", "functional", "mixture")
+_SUBMODULES = ("distributed", "functional", "kernels", "mixture")
 
 __all__ = [
     "MixtureNorm",
+    "NormLayerInfo",
     "SCBNorm",
     "SCBNormBase",
     "UCBNorm",
@@ -49,8 +53,11 @@ __all__ = [
     "functional",
     "get_norm_layer",
     "image_features",
+    "kernels",
     "mixture",
+    "norm_layer_info",
     "norm_layer_names",
+    "preserve_running_stats",
     "register_norm_layer",
 ]
 
@@ -70,10 +77,18 @@ def __dir__() -> list:
 
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and documentation tools
-    from . import distributed, functional, mixture
+    from . import distributed, functional, kernels, mixture
     from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
     from .context import cluster_context
-    from .distributed import convert_sync_cbnorm
-    from .factory import convert_batchnorm, create_norm_layer, get_norm_layer, norm_layer_names, register_norm_layer
+    from .convert import convert_batchnorm, convert_sync_cbnorm
+    from .factory import (
+        NormLayerInfo,
+        create_norm_layer,
+        get_norm_layer,
+        norm_layer_info,
+        norm_layer_names,
+        register_norm_layer,
+    )
     from .layers import SCBNorm, SCBNormBase, UCBNorm
     from .mixture_norm import MixtureNorm
+    from .running_stats import preserve_running_stats

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cbnorm import cached_cluster_ids, image_features
+from cbnorm import _cache, cached_cluster_ids, image_features
 
 from .data import Dataset, atomic_write
 
@@ -69,11 +69,11 @@ def load_cluster_ids(path: Union[str, os.PathLike], data: Dataset) -> ClusterIds
 def mixture_clusters(data: Dataset, k: int, method: str = "gmm", seed: int = 0, cache_dir: Optional[Path] = None) -> ClusterIds:
     """The dataset-level mixture: ``k`` clusters of the PCA features of all images, train then test.
 
-    The ids are cached by :func:`cbnorm.cached_cluster_ids` in ``cache_dir`` (default
-    ``$CBNORM_CACHE``, else ``~/.cache/cbnorm``), keyed by the dataset, ``k``, method and seed.
+    The ids are cached by :func:`cbnorm.cached_cluster_ids` in ``cache_dir`` (default ``clusters/``
+    of cbnorm's cache folder, ``$CBNORM_CACHE_DIR``), keyed by the dataset, ``k``, method and seed.
     """
     images = torch.cat([data.train.images, data.test.images])
-    cache = Path(cache_dir or os.environ.get("CBNORM_CACHE") or Path.home() / ".cache" / "cbnorm")
+    cache = Path(cache_dir) if cache_dir else _cache.cache_dir("clusters")
     ids = cached_cluster_ids(
         cache, data.name, k, lambda: image_features(images, seed=seed), method=method, seed=seed, num_samples=len(images)
     )
