@@ -5,6 +5,11 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# Without CUDA, Triton runs kernels only in its interpreter, which is chosen when Triton is first imported
+# (importing torch._inductor, below, imports it): tests/test_triton.py runs cbnorm's Triton kernels there.
+# Nothing else in the suite can run a Triton kernel on such a machine, so nothing else changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Compile every graph afresh: the on-disk caches of compiled graphs do not hash the Python code of
 # custom operators (their fake and autograd formulas), so a graph cached by another version of
 # cbnorm on the same machine could be reused.
@@ -57,3 +62,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_DEVICES)
+def device(request) -> torch.device:
+    """Each device the tests can run on: the CPU, and CUDA when present."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
+def dtype(request) -> torch.dtype:
+    return request.param

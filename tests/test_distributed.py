@@ -174,21 +174,25 @@ def _errors_are_collective(rank: int) -> dict:
         "nan_later": (cbnorm.UCBNorm(2, 2), 1),
         "nan_mn": (cbnorm.MixtureNorm(2, 2), 0),
         "one_value": (cbnorm.UCBNorm(2, 2), None),
+        "one_value_at_init": (cbnorm.UCBNorm(2, 2), None),
+        "one_value_mn_at_init": (cbnorm.MixtureNorm(2, 2), None),
+        "huge_later": (cbnorm.UCBNorm(2, 2), 1),
     }
     for name, (layer, bad_rank) in cases.items():
         layer = convert_sync_cbnorm(layer)
-        if name != "nan_at_init":
+        if not name.endswith("at_init"):
             layer(torch.randn(4, 2, 3))  # initialised on a clean batch
-        x = torch.randn(4, 2, 3) if name != "one_value" else torch.randn(1 - rank, 2, 1)  # 1 value in all
+        x = torch.randn(4, 2, 3) if not name.startswith("one_value") else torch.randn(1 - rank, 2, 1)  # 1 value in all
         if rank == bad_rank:
-            x[1, 0, 2] = float("nan")
-        before = {k: v.clone() for k, v in layer.state_dict().items()}
+            x = x * 1e20 if name.startswith("huge") else x.index_fill(0, torch.tensor([1]), float("nan"))
+        before = {k: v.clone() for k, v in layer.state_dict().items()}, layer._initialized
         try:
             layer(x)
             raised[name] = None
         except ValueError as error:
             raised[name] = str(error)
-        raised[name + "_unchanged"] = all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+        raised[name + "_unchanged"] = (all(torch.equal(before[0][k], v) for k, v in layer.state_dict().items())
+                                       and layer._initialized == before[1])
     return raised
 
 
@@ -318,8 +322,11 @@ def test_errors_are_raised_on_every_rank_and_leave_the_state(ranks):
     assert errors[0] == errors[1]
     assert "some rank contains non-finite values" in errors[0]["nan_at_init"]
     assert "contains non-finite values" in errors[0]["nan_later"] and "contains non-finite" in errors[0]["nan_mn"]
-    assert "expected at least 2 values per channel in the global batch when training, got 1 over the 2 ranks" \
-        in errors[0]["one_value"]
+    for name in ("one_value", "one_value_at_init", "one_value_mn_at_init"):  # at init: before the k-means start
+        assert "expected at least 2 values per channel in the global batch when training, got 1 over the 2 ranks" \
+            in errors[0][name], name
+    assert errors[0]["huge_later"].startswith("UCBNorm: the global training batch contains non-finite values (NaN or "
+                                              "Inf) on some rank, or values whose statistics overflow torch.float32")
     assert all(errors[0][k] for k in errors[0] if k.endswith("_unchanged"))
 
 

@@ -328,8 +328,9 @@ def test_many_components_and_empty_batch(kernels):
         lambda: cbnorm.UCBNorm(6, 3, update="weight", affine=True),
         lambda: cbnorm.SCBNorm(6, 3, affine=True),
         lambda: cbnorm.SCBNormBase(6, 3),
+        lambda: cbnorm.MixtureNorm(6, 3),
     ],
-    ids=["ucb", "ucb-weight", "scb", "scb-base"],
+    ids=["ucb", "ucb-weight", "scb", "scb-base", "mn"],
 )
 def test_layers_compile_without_graph_break_at_any_batch(make):
     norm, eager = make(), make()
@@ -344,7 +345,7 @@ def test_layers_compile_without_graph_break_at_any_batch(make):
             p.uniform_(-0.5, 0.5)
     norm(*inputs(16))  # UCB-Norm seeds its mixture
     eager.load_state_dict(norm.state_dict())
-    fn = compiled(torch.compile(norm, fullgraph=True))
+    fn = compiled(norm, fullgraph=True)
     for batch in (16, 16, 7):  # the last batch of an epoch is smaller
         args = inputs(batch)
         y, y_eager = fn(*args), eager(*args)
@@ -373,5 +374,5 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="CBNORM_KERNELS=native"):
         _native.native_ops()
     monkeypatch.setenv("CBNORM_KERNELS", "fast")
-    with pytest.raises(ValueError, match=r"CBNORM_KERNELS must be one of \('auto', 'native', 'eager'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"CBNORM_KERNELS must be one of \('auto', 'native', 'eager', 'triton'\), got 'fast'"):
         _native.native_ops()

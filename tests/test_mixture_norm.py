@@ -164,14 +164,20 @@ class TestMixtureNorm:
         torch.testing.assert_close(y[:, 1], torch.zeros_like(y[:, 1]), atol=2e-3, rtol=0)
         assert torch.isfinite(norm.eval()(x)).all()
 
-    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30])
-    def test_non_finite_batch_leaves_state_unchanged(self, bad):
+    @pytest.mark.parametrize("bad,match", [
+        *[(bad, r"MixtureNorm: the training batch contains non-finite values \(NaN or Inf\); the layer's state was "
+                r"left unchanged") for bad in (float("nan"), float("inf"), -float("inf"))],
+        (1e30, r"MixtureNorm: the training batch is finite, but its statistics overflow torch.float32: its largest "
+               r"magnitude is 1e\+30 \(the largest torch.float32 is 3.4e\+38\); scale the input down; the layer's "
+               r"state was left unchanged"),
+    ])
+    def test_non_finite_batch_leaves_state_unchanged(self, bad, match):
         norm = cbnorm.MixtureNorm(4, 3)
         norm(bimodal(dtype=torch.float32))
         before = state(norm)
         x = bimodal(dtype=torch.float32)
         x[3, 1, 2] = bad  # 1e30 is finite, but its square overflows the statistics
-        with pytest.raises(ValueError, match=r"MixtureNorm: the training batch contains non-finite values \(NaN or Inf\); the layer's state was left unchanged"):
+        with pytest.raises(ValueError, match=match):
             norm(x)
         for name, value in norm.state_dict().items():
             assert torch.equal(value, before[name]), name
@@ -218,7 +224,7 @@ class TestMixtureNorm:
         norm, eager = cbnorm.MixtureNorm(4, 3), cbnorm.MixtureNorm(4, 3)
         norm(bimodal(dtype=torch.float32))  # the first batch (k-means++) runs eagerly
         eager.load_state_dict(norm.state_dict())
-        fn = compiled(norm)
+        fn = compiled(norm, fullgraph=True)
         for _ in range(2):
             x = bimodal(dtype=torch.float32)
             torch.testing.assert_close(fn(x), eager(x), rtol=1e-5, atol=1e-5)

@@ -134,12 +134,13 @@ class TestSCBNorm:
     def test_compile(self):
         norm = trained_scb().float()
         x, ids = torch.randn(6, 4, 5), torch.randint(0, 3, (6,))
-        fn = compiled(norm)
+        fn = compiled(norm, fullgraph=True)
         torch.testing.assert_close(fn(x, ids), norm(x, ids))
         with cbnorm.cluster_context(ids):
             torch.testing.assert_close(fn(x), norm(x, ids))
         norm.eval()
         torch.testing.assert_close(fn(x), norm(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fn(x, ids), norm(x, ids))
 
     def test_finite_batch_whose_sum_overflows_passes(self):
         x = torch.full((6, 4), 3e38)
@@ -267,7 +268,7 @@ class TestSCBNormBase:
     def test_compile(self):
         norm = self._trained().float()
         x, ids = torch.randn(6, 4, 5), torch.randint(0, 3, (6,))
-        torch.testing.assert_close(compiled(norm)(x, ids), norm(x, ids))
+        torch.testing.assert_close(compiled(norm, fullgraph=True)(x, ids), norm(x, ids))
 
     @pytest.mark.parametrize(
         "cluster,match",

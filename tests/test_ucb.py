@@ -258,7 +258,7 @@ class TestUCBNormMovingAverage:
         state = mixture_state(dtype=torch.float32)
         norm = ucb_with_state(*state).float()
         eager = ucb_with_state(*state).float()
-        fn = compiled(norm)
+        fn = compiled(norm, fullgraph=True)
         for _ in range(2):
             x = bimodal(dtype=torch.float32)
             torch.testing.assert_close(fn(x), eager(x), rtol=1e-5, atol=1e-5)
@@ -339,7 +339,7 @@ class TestUCBNormWeight:
         assert set(norm.state_dict()) == {"prior_logits", "loc", "log_var", "initialized"}
         for copy in roundtrip(norm):
             torch.testing.assert_close(copy(x), norm(x))
-        torch.testing.assert_close(compiled(norm)(x), norm(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(norm, fullgraph=True)(x), norm(x), rtol=1e-5, atol=1e-5)
 
     def test_non_finite_batch_raises(self):
         norm = cbnorm.UCBNorm(4, 3, update="weight", init="random")

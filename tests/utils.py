@@ -15,10 +15,10 @@ def roundtrip(module):
     return [copy.deepcopy(module), pickle.loads(pickle.dumps(module)), torch.load(buffer, weights_only=False)]
 
 
-def compiled(fn):
-    """torch.compile with a fresh dynamo cache, so each test compiles its own graph."""
+def compiled(fn, **options):
+    """``torch.compile(fn, **options)`` with a fresh dynamo cache, so each test compiles its own graph."""
     torch._dynamo.reset()
-    return torch.compile(fn)
+    return torch.compile(fn, **options)
 
 
 def to_numpy(t):

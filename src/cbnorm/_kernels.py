@@ -4,11 +4,14 @@ Activations ``x`` are ``(N, C, L)``. Every channel ``c`` has ``K`` components wi
 coefficients ``mean``, ``log_coef``, ``quad_coef``; the posterior of component ``k`` at an entry is
 
 .. math::
-    d_k = x - \mu_{k,c}, \qquad \ell_k = \mathrm{log\_coef}_{k,c} + \mathrm{quad\_coef}_{k,c}\, d_k^2,
+    d_k = x - \mu_{k,c}, \qquad \ell_k = \mathrm{log\_coef}_{k,c} + \mathrm{quad\_coef}_{k,c}\, p_k^2,
     \qquad \tau_k = \operatorname{softmax}_k \ell_k
 
 (a Gaussian log-density plus log-prior is such a quadratic, written about the mean so that nothing
-cancels). The operators:
+cancels), with :math:`p_k = \mathrm{clamp}(x, lo_c, hi_c) - \mu_{k,c}`: on :math:`[lo_c, hi_c]`, where
+:math:`|\mathrm{quad\_coef}_{k,c}|\,p_k^2` stays below an eighth of the dtype's largest value, :math:`p_k = d_k`;
+beyond it (float32 inputs beyond about :math:`10^{18}\sigma`) the posteriors are those at the bound, which is their
+limit as :math:`|x|` grows, instead of the NaN of overflowing logits. The operators:
 
 * :func:`mixture_moments` ``(3, K, C)``: :math:`\sum_{n,l} \tau_k d_k^r` for ``r = 0, 1, 2`` -- the
   posterior mass and the first two moments about the means;
@@ -37,10 +40,20 @@ coefficients, then one that writes the whole input gradient: the same vector-Jac
 :math:`q_k = \omega(a_k + b_k d_k) + g_{0,k} + g_{1,k} d_k + g_{2,k} d_k^2`, :math:`g` the gradient of
 the moments, and no outer weight -- both paths to ``x`` in one pass instead of two and a sum.
 
-Each operator runs the native CPU kernel of :mod:`cbnorm._native` when it is available (CPU,
-float32/float64, at most 16 components), and otherwise its pure-PyTorch twin below: the same
-formulas vectorised over the components, whose ``(K, N, C, L)`` temporaries live only within one
-call (it also saves only ``x``). While ``torch.compile`` or ``torch.export`` traces, the operators
+Each operator runs, by ``$CBNORM_KERNELS`` (:mod:`cbnorm._native`) and where ``x`` lives:
+
+* on CUDA, the Triton kernels of :mod:`cbnorm._triton` (float32, float16 and bfloat16 ``x``, at most
+  64 components), imported on first use, so that a CPU-only program never imports Triton;
+* on CPU, the native kernel of :mod:`cbnorm._native` when it is available (float32/float64, at most
+  16 components);
+* otherwise its pure-PyTorch twin below: the same formulas vectorised over the components, whose
+  ``(K, N, C, L)`` temporaries live only within one call (it also saves only ``x``).
+
+``CBNORM_KERNELS=triton`` forces the Triton kernels wherever they take ``x``: on CPU tensors that
+needs ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI tests them). ``x`` may have a lower
+precision than the ``(K, C)`` coefficients (float16/bfloat16 with float32 coefficients): the
+Triton kernels read it as it is; the others compute on a copy in the coefficients' dtype. Sums come
+in the coefficients' dtype, elementwise outputs in ``x``'s. While ``torch.compile`` or ``torch.export`` traces, the operators
 are ``torch.library`` custom operators, so layers compile without a graph break; in eager mode the
 same implementations and backward formulas run as ``torch.autograd.Function``\ s, which dispatch
 faster.
@@ -50,16 +63,22 @@ faster.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import threading
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ._native import native_ops
+from ._native import kernels_mode, native_ops
 
-__all__ = ["mixture_moments", "mixture_transform", "normalize_with_moments", "scale_shift", "snapshot"]
+__all__ = ["logit_bounds", "mixture_moments", "mixture_transform", "normalize_with_moments", "scale_shift", "snapshot"]
 
 _MAX_NATIVE_COMPONENTS = 16
+_MAX_TRITON_COMPONENTS = 64
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _layout(x: Tensor) -> Tensor:
@@ -68,8 +87,12 @@ def _layout(x: Tensor) -> Tensor:
 
 
 def _strided_like(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` with the strides of ``x`` (the kernels index both alike); a copy only when they differ."""
-    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+    """``t`` with the strides and dtype of ``x`` (the kernels index both alike); a copy only when they differ."""
+    return t if t.stride() == x.stride() and t.dtype == x.dtype else torch.empty_like(x).copy_(t)
+
+
+def _contiguous(*tensors: Tensor) -> list[Tensor]:
+    return [t.contiguous() for t in tensors]
 
 
 def _native(x: Tensor, num_components: int = 1):
@@ -80,16 +103,102 @@ def _native(x: Tensor, num_components: int = 1):
     return native_ops()
 
 
+_triton_lock = threading.Lock()
+_triton_module = None  # cbnorm._triton once imported, False once it failed to import, None before
+
+
+def _import_triton(forced: bool):
+    global _triton_module
+    if _triton_module is None:
+        with _triton_lock:
+            if _triton_module is None:
+                try:
+                    from . import _triton
+
+                    _triton_module = _triton
+                except ImportError as error:
+                    if forced:
+                        raise RuntimeError(f"cbnorm: CBNORM_KERNELS=triton, but Triton cannot be imported ({error})")
+                    warnings.warn(
+                        f"cbnorm: Triton cannot be imported ({error}); CUDA tensors use the pure-PyTorch "
+                        f"kernels, which hold K temporaries the size of the input. Install triton.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    _triton_module = False
+    if _triton_module is False and forced:
+        raise RuntimeError("cbnorm: CBNORM_KERNELS=triton, but Triton cannot be imported (see the warning)")
+    return _triton_module or None
+
+
+def triton_status() -> tuple[bool, str]:
+    """Whether the Triton kernels can serve this process's calls, and why; imports nothing."""
+    mode = kernels_mode()
+    if mode == "eager":
+        return False, "off: CBNORM_KERNELS=eager"
+    if _triton_module is False or importlib.util.find_spec("triton") is None:
+        return False, "Triton cannot be imported (pip install triton)"
+    if mode == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false")
+        return True, "forced; CPU tensors " + ("in Triton's interpreter" if interpreted else "need TRITON_INTERPRET=1")
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible (set CBNORM_KERNELS=triton and TRITON_INTERPRET=1 for CPU tensors)"
+    return True, "on CUDA tensors"
+
+
+def _triton(x: Tensor, num_components: int):
+    """:mod:`cbnorm._triton` where it runs ``x``: CUDA tensors, or any under ``CBNORM_KERNELS=triton``."""
+    mode = kernels_mode()
+    forced = mode == "triton"
+    if not forced and (mode == "eager" or x.device.type != "cuda"):
+        return None
+    if x.dtype not in _TRITON_DTYPES or num_components > _MAX_TRITON_COMPONENTS:
+        return None
+    kernels = _import_triton(forced)
+    if kernels is not None and x.device.type == "cpu" and not kernels.INTERPRETED:
+        raise RuntimeError(
+            "cbnorm: CBNORM_KERNELS=triton got a CPU tensor; the Triton kernels run CPU tensors only in "
+            "Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported"
+        )
+    return kernels
+
+
+def _kernels_for(x: Tensor, coefficient: Tensor, num_components: int | None = None):
+    """``(kernels, x)``: the Triton kernels and ``x`` as it is, else the native kernels or ``None`` (the
+    pure-PyTorch twins) and ``x`` in the dtype of the ``(K, C)`` coefficients; laid out for the kernels."""
+    x = _layout(x)
+    num_components = coefficient.shape[0] if num_components is None else num_components
+    kernels = _triton(x, num_components)
+    if kernels is not None:
+        return kernels, x
+    x = x.to(coefficient.dtype)
+    return _native(x, num_components), x
+
+
 # -- pure-PyTorch kernels: the same passes, vectorised over the components --------------------------
 def _components(t: Tensor) -> Tensor:
     """``(K, C)`` -> ``(K, 1, C, 1)``, broadcastable against ``(K, N, C, L)``."""
     return t[:, None, :, None]
 
 
-def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor]:
-    """``d = x - mean`` and the posteriors ``tau``, both ``(K, N, C, L)``: temporaries of one call."""
-    d = x - _components(mean)
-    return d, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), d * d), dim=0)
+def logit_bounds(mean: Tensor, quad_coef: Tensor, terms: int = 1) -> tuple[Tensor, Tensor]:
+    r"""``(lo, hi)``, ``(C,)``: where every :math:`|\mathrm{quad\_coef}_k| (x - \mu_k)^2` stays below an eighth of the
+    dtype's largest value, divided by ``terms`` (the logits of that many entries summed); infinite where
+    ``quad_coef`` is 0. The posteriors take ``x`` clamped to it."""
+    reach = (torch.finfo(quad_coef.dtype).max / (8 * terms) / quad_coef.abs()).sqrt()
+    return (mean - reach).amax(0), (mean + reach).amin(0)
+
+
+def _logit_offsets(x: Tensor, mean: Tensor, quad_coef: Tensor) -> Tensor:
+    """``p = clamp(x, lo, hi) - mean``, ``(K, N, C, L)``: the offsets the logits take, which cannot overflow."""
+    lo, hi = logit_bounds(mean, quad_coef)
+    return x.clamp(lo[:, None], hi[:, None]) - _components(mean)
+
+
+def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, ``(K, N, C, L)``, one call's."""
+    d, p = x - _components(mean), _logit_offsets(x, mean, quad_coef)
+    return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), p * p), dim=0)
 
 
 def _moments(t: Tensor, d: Tensor) -> Tensor:
@@ -99,29 +208,32 @@ def _moments(t: Tensor, d: Tensor) -> Tensor:
 
 
 def _eager_moments(x, mean, log_coef, quad_coef):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, _, tau = _posteriors(x, mean, log_coef, quad_coef)
     return _moments(tau, d)
 
 
 def _eager_transform(x, mean, log_coef, quad_coef, a, b):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, _, tau = _posteriors(x, mean, log_coef, quad_coef)
     return _strided_like((tau * torch.addcmul(_components(a), _components(b), d)).sum(0), x)
 
 
-def _vjp_terms(tau: Tensor, d: Tensor, quad_coef: Tensor, a, b, c) -> tuple[Tensor, Tensor]:
-    r"""``(u, tau q' + u logit')`` of :math:`\sum_k \tau_k q_k`, :math:`q_k = a_k + b_k d_k + c_k d_k^2`, per component."""
+def _vjp_terms(tau: Tensor, d: Tensor, p: Tensor, quad_coef: Tensor, a, b, c) -> tuple[Tensor, Tensor]:
+    r"""``(u, tau q' + u logit')`` of :math:`\sum_k \tau_k q_k`, :math:`q_k = a_k + b_k d_k + c_k d_k^2`, per component.
+
+    Beyond the clamp of the logits the posteriors are one-hot, so :math:`u = 0` there exactly."""
     q = a + d * (b + c * d)
     q = q - q[:1]  # u is unchanged, and what the q_k share is not rounded into it (as in the native kernel)
     u = tau * (q - (tau * q).sum(0))
-    return u, tau * (b + 2 * c * d) + 2 * _components(quad_coef) * d * u
+    return u, tau * (b + 2 * c * d) + 2 * _components(quad_coef) * p * u
 
 
 def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, p, tau = _posteriors(x, mean, log_coef, quad_coef)
     c = torch.zeros_like(a) if c is None else c
-    u, terms = _vjp_terms(tau, d, quad_coef, *(_components(t) for t in (a, b, c)))
+    u, terms = _vjp_terms(tau, d, p, quad_coef, *(_components(t) for t in (a, b, c)))
     weight = 1 if omega is None else omega
-    moments = [_moments(weight * t, d)[:rows] for t, rows, wanted in ((tau, 2, tau_moments), (u, 3, u_moments)) if wanted]
+    moments = [_moments(weight * t, r)[:rows] for t, r, rows, wanted in ((tau, d, 2, tau_moments), (u, p, 3, u_moments))
+               if wanted]
     return (
         _strided_like(weight * terms.sum(0), x) if grad_x else x.new_empty(0),
         torch.cat(moments) if moments else x.new_empty(0, *mean.shape),
@@ -129,9 +241,9 @@ def _eager_transform_backward(x, omega, mean, log_coef, quad_coef, a, b, c, grad
 
 
 def _eager_normalize_backward(x, omega, mean, log_coef, quad_coef, a, b, sums_grad):
-    d, tau = _posteriors(x, mean, log_coef, quad_coef)
+    d, p, tau = _posteriors(x, mean, log_coef, quad_coef)
     g0, g1, g2 = (_components(t) for t in sums_grad)
-    _, terms = _vjp_terms(tau, d, quad_coef, omega * _components(a) + g0, omega * _components(b) + g1, g2)
+    _, terms = _vjp_terms(tau, d, p, quad_coef, omega * _components(a) + g0, omega * _components(b) + g1, g2)
     return _strided_like(terms.sum(0), x)
 
 
@@ -141,15 +253,15 @@ def _eager_normalize_backward(x, omega, mean, log_coef, quad_coef, a, b, sums_gr
 # and as an autograd.Function, which eager mode calls because the custom operator's Python dispatch
 # costs more than a small layer's kernels. Both run the same implementations and backward formulas.
 def _moments_impl(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Tensor:
-    args = (_layout(x), mean.contiguous(), log_coef.contiguous(), quad_coef.contiguous())
-    native = _native(x, mean.shape[0])
-    return native.mixture_moments(*args) if native else _eager_moments(*args)
+    kernels, x = _kernels_for(x, mean)
+    args = (x, *_contiguous(mean, log_coef, quad_coef))
+    return kernels.mixture_moments(*args) if kernels else _eager_moments(*args)
 
 
 def _transform_impl(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    args = (_layout(x), *(t.contiguous() for t in (mean, log_coef, quad_coef, a, b)))
-    native = _native(x, mean.shape[0])
-    return native.mixture_transform(*args) if native else _eager_transform(*args)
+    kernels, computed = _kernels_for(x, mean)
+    args = (computed, *_contiguous(mean, log_coef, quad_coef, a, b))
+    return (kernels.mixture_transform(*args) if kernels else _eager_transform(*args)).to(x.dtype)
 
 
 def _transform_backward_impl(
@@ -165,36 +277,38 @@ def _transform_backward_impl(
     tau_moments: bool,
     u_moments: bool,
 ) -> tuple[Tensor, Tensor]:
-    x = _layout(x)
-    omega = None if omega is None else _strided_like(omega, x)
-    coefficients = [t.contiguous() for t in (mean, log_coef, quad_coef, a, b)]
+    kernels, computed = _kernels_for(x, mean)
+    omega = None if omega is None else _strided_like(omega, computed)
     c = None if c is None else c.contiguous()
-    native = _native(x, mean.shape[0])
-    kernel = native.mixture_transform_backward if native else _eager_transform_backward
-    return kernel(x, omega, *coefficients, c, grad_x, tau_moments, u_moments)
+    kernel = kernels.mixture_transform_backward if kernels else _eager_transform_backward
+    grad, sums = kernel(computed, omega, *_contiguous(mean, log_coef, quad_coef, a, b), c, grad_x, tau_moments, u_moments)
+    return grad.to(x.dtype), sums
 
 
 def _normalize_backward_impl(
     x: Tensor, omega: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, a: Tensor, b: Tensor, sums_grad: Tensor
 ) -> Tensor:
-    x = _layout(x)
-    coefficients = [t.contiguous() for t in (mean, log_coef, quad_coef, a, b, sums_grad)]
-    native = _native(x, mean.shape[0])
-    kernel = native.mixture_normalize_backward if native else _eager_normalize_backward
-    return kernel(x, _strided_like(omega, x), *coefficients)
+    kernels, computed = _kernels_for(x, mean)
+    coefficients = _contiguous(mean, log_coef, quad_coef, a, b, sums_grad)
+    kernel = kernels.mixture_normalize_backward if kernels else _eager_normalize_backward
+    return kernel(computed, _strided_like(omega, computed), *coefficients).to(x.dtype)
 
 
 def _scale_shift_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(shift.unsqueeze(-1), _layout(x), scale.unsqueeze(-1))
+    kernels, computed = _kernels_for(x, scale, 1)
+    if kernels is not None and kernels is _triton_module:
+        return kernels.scale_shift(computed, *_contiguous(scale, shift))
+    return torch.addcmul(shift.unsqueeze(-1), computed, scale.unsqueeze(-1)).to(x.dtype)
 
 
 def _scale_shift_backward_impl(x: Tensor, grad: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    x = _layout(x)
-    grad, scale = _strided_like(grad, x), scale.contiguous()
-    native = _native(x)
-    if native:
-        return native.scale_shift_backward(x, grad, scale)
-    return grad * scale.unsqueeze(-1), (grad * x).sum(2), grad.sum(2)
+    kernels, computed = _kernels_for(x, scale, 1)
+    grad, scale = _strided_like(grad, computed), scale.contiguous()
+    if kernels:
+        grad_x, grad_scale, grad_shift = kernels.scale_shift_backward(computed, grad, scale)
+    else:
+        grad_x, grad_scale, grad_shift = grad * scale.unsqueeze(-1), (grad * computed).sum(2), grad.sum(2)
+    return grad_x.to(x.dtype), grad_scale, grad_shift
 
 
 _moments_op = torch.library.custom_op("cbnorm::mixture_moments", _moments_impl, mutates_args=())
@@ -210,7 +324,7 @@ _scale_shift_backward_op = torch.library.custom_op(
 
 @_moments_op.register_fake
 def _(x, mean, log_coef, quad_coef):
-    return x.new_empty(3, *mean.shape)
+    return mean.new_empty(3, *mean.shape)
 
 
 @_transform_op.register_fake
@@ -221,7 +335,7 @@ def _(x, mean, log_coef, quad_coef, a, b):
 @_transform_backward_op.register_fake
 def _(x, omega, mean, log_coef, quad_coef, a, b, c, grad_x, tau_moments, u_moments):
     rows = 2 * tau_moments + 3 * u_moments
-    return torch.empty_like(_layout(x)) if grad_x else x.new_empty(0), x.new_empty(rows, *mean.shape)
+    return torch.empty_like(_layout(x)) if grad_x else x.new_empty(0), mean.new_empty(rows, *mean.shape)
 
 
 @_scale_shift_op.register_fake

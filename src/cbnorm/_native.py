@@ -14,8 +14,9 @@ once), removes the scratch files of killed builds, writes to a scratch file that
 place, and stops the compiler after ``$CBNORM_BUILD_TIMEOUT`` seconds (default 300).
 
 ``CBNORM_KERNELS`` picks the implementation: ``auto`` (default: native kernels when they build,
-else the pure-PyTorch ones, with one warning), ``native`` (fail loudly when they do not build) or
-``eager`` (never build; pure PyTorch everywhere).
+else the pure-PyTorch ones, with one warning; Triton kernels on CUDA), ``native`` (fail loudly when
+they do not build), ``eager`` (never build; pure PyTorch everywhere) or ``triton`` (the Triton
+kernels of :mod:`cbnorm._triton` for every tensor they take; CPU tensors need ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ OPERATORS = (  # what torch.ops.cbnorm_native must hold once the library is load
     "scale_shift_backward",
 )
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-_MODES = ("auto", "native", "eager")
+_MODES = ("auto", "native", "eager", "triton")
 _DEFAULT_TIMEOUT = 300.0
 # Instruction-set flags and macros, as torch.backends.cpu.get_cpu_capability() names the sets.
 _ISA_FLAGS = {
@@ -67,7 +68,7 @@ _library: Path | None = None  # the file _ops came from
 
 
 def kernels_mode() -> str:
-    """``$CBNORM_KERNELS``: ``"auto"``, ``"native"`` or ``"eager"``."""
+    """``$CBNORM_KERNELS``: ``"auto"``, ``"native"``, ``"eager"`` or ``"triton"``."""
     mode = os.environ.get("CBNORM_KERNELS", "auto").lower()
     if mode not in _MODES:
         raise ValueError(f"CBNORM_KERNELS must be one of {_MODES}, got {mode!r}")

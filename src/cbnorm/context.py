@@ -69,7 +69,10 @@ def current_cluster() -> Tensor | None:
     return _context_value()
 
 
-@torch.compiler.disable(reason="cbnorm.cluster_context is a ContextVar, which torch.compile cannot read in a graph; "
-                               "pass cluster= to the layer explicitly for a single graph")
+# torch._disable_dynamo is torch.compiler.disable deferred to the first call: the eager import of
+# torch._dynamo that the decorator makes would add seconds to ``import cbnorm``.
+@torch._disable_dynamo
 def _context_value() -> Tensor | None:
+    """Read between graphs: ``cluster_context`` is a ContextVar, which torch.compile cannot read in a graph;
+    pass ``cluster=`` to the layer for a single graph."""
     return _CURRENT.get()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .distributed import GlobalSums, all_reduce_sum, sync_active
 from .factory import NormLayer, create_norm_layer, norm_layer_info
-from .layers import _RunningMixtureNorm
+from ._base import _RunningMixtureNorm
 
 __all__ = ["SyncBatchNorm", "convert_batchnorm", "convert_sync_cbnorm"]
 

@@ -6,6 +6,7 @@ Conventions shared by every function here (see ``SPEC.md``):
   :math:`B_c = \{x[n, c, l]\}` (every sample ``n``, every trailing position ``l``), :math:`m = |B_c|`.
 * Component statistics have shape ``(K, C)``, priors ``(K,)``, per-sample statistics ``(N, C)``.
 * The math runs in float32 (float64 for float64 input) with autocast off; the output has ``x.dtype``.
+  The kernels read ``x`` in its own dtype (no float32 copy of a float16 or bfloat16 input on GPU).
 * :math:`\log\mathcal{N}(x;\mu,\sigma^2) = -\tfrac12(\log 2\pi + \log\sigma^2 + (x-\mu)^2/\sigma^2)`,
   with :math:`\sigma^2` floored at ``eps`` so a collapsed component cannot produce ``inf``;
   posteriors are a softmax of logits shifted by their maximum (log-sum-exp), never raw exponentials.
@@ -24,7 +25,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._kernels import mixture_transform, normalize_with_moments, scale_shift, snapshot
+from ._kernels import logit_bounds, mixture_transform, normalize_with_moments, scale_shift, snapshot
 
 __all__ = [
     "ComponentStats",
@@ -138,18 +139,24 @@ def _channels(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
-def _log_density(prior: Optional[Tensor], var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _log_density(log_prior: Optional[Tensor], var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     r"""``(log_coef, quad_coef)``, ``(K, C)``, of the posterior logits as quadratics in :math:`d = x - \mu_k`.
 
     :math:`\ell_k = \log\lambda_k - \tfrac12\log\sigma^2_k - d^2/(2\sigma^2_k)`: the Gaussian log-density
     plus log-prior, less the constant :math:`\tfrac12\log 2\pi` that the softmax over components
-    cancels; ``var`` floored at ``eps``, no prior for ``prior=None`` (uniform).
+    cancels; ``var`` floored at ``eps``, no prior for ``log_prior=None`` (uniform).
     """
     var = var.clamp_min(eps)
     log_coef = -0.5 * var.log()
-    if prior is not None:
-        log_coef = log_coef + prior.log()
+    if log_prior is not None:
+        log_coef = log_coef + log_prior
     return log_coef, -0.5 / var
+
+
+def _mixture_scale(log_prior: Tensor, var: Tensor, eps: float) -> Tensor:
+    r""":math:`1/\sqrt{\lambda_k(\sigma^2_k+\epsilon)}`, through logarithms: its gradient stays finite in float32
+    for priors far below float epsilon, where that of ``rsqrt`` (:math:`\lambda^{-3/2}`) overflows."""
+    return torch.exp(-0.5 * (log_prior + (var + eps).log()))
 
 
 def _normalize(
@@ -183,9 +190,9 @@ def _transform_coefficients(
     return offset, slope
 
 
-def _clamped_prior(prior: Tensor) -> Tensor:
-    """Priors clamped at the smallest normal float, as ``(K, 1)`` (shared) or ``(K, C)``."""
-    return _channel_prior(prior.clamp_min(torch.finfo(prior.dtype).tiny))
+def _log_prior(prior: Tensor) -> Tensor:
+    """Log-priors, the priors clamped at the smallest normal float, as ``(K, 1)`` (shared) or ``(K, C)``."""
+    return _channel_prior(prior.clamp_min(torch.finfo(prior.dtype).tiny).log())
 
 
 def sample_norm(
@@ -205,7 +212,7 @@ def sample_norm(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        y = scale_shift(_channels(x.to(dtype)), *_sample_affine(mean, var, weight, bias, eps, dtype))
+        y = scale_shift(_channels(x), *_sample_affine(mean, var, weight, bias, eps, dtype))
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -225,11 +232,16 @@ def _each_component(t: Tensor) -> tuple[Tensor, ...]:
     return t.unsqueeze(-1).unbind(0)
 
 
-def _component_logits(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(x - mean_k, logit_k)`` for each component in turn, ``x`` ``(N, C, L)``."""
+def _component_logits(
+    x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor, terms: int = 1
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x - mean_k, logit_k)`` for each component in turn, ``x`` ``(N, C, L)``; the logits take ``x`` clamped to
+    :func:`~cbnorm._kernels.logit_bounds` (``terms``: how many of them are summed), as the kernels' do."""
+    lo, hi = logit_bounds(mean, quad_coef, terms)
+    clamped = x.clamp(lo[:, None], hi[:, None])
     for mu, lc, lw in zip(_each_component(mean), _each_component(log_coef), _each_component(quad_coef)):
-        d = x - mu
-        yield d, torch.addcmul(lc, lw, d * d)
+        p = clamped - mu
+        yield x - mu, torch.addcmul(lc, lw, p * p)
 
 
 def _map_transform(x: Tensor, mean: Tensor, logits: tuple[Tensor, Tensor], scale: Tensor) -> Tensor:
@@ -283,19 +295,20 @@ def scb_norm(
     _check_unknown_cluster_rule(unknown, posterior)
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, mean, var = (t.to(dtype) for t in (x, mean, var))
-        x3 = _channels(xf)
+        mean, var = mean.to(dtype), var.to(dtype)
         logits = _log_density(None, var, eps)  # uniform priors
         scale = (var + eps).rsqrt()
         if unknown == "paper":
             scale = scale * math.sqrt(mean.shape[0])
         if posterior == "element" and unknown != "map":
-            y = _normalize(x3, mean, logits, scale, None, weight, bias)  # one pass, affine map included
+            y = _normalize(_channels(x), mean, logits, scale, None, weight, bias)  # one pass, affine map included
         else:
+            x3 = _channels(x.to(dtype))
             if posterior == "element":
                 y = _map_transform(x3, mean, logits, scale)
             else:
-                log_lik = torch.stack([logit.sum((1, 2)) for _, logit in _component_logits(x3, mean, *logits)])
+                entries = x3.shape[1] * x3.shape[2]  # each sample's logits are summed over its entries
+                log_lik = torch.stack([logit.sum((1, 2)) for _, logit in _component_logits(x3, mean, *logits, entries)])
                 log_resp = torch.log_softmax(log_lik, dim=0)  # (K, N)
                 if unknown == "map":
                     best = log_resp.argmax(0)
@@ -355,10 +368,10 @@ def ucb_norm(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf, prior, mean, var = (t.to(dtype) for t in (x, prior, mean, var))
-        prior = _clamped_prior(prior)
-        scale = (prior * (var + eps)).rsqrt()
-        y = _normalize(_channels(xf), mean, _log_density(prior, var, eps), scale, None, weight, bias)
+        prior, mean, var = (t.to(dtype) for t in (prior, mean, var))
+        log_prior = _log_prior(prior)
+        scale = _mixture_scale(log_prior, var, eps)
+        y = _normalize(_channels(x), mean, _log_density(log_prior, var, eps), scale, None, weight, bias)
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -425,17 +438,17 @@ def ucb_norm_batch(
     """
     dtype = compute_dtype(x)
     with _full_precision(x):
-        xf = x.to(dtype)
         prior, mean, var = snapshot([t.to(dtype) for t in (prior, mean, var)])
-        prior = _clamped_prior(prior)
-        logits = _log_density(prior, var, eps)
+        log_prior = _log_prior(prior)
+        logits = _log_density(log_prior, var, eps)
 
-        def coefficients(sums, prior, weight, bias):
+        def coefficients(sums, log_prior, weight, bias):
             mass, shift, batch_var = _batch_statistics(sums, reduce_sums)
-            scale = (prior * (batch_var + eps)).rsqrt()
+            scale = _mixture_scale(log_prior, batch_var, eps)
             return (*_transform_coefficients(scale, shift, weight, bias), (mass, shift, batch_var))
 
-        y, mass, shift, batch_var = normalize_with_moments(_channels(xf), mean, *logits, coefficients, prior, weight, bias)
+        y, mass, shift, batch_var = normalize_with_moments(
+            _channels(x), mean, *logits, coefficients, log_prior, weight, bias)
         count = x.numel() // x.shape[1]
         stats = ComponentStats(mass.detach(), (mean + shift).detach(), batch_var.detach(), count)
     return y.reshape(x.shape).to(x.dtype), stats

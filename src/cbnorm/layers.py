@@ -12,105 +12,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import distributed
 from . import functional as F
-from ._checks import check_choice, check_positive_int
+from ._base import MIN_MASS, _both, _ClusterNorm, _RunningMixtureNorm  # noqa: F401 (cbnorm.layers.MIN_MASS)
+from ._checks import check_choice
 from .context import current_cluster
-from .mixture import channel_samples, init_mixture_1d
+from .mixture import Mixture1d, channel_samples, init_mixture_1d
 
 __all__ = ["SCBNorm", "SCBNormBase", "UCBNorm"]
 
 # k-means++ initialisation looks at no more than this many entries of each channel.
 _INIT_SAMPLES = 4096
-
-#: A component whose posterior mass in a channel's batch is below one activation's worth has
-#: received "almost no responsibility" (SPEC): its running state is left where it was.
-MIN_MASS = 1.0
-
-
-class _ClusterNorm(nn.Module):
-    """Common state of every cbnorm layer: channel layout, ``eps`` and the optional affine map."""
-
-    def __init__(
-        self,
-        num_features: int,
-        num_components: int,
-        eps: float,
-        affine: bool,
-        channel_dim: int,
-        factory_kwargs: dict,
-    ) -> None:
-        super().__init__()
-        layer = type(self).__name__
-        check_positive_int(layer, "num_features", num_features)
-        check_positive_int(layer, "the number of components", num_components)
-        if not eps > 0:
-            raise ValueError(f"{layer}: expected eps > 0, got {eps!r}")
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
-            raise ValueError(f"{layer}: expected channel_dim to be a non-zero int (dim 0 is the batch), got {channel_dim!r}")
-        self.num_features = num_features
-        self.eps = eps
-        self.affine = affine
-        self.channel_dim = channel_dim
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
-    @property
-    def _name(self) -> str:
-        return type(self).__name__
-
-    def _channels_first(self, x: Tensor) -> Tensor:
-        """Validate ``x`` and view it as ``(N, C, *)``."""
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{self._name}: expected a torch.Tensor input, got {type(x).__name__}")
-        if x.dim() < 2:
-            raise ValueError(
-                f"{self._name}: expected input of shape (N, C, *) with at least 2 dims, "
-                f"got {x.dim()}D input of shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"{self._name}: expected a floating-point input, got {x.dtype}")
-        if not -x.dim() <= self.channel_dim < x.dim() or self.channel_dim % x.dim() == 0:
-            raise ValueError(
-                f"{self._name}: channel_dim={self.channel_dim} does not select a channel dim of "
-                f"{x.dim()}D input of shape {tuple(x.shape)}"
-            )
-        if x.shape[self.channel_dim] != self.num_features:
-            raise ValueError(
-                f"{self._name}: expected {self.num_features} channels in dim {self.channel_dim}, "
-                f"got {x.shape[self.channel_dim]} (input of shape {tuple(x.shape)})"
-            )
-        return x.movedim(self.channel_dim, 1)
-
-    def _restore_layout(self, y: Tensor) -> Tensor:
-        return y.movedim(1, self.channel_dim)
-
-    def _check_finite(self, values: Tensor) -> None:
-        # One reduction (a NaN or Inf anywhere makes the sum non-finite); the exact check runs
-        # only when the sum trips, so a finite batch whose sum overflows still passes.
-        total = values.sum(dtype=F.compute_dtype(values))
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(values).all()):
-            raise ValueError(
-                f"{self._name}: the training batch contains non-finite values (NaN or Inf); "
-                f"the layer's state was left unchanged"
-            )
-
-    def _check_batch_size(self, x: Tensor) -> None:
-        if x.numel() <= x.shape[1]:
-            raise ValueError(
-                f"{self._name}: expected more than 1 value per channel when training, "
-                f"got input of shape {tuple(x.shape)}"
-            )
-
 
 class _SupervisedClusterNorm(_ClusterNorm):
     """Cluster-id handling shared by SCB-Norm and SCB-Norm-base."""
@@ -141,14 +52,15 @@ class _SupervisedClusterNorm(_ClusterNorm):
                 f"{self._name}: expected cluster ids of shape ({batch},) for a batch of {batch}, "
                 f"got shape {tuple(ids.shape)}"
             )
-        if batch:
-            low, high = torch.aminmax(ids)
-            low, high = int(low), int(high)
-            if low < 0 or high >= self.num_clusters:
-                raise ValueError(
-                    f"{self._name}: cluster id {low if low < 0 else high} is out of range for "
-                    f"num_clusters={self.num_clusters}; expected ids in [0, {self.num_clusters})"
-                )
+        k = self.num_clusters
+
+        def detail() -> str:
+            low, high = (int(t) for t in torch.aminmax(ids))
+            return (f"{self._name}: cluster id {low if low < 0 else high} is out of range for num_clusters={k}; "
+                    f"expected ids in [0, {k})")
+
+        message = f"{self._name}: a cluster id is out of range for num_clusters={k}; expected ids in [0, {k})"
+        self._require(((ids >= 0) & (ids < k)).all(), message, detail)
         return ids.to(x.device)
 
 
@@ -327,18 +239,23 @@ class SCBNormBase(_SupervisedClusterNorm):
         if cluster is None:
             return x.new_full((batch, self.num_clusters), 1.0 / self.num_clusters, dtype=F.compute_dtype(x))
         if not cluster.is_floating_point():
-            return nn.functional.one_hot(self._check_ids(cluster, x), self.num_clusters)
+            # a comparison, not nn.functional.one_hot, which reads the ids' range on the host on the CPU
+            ids = self._check_ids(cluster, x)
+            return ids.unsqueeze(1) == torch.arange(self.num_clusters, device=ids.device)
         if tuple(cluster.shape) != (batch, self.num_clusters):
             raise ValueError(
                 f"{self._name}: expected a cluster assignment of shape ({batch}, {self.num_clusters}), "
                 f"got shape {tuple(cluster.shape)}"
             )
         rows = cluster.sum(1)
-        if batch and (bool((cluster < 0).any()) or not torch.allclose(rows, torch.ones_like(rows), atol=1e-4)):
-            raise ValueError(
-                f"{self._name}: expected a cluster assignment with non-negative rows summing to 1, "
-                f"got row sums in [{float(rows.min()):.4g}, {float(rows.max()):.4g}] and minimum {float(cluster.min()):.4g}"
-            )
+
+        def detail() -> str:
+            return (f"{self._name}: expected a cluster assignment with non-negative rows summing to 1, got row sums in "
+                    f"[{float(rows.min()):.4g}, {float(rows.max()):.4g}] and minimum {float(cluster.min()):.4g}")
+
+        valid = (cluster >= 0).all() & torch.isclose(rows, torch.ones_like(rows), atol=1e-4).all()
+        message = f"{self._name}: expected a cluster assignment with non-negative rows summing to 1"
+        self._require(valid, message, detail)
         return cluster.to(x.device)
 
     def forward(self, x: Tensor, cluster: Optional[Tensor] = None) -> Tensor:
@@ -365,122 +282,6 @@ class SCBNormBase(_SupervisedClusterNorm):
         )
 
 
-class _RunningMixtureNorm(_ClusterNorm):
-    """Running mixture state ``(running_prior, running_mean, running_var)`` and its update rule.
-
-    Shared by UCB-Norm's ``moving_average`` mode (priors ``(K,)`` shared by the channels) and
-    Mixture Normalization (a mixture per channel, priors ``(K, C)``), with ``momentum``, the
-    ``initialized`` flag that the first training batch sets, and the switch to statistics of the
-    global batch under ``torch.distributed`` (:func:`cbnorm.convert_sync_cbnorm`).
-    """
-
-    #: Take batch statistics (and the first batch's initialisation) over the global batch of
-    #: ``process_group`` in distributed training; set by :func:`cbnorm.convert_sync_cbnorm`.
-    sync_statistics: bool = False
-    #: The group whose ranks share statistics; ``None`` for the default group.
-    process_group = None
-
-    def _synchronised(self) -> bool:
-        return distributed.sync_active(self.sync_statistics, self.training, self.process_group)
-
-    def _check_global_count(self, count: int, x: Tensor, least: int) -> None:
-        """The check of :meth:`_check_batch_size` (``least=2``) on the global batch; every rank raises alike."""
-        if count < least:
-            raise ValueError(
-                f"{self._name}: expected at least {least} value{'s' * (least > 1)} per channel in the global batch "
-                f"when training, got {count} over the {distributed.world_size(self.process_group)} ranks "
-                f"(input of shape {tuple(x.shape)} on this rank)"
-            )
-
-    @torch.no_grad()
-    def _global_initial_state(self, x: Tensor, max_per_channel: Optional[int], fit) -> list[Tensor]:
-        """``fit(samples)`` of the global batch's entries, computed from rank 0's draw and broadcast from it.
-
-        Every rank computes it from the same gathered samples (so all raise alike), then takes rank
-        0's result, which holds even where the ranks' random generators differ.
-        """
-        rows = channel_samples(x.detach().to(F.compute_dtype(x)))
-        gathered = distributed.gather_channel_samples(rows, max_per_channel, self.process_group)
-        if not gathered.finite:
-            raise ValueError(
-                f"{self._name}: the training batch of some rank contains non-finite values (NaN or Inf); "
-                f"the layer's state was left unchanged"
-            )
-        self._check_global_count(gathered.count, x, 1)
-        return distributed.broadcast_from_first_rank(list(fit(gathered.samples)), self.process_group)
-
-    def _normalize_batch(self, x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, synchronised: bool) -> Tensor:
-        """Eq. 7-9 with the statistics of the batch (the global batch when ``synchronised``), then the running update."""
-        sums = distributed.GlobalSums(x.numel() // x.shape[1], self.process_group) if synchronised else None
-        y, stats = F.ucb_norm_batch(x, prior, mean, var, self.weight, self.bias, self.eps, reduce_sums=sums)
-        if sums is not None:
-            self._check_global_count(sums.count, x, 2)
-            stats = stats._replace(count=sums.count)
-        self._track(stats)
-        return y
-
-    def _register_running_state(self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False) -> None:
-        prior_shape = (num_components, self.num_features) if per_channel_prior else (num_components,)
-        self.register_buffer("running_prior", torch.empty(prior_shape, **factory_kwargs))
-        self.register_buffer("running_mean", torch.empty(num_components, self.num_features, **factory_kwargs))
-        self.register_buffer("running_var", torch.empty(num_components, self.num_features, **factory_kwargs))
-        self.register_buffer(
-            "num_batches_tracked",
-            torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
-        )
-
-    def _set_momentum(self, momentum: Optional[float]) -> None:
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{self._name}: expected momentum in [0, 1] or None, got {momentum!r}")
-        self.momentum = momentum
-
-    def _register_initialized(self, device) -> None:
-        """A boolean buffer saying whether the first training batch has set up the state."""
-        self.register_buffer("initialized", torch.tensor(False, device=device))
-        self._initialized = False
-
-    def _mark_initialized(self, value: bool) -> None:
-        self.initialized.fill_(value)
-        self._initialized = value  # a Python mirror, so that torch.compile does not branch on a tensor
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._initialized = bool(self.initialized)
-
-    def _momentum_factor(self) -> float:
-        if self.momentum is None:  # cumulative moving average, as in BatchNorm
-            return 1.0 / (int(self.num_batches_tracked) + 1)
-        return self.momentum
-
-    @torch.no_grad()
-    def _track(self, stats: F.ComponentStats) -> None:
-        r"""Fold one batch's component statistics into the running state (one online-EM step).
-
-        :math:`\mu_k \leftarrow (1-m)\mu_k + m E_k`, :math:`\sigma^2_k \leftarrow (1-m)\sigma^2_k +
-        m V_k \cdot n/(n-1)`, :math:`\lambda_k \leftarrow (1-m)\lambda_k + m\,\mathrm{mean}_i\tau_k(x_i)`,
-        then the priors are renormalised. A component that received almost no responsibility keeps
-        its state: a channel of it whose mass :math:`\sum_{B_c}\tau_k` is below one activation's
-        worth (:data:`MIN_MASS`) keeps its mean and variance, and its prior is kept when its mass
-        averaged over the channels (or, for per-channel priors, in the channel) is below that.
-        Such a batch holds less than one sample of the component, so its :math:`E_k, V_k` estimate
-        nothing; following them anyway drives the prior and variance of a fading component toward
-        zero, and Eq. 15's :math:`\tau_k/\sqrt{\lambda_k}` then blows up the activations that
-        land near it at inference. A non-finite batch raises and changes nothing.
-        """
-        self._check_finite(torch.cat([stats.mass.flatten(), stats.mean.flatten(), stats.var.flatten()]))
-        factor = self._momentum_factor()
-        filled = stats.mass >= MIN_MASS
-        unbiased_var = stats.var * (stats.count / (stats.count - 1))
-        for running, batch in ((self.running_mean, stats.mean), (self.running_var, unbiased_var)):
-            running.copy_(torch.where(filled, torch.lerp(running, batch.to(running.dtype), factor), running))
-        # Priors shared by the channels (K,) pool the mass of all channels; per-channel (K, C) do not.
-        mass = stats.mass.mean(1) if self.running_prior.dim() == 1 else stats.mass
-        batch_prior = (mass / mass.sum(0)).to(self.running_prior.dtype)
-        prior = torch.where(mass >= MIN_MASS, torch.lerp(self.running_prior, batch_prior, factor), self.running_prior)
-        self.running_prior.copy_(prior / prior.sum(0))
-        self.num_batches_tracked.add_(1)
-
-
 class UCBNorm(_RunningMixtureNorm):
     r"""Unsupervised Cluster-Based Normalization (UCB-Norm, paper III-B, Eq. 7-9, 14-15).
 
@@ -500,7 +301,14 @@ class UCBNorm(_RunningMixtureNorm):
     with :math:`\hat\tau_k = \tau_k / \sum_{B_c}\tau_k`, and :math:`E_k, V_k` replace
     :math:`\mu, \sigma^2` above (Eq. 7-9). The running state then moves toward
     :math:`(\mathrm{mean}\,\tau, E, V\cdot m/(m-1))` with ``momentum``: one step of online EM.
-    Inference uses Eq. 15 with the running state. With :math:`K=1` the layer is BatchNorm.
+    Inference uses Eq. 15 with the running state.
+
+    With :math:`K=1` the training output is BatchNorm's, and so is the running update. The running state
+    starts elsewhere: from the first batch's k-means start (its mean and biased variance) where BatchNorm's
+    starts from :math:`(0, 1)`. After :math:`t` batches the running mean and variance therefore exceed
+    BatchNorm's by :math:`(1-m)^t` times the first batch's mean and (biased variance - 1), and so differ
+    eval outputs; with ``momentum=None`` they are BatchNorm's exactly. Loading BatchNorm's initial state
+    with ``initialized=True`` gives BatchNorm step for step.
 
     ``update="weight"``: :math:`\lambda` (as softmax logits), :math:`\mu`, :math:`\sigma^2` (as
     ``log_var``) are parameters learned by backpropagation, and training and inference both use
@@ -516,8 +324,10 @@ class UCBNorm(_RunningMixtureNorm):
     :math:`E_k, V_k` (Algorithm 2 writes the mean and variance of :math:`\hat x^k`, which are
     about 0 and 1 by construction); :math:`E_k` is a sum over :math:`\hat\tau`, not a mean;
     ``update="weight"`` uses Eq. 15 in training too; densities keep their normalising term and
-    posteriors use log-sum-exp; a training batch with NaN or Inf raises ``ValueError`` and leaves
-    the state unchanged.
+    posteriors use log-sum-exp; a training batch with NaN or Inf, or whose statistics overflow, raises
+    ``ValueError`` and leaves the state unchanged (on CUDA a device-side assertion: ``docs/gpu-errors.md``).
+    For inputs so large (float32 beyond about :math:`10^{18}\sigma`) that the log-densities would overflow,
+    the posteriors take their limit, so every finite input gives a finite output.
 
     Distributed training: after :func:`cbnorm.convert_sync_cbnorm`, the batch statistics and the
     first batch's k-means start are those of the global batch of all ranks (:mod:`cbnorm.distributed`).
@@ -595,17 +405,12 @@ class UCBNorm(_RunningMixtureNorm):
         """Component variances :math:`\\sigma^2`, ``(K, C)``."""
         return self.log_var.exp() if self.update == "weight" else self.running_var
 
-    @torch.no_grad()
-    def _set_state(self, prior: Tensor, mean: Tensor, var: Tensor) -> None:
+    def _set_state(self, prior: Tensor, mean: Tensor, var: Tensor, ok: Optional[Tensor] = None) -> None:
         if self.update == "weight":
-            self.prior_logits.copy_(prior.log())
-            self.loc.copy_(mean)
-            self.log_var.copy_(var.log())
+            values = {"prior_logits": prior.log(), "loc": mean, "log_var": var.log()}
         else:
-            self.running_prior.copy_(prior)
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var)
-        self._mark_initialized(True)
+            values = {"running_prior": prior, "running_mean": mean, "running_var": var}
+        self._commit(ok, values, count_batch=False)
 
     def reset_running_stats(self) -> None:
         """Back to the initial state; with ``init="kmeans++"`` the next training batch re-seeds it."""
@@ -626,31 +431,40 @@ class UCBNorm(_RunningMixtureNorm):
         self.reset_running_stats()
 
     @torch.no_grad()
-    def _initialize(self, x: Tensor, synchronised: bool) -> None:
+    def _initial_state(self, x: Tensor, synchronised: bool, least: int) -> Mixture1d:
+        """The first training batch's k-means start (of the global batch when ``synchronised``), not yet stored."""
         def fit(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return init_mixture_1d(samples, self.num_components, self.eps)
 
         if synchronised:
-            self._set_state(*self._global_initial_state(x, _INIT_SAMPLES, fit))
-            return
-        self._check_finite(x)
-        self._set_state(*fit(channel_samples(x.detach().to(F.compute_dtype(x)), _INIT_SAMPLES)))
+            state = self._global_initial_state(x, _INIT_SAMPLES, fit, least)
+        else:
+            state = fit(channel_samples(x.detach().to(F.compute_dtype(x)), _INIT_SAMPLES))
+        return Mixture1d(*(t.to(self.mean.dtype) for t in state))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         xc = self._channels_first(x)
-        synchronised = self._synchronised()
-        if self.training and not self._initialized:
-            self._initialize(xc, synchronised)
-        if self.training and self.update == "moving_average":
-            if not synchronised:
-                self._check_batch_size(xc)
-            y = self._normalize_batch(xc, self.running_prior, self.running_mean, self.running_var, synchronised)
-        else:
-            if self.training:
-                self._check_finite(xc)
+        if not self.training:
             y = F.ucb_norm(xc, self.prior, self.mean, self.var, self.weight, self.bias, self.eps)
-        return self._restore_layout(y)
+            return self._restore_layout(y)
+        # Every check runs before any state changes: the k-means start and the running update are computed
+        # first, checked, and only then stored.
+        synchronised = self._synchronised()
+        batch_statistics = self.update == "moving_average"
+        least = 2 if batch_statistics else int(not self._initialized)  # Eq. 15 alone needs no batch statistics
+        ok = self._check_training_batch(xc, synchronised and (batch_statistics or not self._initialized), least)
+        start = None if self._initialized else self._initial_state(xc, synchronised, least)
+        if batch_statistics:
+            state = self._running_state if start is None else start
+            y, stats = self._batch_forward(xc, state, synchronised)
+            checked = [*state, stats.mass, stats.mean, stats.var]
+            ok = _both(ok, self._check_statistics(xc, checked, synchronised))
+            self._commit_running(ok, self._running_update(state, stats))
+            return self._restore_layout(y)
+        if start is not None:
+            self._set_state(*start, ok=_both(ok, self._check_statistics(xc, start, synchronised)))
+        return self._restore_layout(F.ucb_norm(xc, self.prior, self.mean, self.var, self.weight, self.bias, self.eps))
 
     def extra_repr(self) -> str:
         return (

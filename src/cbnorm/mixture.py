@@ -133,7 +133,11 @@ def _kmeans_plusplus(x: Tensor, k: int, seed: Seed) -> Tensor:
     dist2 = _sq_dist(x, centers[0].unsqueeze(0))[0]
     for _ in range(1, k):  # sequential by definition; k is small
         weights = torch.where(dist2.sum(1, keepdim=True) > 0, dist2, torch.ones_like(dist2))
-        pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        # torch.multinomial(weights, 1)'s own draw (an exponential race: the same random numbers, the same pick),
+        # without its host-side check of the weights, which synchronises with the device and rejects the
+        # infinite distances of a finite batch whose squares overflow
+        race = torch.empty_like(weights).exponential_(generator=generator)
+        pick = (weights / race).argmax(1)
         centers.append(x[sets, pick])
         dist2 = torch.minimum(dist2, _sq_dist(x, centers[-1].unsqueeze(0))[0])
     return torch.stack(centers)
@@ -142,7 +146,8 @@ def _kmeans_plusplus(x: Tensor, k: int, seed: Seed) -> Tensor:
 def _nearest(x: Tensor, centers: Tensor) -> Tensor:
     """One-hot assignment ``(K, B, M)`` of every point to its nearest center (ties: lowest index)."""
     labels = _sq_dist(x, centers).argmin(0)
-    return torch.nn.functional.one_hot(labels, centers.shape[0]).permute(2, 0, 1).to(x.dtype)
+    components = torch.arange(centers.shape[0], device=x.device)
+    return (labels == components[:, None, None]).to(x.dtype)  # not one_hot, which checks the labels on the host
 
 
 def _lloyd(x: Tensor, centers: Tensor, max_steps: int, until_stable: bool = False) -> Tensor:

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from . import distributed
 from . import functional as F
+from ._base import _both, _RunningMixtureNorm
 from ._checks import check_positive_int
-from .layers import _RunningMixtureNorm
 from .mixture import Mixture1d, channel_samples, fit_mixture_1d
 
 __all__ = ["MixtureNorm"]
@@ -49,8 +49,9 @@ class MixtureNorm(_RunningMixtureNorm):
     about zero, their posteriors to zero, so they drop out of the output, and they keep their
     previous mean and variance. Fitted variances are floored at ``eps``. A constant channel
     therefore comes out as :math:`\beta_c` (0 without ``affine``), as in BatchNorm. A training
-    batch with NaN or Inf raises ``ValueError`` and leaves every buffer (fit and running state)
-    unchanged; in eval a non-finite entry gives a non-finite output at that entry only, as
+    batch with NaN or Inf, or whose statistics overflow, raises ``ValueError`` (on CUDA a device-side
+    assertion: ``docs/gpu-errors.md``) and leaves every buffer (fit and running state) unchanged;
+    in eval a non-finite entry gives a non-finite output at that entry only, as
     BatchNorm's does. Training needs more than one value per channel.
 
     Distributed training: after :func:`cbnorm.convert_sync_cbnorm`, the EM fit, the first batch's
@@ -156,28 +157,24 @@ class MixtureNorm(_RunningMixtureNorm):
             reduce_sums = functools.partial(distributed.all_reduce_sum, process_group=self.process_group)
             if init is None:
                 init = self._global_initial_state(x, None, functools.partial(
-                    fit_mixture_1d, k=self.num_components, steps=0, var_floor=self.eps))
+                    fit_mixture_1d, k=self.num_components, steps=0, var_floor=self.eps), least=2)
         return fit_mixture_1d(rows, self.num_components, steps=self.em_steps, init=init, var_floor=self.eps,
                               reduce_sums=reduce_sums)
-
-    @torch.no_grad()
-    def _store_fit(self, fit: Mixture1d) -> None:
-        for buffer, value in zip(self.fitted, fit):
-            buffer.copy_(value)
-        self._mark_initialized(True)
 
     def forward(self, x: Tensor) -> Tensor:
         xc = self._channels_first(x)
         if not self.training:
             y = F.ucb_norm(xc, self.running_prior, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
             return self._restore_layout(y)
+        # Every check runs before any state changes: the fit and the running update are computed first,
+        # checked, and only then stored.
         synchronised = self._synchronised()
-        if not synchronised:  # synchronised, the global count is checked, and non-finite sums make _track raise
-            self._check_batch_size(xc)
-            self._check_finite(xc)
+        ok = self._check_training_batch(xc, synchronised, 2)
         fit = self._refit(xc, synchronised)
-        y = self._normalize_batch(xc, *fit, synchronised)  # raises, changing nothing, if the statistics overflowed
-        self._store_fit(fit)
+        y, stats = self._batch_forward(xc, fit, synchronised)
+        ok = _both(ok, self._check_statistics(xc, [*fit, stats.mass, stats.mean, stats.var], synchronised))
+        fitted = {f"fit_{name}": t for name, t in fit._asdict().items()}
+        self._commit_running(ok, self._running_update(self._running_state, stats), **fitted)
         return self._restore_layout(y)
 
     def extra_repr(self) -> str:

@@ -4,14 +4,17 @@
 // Mixture passes (UCB-Norm, MN, SCB-Norm with unknown clusters). Activations x are (N, C, L),
 // channels-first (L contiguous) or channels-last (C contiguous). Channel c has K components with
 // coefficients (K, C):
-//     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * d_k^2,   tau = softmax_k(logit)
+//     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * p_k^2,   tau = softmax_k(logit)
+// with p_k = clamp(x, lo_c, hi_c) - mean[k, c] (= d_k for any x short of ~1e18 in float): within [lo_c, hi_c]
+// no logit overflows, and beyond it the posteriors are those at the bound, which are their limit as |x| grows.
 // Every kernel is one pass over x that recomputes tau per entry; nothing of size K x N x C x L is
 // ever stored. With q_k = a_k + b_k d_k + c_k d_k^2 and a per-entry weight omega (1 if absent):
 //     value:        out = sum_k tau_k q_k                                  (c = 0)
 //     grad:         out = omega * d/dx sum_k tau_k q_k
 //                       = omega * sum_k [tau_k q_k' + u_k logit_k'],   u_k = tau_k (q_k - sum_j tau_j q_j)
+//                   (logit_k' = 2 quad_coef p_k within [lo, hi], 0 beyond)
 //     tau moments:  sum_{n,l} omega tau_k d_k^r,   r = 0, 1, 2 (forward) or 0, 1 (backward)
-//     u moments:    sum_{n,l} omega u_k d_k^r,     r = 0, 1, 2
+//     u moments:    sum_{n,l} omega u_k p_k^r,     r = 0, 1, 2
 //     mixed grad:   d/dx sum_k tau_k (omega (wa_k + wb_k d_k) + q_k): the whole input gradient of a
 //                   transform (wa, wb) whose coefficients depend on the moments of x (q: their gradient)
 // Sums accumulate in x's dtype within a work item (a few thousand entries), then in double across
@@ -26,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 namespace {
@@ -56,12 +60,23 @@ struct Lanes {
   Vec a[kMaxComponents], b[kMaxComponents], c[kMaxComponents];
   Vec wa[kMaxComponents], wb[kMaxComponents];            // the omega-weighted terms of a mixed grad
   Vec two_quad[kMaxComponents], two_c[kMaxComponents];  // derivatives of the logits and of q
+  Vec low[kMaxComponents], high[kMaxComponents];         // the bounds of p_k: [lo, hi] - mean_k
   bool quadratic;                                        // c present: q has its d^2 term
 
   void derive(int64_t K, bool has_c) {
     quadratic = has_c;
+    // [lo, hi]: where |quad_coef_k| (x - mean_k)^2 stays below max / 8 for every k (infinite where quad_coef is 0)
+    const Vec room(std::numeric_limits<T>::max() / T(8));
+    Vec lo, hi;
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec reach = (room / quad_coef[k].abs()).sqrt();
+      lo = k == 0 ? mean[k] - reach : at::vec::maximum(lo, mean[k] - reach);
+      hi = k == 0 ? mean[k] + reach : at::vec::minimum(hi, mean[k] + reach);
+    }
     const Vec log2e(T(1.44269504088896340736));
     for (int64_t k = 0; k < K; ++k) {
+      low[k] = lo - mean[k];
+      high[k] = hi - mean[k];
       two_quad[k] = quad_coef[k] + quad_coef[k];
       two_c[k] = c[k] + c[k];
       log_coef[k] = log_coef[k] * log2e;
@@ -116,8 +131,8 @@ using Accumulators = Vectorized<T>[kMaxRows][kMaxComponents];
 // 2^x for x <= 0, inline: the posteriors take K of them per entry, and a call into Sleef per
 // vector costs about twice the rest of the kernel. In float, 2^n times a degree-5 minimax polynomial
 // in r = x - n on [-1/2, 1/2], n = round(x) (relative error below 2.4e-7 in float arithmetic, as
-// Sleef's u10); in double, Sleef. Arguments below -126 give FLT_MIN: a posterior off by less than
-// 1.2e-38.
+// Sleef's u10); in double, Sleef. Arguments below -126 give 0, as Sleef's do: a posterior off by less
+// than 1.2e-38, and one-hot posteriors exactly one-hot.
 inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
   using Int = Vectorized<int32_t>;
@@ -129,7 +144,7 @@ inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& x) {
     p = at::vec::fmadd(p, r, Vec(coefficient));
   }
   const Int exponent = (at::vec::convert_to_int_of_same_size(n) + Int(127)) << Int(23);  // the bits of 2^n
-  return p * at::vec::cast<float>(exponent);
+  return Vec::blendv(p * at::vec::cast<float>(exponent), Vec(0), x < Vec(-126.0f));
 }
 
 inline Vectorized<double> exp2_nonpositive(const Vectorized<double>& x) {
@@ -147,11 +162,13 @@ inline Vectorized<T> entry(
   const int64_t K = KC ? KC : num_components;
   // e_k = tau_k * total: posteriors before normalisation, which is deferred to the end of each use
   // so that the division overlaps with the work that does not need it.
+  // p_k is recomputed where it is needed: one more array of vectors here costs more than the clamps.
   Vec d[kMaxComponents], e[kMaxComponents];
   Vec top;
   for (int64_t k = 0; k < K; ++k) {
     d[k] = x - cf.mean[k];
-    e[k] = at::vec::fmadd(cf.quad_coef[k] * d[k], d[k], cf.log_coef[k]);
+    const Vec p = at::vec::clamp(d[k], cf.low[k], cf.high[k]);
+    e[k] = at::vec::fmadd(cf.quad_coef[k] * p, p, cf.log_coef[k]);
     top = k == 0 ? e[k] : at::vec::maximum(top, e[k]);
   }
   Vec total(0);
@@ -201,19 +218,21 @@ inline Vectorized<T> entry(
     }
     mean_q = mean_q * inverse;
     const int64_t row = flags.tau_rows;
+    // Beyond [lo, hi] the posteriors are one-hot (their exp2 exactly 0 or 1), so u = 0 there exactly.
     Vec grad(0);
     for (int64_t k = 0; k < K; ++k) {
+      const Vec p = at::vec::clamp(d[k], cf.low[k], cf.high[k]);
       const Vec eu = e[k] * (q[k] - mean_q);  // u_k * total
       if (flags.grad) {
         const Vec& bk = Mixed ? b[k] : cf.b[k];
         const Vec dq = cf.quadratic ? at::vec::fmadd(cf.two_c[k], d[k], bk) : bk;
-        grad = at::vec::fmadd(eu, cf.two_quad[k] * d[k], at::vec::fmadd(e[k], dq, grad));
+        grad = at::vec::fmadd(eu, cf.two_quad[k] * p, at::vec::fmadd(e[k], dq, grad));
       }
       if (flags.u_moments) {
-        const Vec u0 = weight * eu, u1 = u0 * d[k];
+        const Vec u0 = weight * eu, u1 = u0 * p;
         acc[row][k] = acc[row][k] + u0;
         acc[row + 1][k] = acc[row + 1][k] + u1;
-        acc[row + 2][k] = at::vec::fmadd(u1, d[k], acc[row + 2][k]);
+        acc[row + 2][k] = at::vec::fmadd(u1, p, acc[row + 2][k]);
       }
     }
     if (flags.grad) {

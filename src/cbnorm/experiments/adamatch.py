@@ -86,6 +86,7 @@ from cbnorm.layers import SCBNorm
 
 from . import augment
 from .data import Dataset, Split, atomic_write, available, load_dataset
+from .device_data import images_on
 from .metrics import confusion_matrix, macro_scores, mean_std
 from .models.wide_resnet import WideResNet
 from .config import RUN_CONTROL, AdaMatchConfig
@@ -409,6 +410,8 @@ def train_adamatch(config: AdaMatchConfig, source: Optional[Dataset] = None, tar
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     data = load_domains(config, source, target)
+    data = dataclasses.replace(data, source_train=images_on(data.source_train, device),  # batches and their
+                               target_train=images_on(data.target_train, device))  # augmentation made on the device
     model = build_model(config, data.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     steps = _steps_per_epoch(config, data)

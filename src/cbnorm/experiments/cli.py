@@ -107,6 +107,19 @@ layer), resumable at every epoch.
 }
 
 
+def _add_gpu_harness_flags(parser: argparse.ArgumentParser) -> None:
+    """table5 and densenet: concurrent runs, a time budget, the epochs and the CUDA speed settings."""
+    from .speed import SpeedSettings
+
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="table5, densenet: train up to N runs at once, each in its own process (default: 1)")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="table5, densenet: time each model here, then run only what fits MINUTES (seeds 0-2 "
+                             "or --seeds); stops if not one run fits, unless --epochs is given")
+    parser.add_argument("--epochs", type=int, help="table5, densenet: epochs of every run (default: the scale's)")
+    _add_config_flags(parser, SpeedSettings)
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command line; builds without torch (``cbnorm --help`` is fast), each command imports what it runs."""
     from . import config
@@ -166,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads of torch (0: its default); on a busy 2-core machine 1 is faster")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_gpu_harness_flags(p)
 
     p = commands.add_parser("plot", help="curves of runs; --activations: Figure 2; --tsne: Figures 1/9")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -268,9 +282,12 @@ def _run(args) -> None:
             name, dataset = "table5", args.dataset or "cifar10"
         else:
             name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
+        speed_settings = {k: getattr(args, k) for k in ("bf16", "channels_last", "cudnn_benchmark", "compile")
+                          if hasattr(args, k)}
         reproduce(name, dataset, args.scale, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
                   device=args.device, amp=args.amp, threads=args.threads, progress=args.progress,
-                  command=args.command_line)
+                  command=args.command_line, parallel=args.parallel, time_budget=args.time_budget, epochs=args.epochs,
+                  speed_settings=speed_settings)
     elif args.command == "plot":
         from .plots import plot_runs
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from .speed import SpeedSettings
+
 __all__ = ["DATASET_NAMES", "RUN_CONTROL", "AdaMatchConfig", "GANConfig", "RunSettings", "TrainConfig",
            "check_fields", "option"]
 
@@ -46,7 +48,7 @@ class RunSettings:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SpeedSettings):
     """Everything a run depends on; saved as RUN/config.json. Each field is a ``cbnorm train`` flag."""
 
     # data

@@ -56,6 +56,7 @@ __all__ = [
     "Split",
     "atomic_write",
     "available",
+    "crop_flip",
     "data_root",
     "download",
     "load_dataset",
@@ -710,19 +711,30 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.
     ``total``, and get the draws those images would get in the whole batch (one rank's share of a
     global batch is augmented as the whole batch would be in one process).
     """
-    batch, _, height, width = images.shape
-    start, total = part_of or (0, batch)
-    mine = slice(start, start + batch)
+    start, total = part_of or (0, len(images))
+    mine = slice(start, start + len(images))
+    dy = dx = mirror = None
+    if padding:
+        dy, dx = torch.randint(0, 2 * padding + 1, (2, total, 1), generator=generator)[:, mine, 0].to(images.device)
+    if flip:
+        mirror = (torch.rand(total, generator=generator)[mine] < 0.5).to(images.device)
+    return crop_flip(images, padding, dy, dx, mirror)
+
+
+def crop_flip(images: Tensor, padding: int, dy: Optional[Tensor], dx: Optional[Tensor],
+              mirror: Optional[Tensor]) -> Tensor:
+    """Crop image ``i`` of ``(B, C, H, W)`` at offsets ``(dy[i], dx[i])`` of its zero-padded copy, then
+    mirror it where ``mirror[i]``; ``padding`` 0 skips the crop and ``mirror`` ``None`` the flip. The
+    offsets and flags are ``(B,)`` tensors on the images' device: nothing here leaves it."""
+    batch, channels, height, width = images.shape
     if padding:
         padded = torch.nn.functional.pad(images, (padding,) * 4)
-        dy, dx = torch.randint(0, 2 * padding + 1, (2, total, 1), generator=generator)[:, mine].to(images.device)
-        rows = (dy + torch.arange(height, device=images.device))[:, None, :, None]
-        cols = (dx + torch.arange(width, device=images.device))[:, None, None, :]
+        rows = (dy[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
         images = padded[torch.arange(batch, device=images.device)[:, None, None, None],
-                        torch.arange(images.shape[1], device=images.device)[None, :, None, None], rows, cols]
-    if flip:
-        mirror = (torch.rand(total, generator=generator)[mine] < 0.5).to(images.device)[:, None, None, None]
-        images = torch.where(mirror, images.flip(-1), images)
+                        torch.arange(channels, device=images.device)[None, :, None, None], rows, cols]
+    if mirror is not None:
+        images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
     return images
 
 

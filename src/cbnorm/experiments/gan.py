@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import Dataset, Loader, Split, atomic_write, load_dataset
+from .device_data import DeviceLoader
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
@@ -213,7 +214,7 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
     opt_g = torch.optim.Adam(generator.parameters(), config.lr, betas=betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), config.lr, betas=betas)
     half = torch.full((channels,), 0.5)
-    loader = Loader(train_split, config.batch_size, half, half, train=True, seed=config.seed, device=device)
+    loader = DeviceLoader(train_split, config.batch_size, half, half, train=True, seed=config.seed, device=device)
     stateful = dict(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d)
     history = folder.restore(device, **stateful)
     norm = config.norm if config.norm == "batchnorm" else f"{config.norm} (K={config.num_components}) x2 + batchnorm"

@@ -4,6 +4,7 @@ Figure 8 (DenseNet-BC, IV-C).
     cbnorm reproduce table5 --dataset cifar10 --scale smoke      # CI: under 2 minutes on CPU
     cbnorm reproduce table5 --dataset cifar10 --scale small      # about an hour on 2 CPU cores
     cbnorm reproduce table5 --dataset cifar10 --scale paper      # the paper's protocol, for a GPU
+    cbnorm reproduce table5 --scale paper --parallel 4 --time-budget 8   # what fits 8 min, 4 runs at once
     cbnorm reproduce densenet --depth 40 --scale small           # CIFAR-100 when present, else CIFAR-10
 
 Every scale follows the paper's protocol (models, optimiser, learning rates, K, batch size) and
@@ -26,6 +27,7 @@ only ever measured.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -40,8 +42,11 @@ from cbnorm.factory import norm_layer_names
 from .clusters import mixture_clusters, save_cluster_ids
 from .data import Dataset, available, load_dataset
 from .metrics import at_fraction, mean_std
+from .parallel import run_parallel
+from .planner import plan_runs, time_epochs, timing_lines
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
 from .runs import command_line, has_checkpoint, results_folder, run_each, write_results
+from .speed import device_name
 from .train import TrainConfig, resolve_device, supervised_norm, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "Experiment", "Scale", "reproduce"]
@@ -203,6 +208,9 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
         lines.append(f"| {row['label']} | {row['lr']:g} | " + " | ".join(ours + paper_cells) + " |")
     if experiment.name != "table5" and dataset == "cifar100":
         lines += ["", "The paper gives one final error for the three cluster-based variants together."]
+    if results.get("plan"):
+        lines += ["", f"Only part of the protocol ran, as planned by --time-budget: {results['plan']['text']}"]
+    lines += timing_lines(results["rows"], results["device_name"])
     return "\n".join(lines) + "\n"
 
 
@@ -220,15 +228,27 @@ def reproduce(
     progress: bool = True,
     command: Optional[str] = None,
     data: Optional[Dataset] = None,
+    parallel: int = 1,
+    time_budget: Optional[float] = None,
+    epochs: Optional[int] = None,
+    speed_settings: Optional[dict] = None,
+    timer=None,
 ) -> Path:
     """Run (or resume) every run of ``experiment`` at ``scale`` and write its table and figures.
 
     Returns the results directory. ``seeds`` overrides the scale's; ``data`` skips loading the dataset.
+    ``parallel``: runs at once, each in its own process (:mod:`~cbnorm.experiments.parallel`).
+    ``time_budget`` (minutes): run only what :mod:`~cbnorm.experiments.planner` finds fits it, of
+    seeds ``seeds`` or 0, 1, 2, timed by ``timer`` (default :func:`~.planner.time_epochs`).
+    ``epochs`` overrides the scale's. ``speed_settings``: the
+    :class:`~cbnorm.experiments.speed.SpeedSettings` fields of every run (e.g. ``{"compile": True}``).
     """
     experiment = EXPERIMENTS[experiment] if isinstance(experiment, str) else experiment
     scale = SCALES[experiment.name][scale] if isinstance(scale, str) else scale
-    seeds = tuple(seeds) if seeds else scale.seeds
+    scale = dataclasses.replace(scale, epochs=epochs) if epochs else scale
+    seeds = tuple(seeds) if seeds else (0, 1, 2) if time_budget else scale.seeds
     command = command_line(command)
+    given = data  # what --parallel's processes share; else each loads the data set (no large shared memory)
     data = data if data is not None else load_dataset(dataset, data_dir)
     root = results_folder(out, f"{experiment.name}-{dataset}", scale.name)
     registered = set(norm_layer_names()) | {"none"}
@@ -238,7 +258,18 @@ def reproduce(
         print(f"fitting the {experiment.k}-component mixture of {dataset} for SCB-Norm's clusters")
         save_cluster_ids(clusters_file, mixture_clusters(data, experiment.k), dataset)
 
-    def start(key):
+    registered_norms = [norm for _, norm in experiment.norms if norm in registered]
+    plan = None
+    if time_budget:
+        where = resolve_device(device)
+        print(f"timing {experiment.model} with each layer on {device_name(where)} for the --time-budget plan")
+        seconds = (timer or time_epochs)(experiment, data, scale.train_size, scale.test_size, where, registered_norms,
+                                         speed_settings)
+        plan = plan_runs(experiment, seconds, time_budget * 60, seeds, scale.epochs, registered_norms)
+        print(plan.describe())
+        seeds = tuple(sorted({seed for _, _, seed in plan.runs}))
+
+    def configure(key):
         norm, lr, seed = key
         config = TrainConfig(
             dataset=dataset, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
@@ -247,13 +278,18 @@ def reproduce(
             batch_size=experiment.batch_size, seed=seed, device=device, amp=amp, threads=threads,
             out=str(root / "runs" / _run_name(norm, lr, seed)), resume=True,
             snapshots=4 if scale.tsne_points and norm in ("scb", "ucb") and scale.epochs >= 4 else 0,
-            progress=progress,
+            progress=progress, **(speed_settings or {}),
         )
-        return train(config, data)
+        return config
 
     runs = [((norm, lr, seed), f"{label}, lr {lr:g}, seed {seed}") for label, norm in experiment.norms
             for lr in experiment.lrs for seed in seeds if norm in registered]
-    histories, failures = run_each(runs, start)
+    if plan is not None:
+        runs = [(key, title) for key, title in runs if key in plan.runs]
+    if parallel > 1:
+        histories, failures = run_parallel(runs, configure, parallel, given)
+    else:
+        histories, failures = run_each(runs, lambda key: train(configure(key), data))
     rows = []
     for label, norm in experiment.norms:
         for lr in experiment.lrs:
@@ -261,16 +297,24 @@ def reproduce(
             failed = [failures[(norm, lr, s)] for s in seeds if (norm, lr, s) in failures]
             if norm not in registered:
                 status = f"missing: no {norm!r} layer is registered"
+            elif plan is not None and not any((norm, lr, s) in plan.runs for s in seeds):
+                status = "not run: outside the --time-budget plan"
             elif failed:
                 status = f"failed: {failed[0]}"
             else:
                 status = "ok"
             ours = [mean_std([100 * at_fraction(h, f, scale.epochs, experiment.metric) for h in done]) for f in FRACTIONS]
-            rows.append({"label": label, "norm": norm, "lr": lr, "seeds": list(seeds), "status": status,
-                         "ours": ours, "paper": _paper_numbers(experiment, dataset, norm, lr)})
+            ran = [s for s in seeds if plan is None or (norm, lr, s) in plan.runs]
+            per_epoch = [sum(row["seconds"] for row in h) / len(h) for h in done if h]
+            rows.append({"label": label, "norm": norm, "lr": lr, "seeds": ran, "status": status,
+                         "ours": ours, "paper": _paper_numbers(experiment, dataset, norm, lr),
+                         "seconds_per_epoch": sum(per_epoch) / len(per_epoch) if per_epoch else None})
 
     results = {"experiment": experiment.name, "dataset": dataset, "scale": asdict(scale), "seeds": list(seeds),
-               "command": command, "device": str(resolve_device(device)), "rows": rows,
+               "command": command, "device": str(resolve_device(device)),
+               "device_name": device_name(resolve_device(device)),
+               "parallel": parallel, "plan": None if plan is None else {**plan.as_dict(), "text": plan.describe()},
+               "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
     return write_results(root, _table(experiment, dataset, scale, results), results,
                          lambda: _figures(experiment, dataset, scale, seeds, root, histories, data), failures)

@@ -10,6 +10,11 @@ saves RUN/checkpoint.pt atomically: model, optimiser, scheduler, AMP scaler, eve
 history. The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so ``--resume``
 continues exactly where the last checkpoint left off and a crash loses at most one epoch.
 
+The data set stays on the device as uint8 and each batch is cut and augmented there
+(:class:`~cbnorm.experiments.device_data.DeviceLoader`). On CUDA a run uses bfloat16 autocast,
+channels-last tensors and cuDNN's autotuner unless told not to (``--no-bf16``, ``--no-channels-last``,
+``--no-cudnn-benchmark``), and ``--compile`` compiles the model: see :mod:`cbnorm.experiments.speed`.
+
 Distributed: ``torchrun --nproc_per_node=P -m cbnorm train ...`` trains on ``P`` processes (see
 :mod:`cbnorm.experiments.distributed`). ``--batch-size`` is the global batch, each rank trains on its
 share with every batch statistic taken over the global batch, and the metrics are those of one
@@ -33,13 +38,15 @@ from torch import Tensor, nn
 from cbnorm import kernels
 from cbnorm.factory import norm_layer_info
 
+from . import distributed, speed
 from .clusters import ClusterIds, prior_clusters
-from . import distributed
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
+from .device_data import DeviceLoader
 from .metrics import confusion_matrix, macro_scores
 from .models import build_model
 from .config import RUN_CONTROL, TrainConfig
 from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
+from .speed import SPEED_FIELDS
 
 __all__ = ["Setup", "TrainConfig", "setup", "train"]
 
@@ -132,12 +139,13 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
 
 def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: TrainConfig, device, bar) -> dict:
     model.train()
+    dtype = speed.autocast_dtype(config, device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     batches = zip(loader.epoch(epoch), loader.global_batch_sizes)
     for step, ((images, labels, ids), global_batch) in enumerate(batches):
-        with autocast(device, config.amp), clustered(ids):
+        with autocast(device, dtype is not None, dtype), clustered(ids):
             logits = model(images)
             # the mean over the global batch, times the ranks: DDP's average of the ranks' gradients is its gradient
             total = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
@@ -158,16 +166,17 @@ def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool = False) -> dict:
+def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool = False,
+             dtype: Optional[torch.dtype] = None) -> dict:
     """Mean cross-entropy, accuracy and macro precision, recall and F1 of ``model`` (in eval mode) on ``loader``'s split.
 
     A loader of one rank's share (``world_size > 1``) gives the metrics of the whole split: the sums are
-    all-reduced over the ranks.
+    all-reduced over the ranks. ``dtype``: of the autocast (with ``amp``), by default :func:`~.runs.autocast`'s.
     """
     model.eval()
     loss_sum, seen, confusion = torch.zeros((), dtype=torch.float64), 0, 0
     for images, labels, ids in loader.epoch():
-        with autocast(device, amp), clustered(ids):
+        with autocast(device, amp, dtype), clustered(ids):
             logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         confusion = confusion + confusion_matrix(logits.argmax(1), labels, logits.shape[1])
@@ -203,7 +212,8 @@ def _describe(config: TrainConfig, run: Setup, device: torch.device, batches: in
     return (
         f"{config.dataset} ({len(run.train)} train / {len(run.test)} test) | {config.model} + {norm} | "
         f"{config.optimizer} lr {config.lr:g} wd {config.weight_decay:g} {config.schedule} | "
-        f"{config.epochs} epochs x {batches} batches of {config.batch_size}{ranks} | seed {config.seed} | {device} | {config.out}"
+        f"{config.epochs} epochs x {batches} batches of {config.batch_size}{ranks} | seed {config.seed} | {device} "
+        f"({speed.describe(config)}) | {config.out}"
     )
 
 
@@ -237,8 +247,9 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
 
     is_main = ranks.is_main
     out = Path(config.out)
+    config = speed.resolve_speed(config, device)  # config.json records what the device uses
     folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, overwrite=config.overwrite,
-                       run_control=RUN_CONTROL, epochs_fixed=_epochs_fixed(config), ranks=ranks)
+                       run_control=RUN_CONTROL | SPEED_FIELDS, epochs_fixed=_epochs_fixed(config), ranks=ranks)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -246,19 +257,22 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
         run = setup(config, data)
     if not ranks.is_main:
         torch.manual_seed(_rank_seed(config.seed, ranks.rank))
-    model = run.model.to(device)
+    model = speed.prepare_model(run.model.to(device), config)
     shard = dict(rank=ranks.rank, world_size=ranks.world_size, device=device)
-    train_loader = Loader(run.train, config.batch_size, run.mean, run.std, train=True, cluster_ids=run.train_ids,
-                          flip=config.augment and DATASETS[config.dataset].flip,
-                          crop_padding=DATASETS[config.dataset].crop_padding if config.augment else 0,
-                          seed=config.seed, **shard)
-    test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, **shard)
+    shard.update(memory_format=speed.memory_format(config))
+    train_loader = DeviceLoader(run.train, config.batch_size, run.mean, run.std, train=True, cluster_ids=run.train_ids,
+                                flip=config.augment and DATASETS[config.dataset].flip,
+                                crop_padding=DATASETS[config.dataset].crop_padding if config.augment else 0,
+                                seed=config.seed, **shard)
+    test_loader = DeviceLoader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids,
+                               **shard)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
     scaler = grad_scaler(config.amp and device.type == "cuda")
     stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     history = folder.restore(device, **stateful)
     trained = distributed.wrap_model(model, ranks, device)  # DDP, statistics over the global batch
+    trained = speed.compiled(trained, config)
     folder.start(_describe(config, run, device, len(train_loader), ranks.world_size))
     snapshot_epochs = _snapshot_epochs(config)
     for epoch in range(len(history) + 1, config.epochs + 1):
@@ -267,7 +281,8 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
         with tqdm(total=len(train_loader), desc=f"epoch {epoch}", leave=False, disable=None if config.progress and is_main else True) as bar:
             row = {"epoch": epoch, **_train_epoch(trained, train_loader, epoch, optimizer, scaler, config, device, bar)}
         scheduler.step()
-        row.update(evaluate(model, test_loader, device, config.amp))
+        dtype = speed.autocast_dtype(config, device)
+        row.update(evaluate(model, test_loader, device, dtype is not None, dtype))
         row.update(lr=lr, seconds=time.perf_counter() - start)
         if is_main and epoch in snapshot_epochs:  # before the checkpoint: a checkpointed epoch has its snapshot
             atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))

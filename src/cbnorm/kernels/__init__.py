@@ -6,7 +6,7 @@
 The operators of :mod:`cbnorm._kernels` have several implementations. A call runs the first one, in
 the order of ``_IMPLEMENTATIONS``, that is available and takes that call (a new backend is one more
 entry there, and its dispatch in ``_kernels``); ``$CBNORM_KERNELS`` (``auto``, ``native``,
-``eager``) decides which are available.
+``eager``, ``triton``) decides which are available.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _native
+from .. import _kernels, _native
 from .._cache import cache_dir
 
 __all__ = ["build", "info", "main"]
@@ -36,6 +36,8 @@ class _Implementation:
 
 
 _IMPLEMENTATIONS = (  # in the order a call tries them: another backend is one more entry
+    _Implementation("triton", "CUDA float32/float16/bfloat16 tensors, at most 64 components (all such under "
+                    "CBNORM_KERNELS=triton)", _native.OPERATORS, _kernels.triton_status),
     _Implementation("native", "CPU float32/float64 tensors, at most 16 components", _native.OPERATORS, _native.status),
     _Implementation("eager", "every call", _native.OPERATORS, lambda: (True, "pure PyTorch, always available")),
 )

@@ -1,0 +1,168 @@
+"""What of an experiment fits a time budget on this device, decided before anything trains.
+
+    seconds = time_epochs(experiment, data, scale, device)     # one epoch of each layer, from timed steps
+    plan = plan_runs(experiment, seconds, budget_seconds=8 * 60, seeds=(0, 1, 2), epochs=100)
+    print(plan.describe())                                     # which layers, lrs, seeds and epochs fit
+
+:func:`time_epochs` times a few training steps (forward, backward, optimiser) of the experiment's
+model with each layer under test at the protocol's batch size, and a few evaluation batches, on
+real images on the device, after warm-up steps; an epoch is its steps times the step time plus its
+evaluation. :func:`plan_runs` then takes whole rounds of runs (every layer at one learning rate and
+seed) while they fit: both learning rates at seed 0, then at seed 1, and so on; then, in a last
+round, as many layers as still fit. The plan assumes the runs go one after another: ``--parallel``
+can only finish it sooner. When not even one run fits at the protocol's epochs it raises
+:class:`BudgetError`, which says how long one run takes; ``--epochs`` plans at fewer epochs instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+__all__ = ["BudgetError", "Plan", "plan_runs", "time_epochs", "timing_lines"]
+
+
+class BudgetError(ValueError):
+    """Not even one run of the protocol fits the time budget."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The runs ``(norm, lr, seed)`` that fit ``budget_seconds`` at ``epochs`` each, estimated to take ``seconds``."""
+
+    runs: tuple[tuple[str, float, int], ...]
+    epochs: int
+    seconds: float
+    budget_seconds: float
+    epoch_seconds: dict
+    considered: int  # runs the protocol asks for at the seeds considered
+
+    def describe(self) -> str:
+        layers = sorted({norm for norm, _, _ in self.runs}, key=[n for n, _, _ in self.runs].index)
+        per_epoch = ", ".join(f"{norm} {s:.2f} s" for norm, s in self.epoch_seconds.items())
+        return (f"time budget {self.budget_seconds / 60:g} min: {len(self.runs)} of {self.considered} runs at "
+                f"{self.epochs} epochs, estimated {self.seconds / 60:.1f} min one after another "
+                f"(an epoch: {per_epoch}). Layers {', '.join(layers)}; runs (layer, lr, seed): "
+                + ", ".join(f"({n}, {lr:g}, {s})" for n, lr, s in self.runs))
+
+    def as_dict(self) -> dict:
+        return {"budget_minutes": self.budget_seconds / 60, "epochs": self.epochs,
+                "estimated_minutes": self.seconds / 60, "epoch_seconds": self.epoch_seconds,
+                "runs": [list(run) for run in self.runs], "considered": self.considered}
+
+
+def plan_runs(experiment, epoch_seconds: dict, budget_seconds: float, seeds: Sequence[int], epochs: int,
+              norms: Optional[Sequence[str]] = None) -> Plan:
+    """The runs of ``experiment`` (its ``norms`` or those given, its lrs, ``seeds``) that fit the budget.
+
+    ``epoch_seconds[norm]``: one epoch of that layer's run. Raises :class:`BudgetError` when no run fits.
+    """
+    norms = list(norms if norms is not None else [norm for _, norm in experiment.norms])
+    if budget_seconds <= 0:
+        raise ValueError(f"expected a positive time budget, got {budget_seconds / 60:g} minutes")
+    rounds = [[(norm, lr, seed) for norm in norms] for seed in seeds for lr in experiment.lrs]
+    cost = {norm: epochs * epoch_seconds[norm] for norm in norms}
+    chosen, spent = [], 0.0
+    for runs in rounds:
+        round_cost = sum(cost[norm] for norm, _, _ in runs)
+        if spent + round_cost <= budget_seconds:
+            chosen += runs
+            spent += round_cost
+            continue
+        for run in runs:  # the last round: the layers that still fit, in the table's order
+            if spent + cost[run[0]] <= budget_seconds:
+                chosen.append(run)
+                spent += cost[run[0]]
+        break
+    if not chosen:
+        cheapest = min(norms, key=cost.get)
+        raise BudgetError(f"not even one run fits the time budget of {budget_seconds / 60:g} min: the cheapest, "
+                          f"{cheapest}, takes about {cost[cheapest] / 60:.1f} min for {epochs} epochs "
+                          f"({epoch_seconds[cheapest]:.2f} s per epoch on this device); give a larger --time-budget, "
+                          f"or --epochs to plan fewer epochs than the protocol's")
+    return Plan(tuple(chosen), epochs, spent, budget_seconds, dict(epoch_seconds), len(norms) * len(rounds))
+
+
+def time_epochs(experiment, data, train_size: int, test_size: int, device, norms: Sequence[str],
+                speed_settings: Optional[dict] = None, steps: int = 3, warmup: int = 2) -> dict:
+    """Seconds per epoch of each layer in ``norms``: ``steps`` timed training steps (after ``warmup``) of the
+    experiment's model at its batch size and one timed evaluation batch, on ``data``'s images on ``device``."""
+    import torch
+    from torch import nn
+
+    from . import speed
+    from .models import build_model
+    from .runs import autocast, clustered
+    from .train import TrainConfig, norm_kwargs, supervised_norm
+
+    if device.type == "cpu":
+        from cbnorm import kernels
+
+        kernels.build()  # a first build takes about a minute: not in the warm-up steps' time, nor the timed ones
+    train_images = train_size or len(data.train)
+    test_images = test_size or len(data.test)
+    mean, std = data.channel_stats()
+    seconds, draws = {}, torch.Generator().manual_seed(0)
+    for norm in norms:
+        config = speed.resolve_speed(TrainConfig(model=experiment.model, norm=norm, **(speed_settings or {})), device)
+        dtype = speed.autocast_dtype(config, device)
+        model = build_model(experiment.model, data.num_classes, data.in_channels, None if norm == "none" else norm,
+                            norm_kwargs(norm, experiment.k, {}))
+        model = speed.compiled(speed.prepare_model(model.to(device), config), config)
+        optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+
+        def batch(size: int):
+            index = torch.randint(0, len(data.train), (size,), generator=draws)
+            images = ((data.train.images[index].float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
+            images = images.to(device).contiguous(memory_format=speed.memory_format(config))
+            ids = torch.randint(0, experiment.k, (size,), generator=draws).to(device) if supervised_norm(norm) else None
+            return images, data.train.labels[index].to(device), ids
+
+        def train_step(images, labels, ids):
+            with autocast(device, dtype is not None, dtype), clustered(ids):
+                loss = nn.functional.cross_entropy(model(images).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def eval_step(images, labels, ids):
+            with torch.no_grad(), autocast(device, dtype is not None, dtype), clustered(ids):
+                model(images)
+
+        train_batch = batch(min(experiment.batch_size, train_images))
+        eval_batch = batch(min(1000, test_images))
+        model.train()
+        step = _timed(lambda: train_step(*train_batch), steps, warmup, device)
+        model.eval()
+        evaluation = _timed(lambda: eval_step(*eval_batch), 1, 1, device)
+        steps_per_epoch, eval_batches = math.ceil(train_images / experiment.batch_size), math.ceil(test_images / 1000)
+        seconds[norm] = steps_per_epoch * step + eval_batches * evaluation
+    return seconds
+
+
+def _timed(step, steps: int, warmup: int, device) -> float:
+    """Seconds per call of ``step``, over ``steps`` calls after ``warmup`` (the device synchronised around them)."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def timing_lines(rows: Sequence[dict], device_name: str) -> list[str]:
+    """The time per run of a reproduction, a line per table row: seconds per epoch of its runs on ``device_name``."""
+    timed = [f"{row['label']} at lr {row['lr']:g}: {row['seconds_per_epoch']:.2f} s" for row in rows
+             if row.get("seconds_per_epoch") is not None]
+    return ["", f"Time per run on {device_name}, seconds per epoch (training and evaluation, mean over the seeds): "
+            + ("; ".join(timed) or "none ran") + "."]

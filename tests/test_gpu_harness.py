@@ -1,0 +1,202 @@
+"""The GPU harness on the CPU: speed settings, concurrent runs, the time-budget planner."""
+
+import dataclasses
+import io
+import json
+import os
+import signal
+
+import pytest
+import torch
+from utils import without_time
+
+from cbnorm.experiments import reproduce as rep
+from cbnorm.experiments import speed
+from cbnorm.experiments.data import load_dataset
+from cbnorm.experiments.metrics import read_metrics
+from cbnorm.experiments.parallel import ProgressDisplay, RunState, run_parallel
+from cbnorm.experiments.planner import BudgetError, plan_runs
+from cbnorm.experiments.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TWO_LAYERS = rep.Experiment("table5", "t", "shallow_cnn", (("BN", "batchnorm"), ("UCB-Norm", "ucb")), (0.001, 0.005),
+                            3, "adamw", "constant", 64, ("test_error",), "figure5", "figure1", "test_acc")
+TINY = rep.Scale("tiny", 128, 64, 2, (0,))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _config(out, **fields):
+    return TrainConfig(**{**dict(dataset="digits", train_size=128, test_size=64, batch_size=64, epochs=2, threads=1,
+                                 progress=False, out=str(out), resume=True), **fields})
+
+
+class TestSpeedSettings:
+    def test_cuda_only_settings_are_off_on_the_cpu_and_recorded_so(self, tmp_path, digits):
+        train(_config(tmp_path / "run", epochs=1), digits)
+        config = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert (config["bf16"], config["channels_last"], config["cudnn_benchmark"], config["compile"]) == (
+            False, False, False, False)
+
+    def test_resolution_and_autocast_dtype(self):
+        cuda, cpu = torch.device("cuda"), torch.device("cpu")
+        on = speed.resolve_speed(TrainConfig(), cuda)
+        assert (on.bf16, on.channels_last, on.cudnn_benchmark) == (True, True, True)
+        assert speed.autocast_dtype(on, cuda) == torch.bfloat16
+        fp16 = speed.resolve_speed(TrainConfig(amp=True), cuda)
+        assert not fp16.bf16 and speed.autocast_dtype(fp16, cuda) == torch.float16
+        off = speed.resolve_speed(TrainConfig(bf16=False, channels_last=False), cuda)
+        assert speed.autocast_dtype(off, cuda) is None and speed.memory_format(off) == torch.contiguous_format
+        assert speed.autocast_dtype(speed.resolve_speed(TrainConfig(), cpu), cpu) is None
+
+    def test_runs_from_before_the_settings_or_from_another_device_resume(self, tmp_path, digits):
+        history = train(_config(tmp_path / "run"), digits)
+        path = tmp_path / "run" / "checkpoint.pt"
+        for saved in ({}, {"bf16": True, "channels_last": True, "cudnn_benchmark": True}):  # older; started on CUDA
+            state = torch.load(path, weights_only=True)
+            state["config"] = {**{k: v for k, v in state["config"].items() if k not in speed.SPEED_FIELDS}, **saved}
+            torch.save(state, path)
+            assert train(_config(tmp_path / "run"), digits) == history
+
+
+class TestParallel:
+    def test_parallel_runs_give_the_sequential_metrics(self, tmp_path, digits):
+        experiment = dataclasses.replace(TWO_LAYERS, lrs=(0.005,))
+        kwargs = dict(seeds=(0,), progress=False, command="test", threads=1, data=digits)
+        one = rep.reproduce(experiment, "digits", TINY, out=tmp_path / "one", **kwargs)
+        two = rep.reproduce(experiment, "digits", TINY, out=tmp_path / "two", parallel=2, **kwargs)
+        names = sorted(p.name for p in (one / "runs").iterdir())
+        assert names == sorted(p.name for p in (two / "runs").iterdir()) and len(names) == 2
+        for name in names:
+            sequential, parallel = (read_metrics(root / "runs" / name)[1] for root in (one, two))
+            assert without_time(sequential) == without_time(parallel)
+        summary = json.loads((two / "summary.json").read_text())
+        assert summary["parallel"] == 2 and summary["device_name"]
+        assert all(row["seconds_per_epoch"] > 0 for row in summary["rows"])
+        assert "UCB-Norm at lr 0.005: " in (two / "table.md").read_text().split("Time per run on")[1]
+        assert (two / "logs" / f"{names[0]}.log").read_text()
+
+    def test_a_failed_run_is_recorded_and_the_others_go_on(self, tmp_path, digits):
+        configs = {"good": _config(tmp_path / "runs" / "good"), "bad": _config(tmp_path / "runs" / "bad", norm="nope")}
+        display = ProgressDisplay(io.StringIO())
+        histories, failures = run_parallel([("bad", "bad"), ("good", "good")], configs.get, 2, digits, display)
+        assert list(histories) == ["good"] and len(histories["good"]) == 2
+        assert list(failures) == ["bad"] and "nope" in failures["bad"]
+
+    def test_a_run_killed_mid_way_resumes_exactly(self, tmp_path, digits):
+        reference = train(_config(tmp_path / "reference", epochs=6), digits)
+        configs = {key: _config(tmp_path / "runs" / key, epochs=6, seed=0) for key in ("killed", "other")}
+
+        class KillAfterTwoEpochs(ProgressDisplay):
+            def update(self, states):
+                for state in states:
+                    if state.key == "killed" and state.status == "running" and len(state.history) >= 2:
+                        os.kill(state.process.pid, signal.SIGKILL)
+                super().update(states)
+
+        runs = [("killed", "killed"), ("other", "other")]
+        display = KillAfterTwoEpochs(io.StringIO())
+        histories, failures = run_parallel(runs, configs.get, 2, digits, display, poll_seconds=0.005)
+        assert list(failures) == ["killed"] and "exit code -9" in failures["killed"]
+        killed_at = len(torch.load(tmp_path / "runs" / "killed" / "checkpoint.pt", weights_only=True)["history"])
+        assert 2 <= killed_at < 6
+        assert without_time(histories["other"]) == without_time(reference)
+        histories, failures = run_parallel(runs[:1], configs.get, 2, digits, ProgressDisplay(io.StringIO()))
+        assert not failures and without_time(histories["killed"]) == without_time(reference)
+
+    def test_the_display_shows_every_run_on_one_screen(self, tmp_path):
+        class Terminal:
+            def __init__(self):
+                self.text = ""
+
+            def write(self, text):
+                self.text += text
+
+            def flush(self):
+                pass
+
+            def isatty(self):
+                return True
+
+        states = [RunState(k, f"run {k}", _config(tmp_path / k, epochs=4)) for k in "ab"]
+        terminal = Terminal()
+        display = ProgressDisplay(terminal)
+        display.update(states)
+        states[0].status, states[0].history = "running", [{"epoch": 1, "test_acc": 0.5, "seconds": 2.0}]
+        display.update(states)
+        first, second = terminal.text.split("\x1b[3F\x1b[J")  # redrawn over the 3 lines shown
+        assert "0 running, 0 done, 0 failed, 2 waiting" in first
+        assert "run a" in second and "epoch   1/4" in second and "50.00%" in second and "2.0 s/epoch" in second
+        assert "run b" in second and "1 running" in second
+
+    def test_a_log_gets_each_line_as_it_changes(self, tmp_path):
+        log = io.StringIO()
+        states = [RunState(k, f"run {k}", _config(tmp_path / k, epochs=4)) for k in "ab"]
+        display = ProgressDisplay(log)
+        display.update(states)
+        states[0].status = "running"
+        display.update(states)
+        display.update(states)
+        assert log.getvalue().splitlines() == [states[0].line().replace("running", "waiting"), states[1].line(),
+                                               states[0].line()]
+
+
+class TestTimeBudget:
+    SECONDS = {"batchnorm": 1.0, "ucb": 2.0}  # per epoch
+
+    def test_whole_rounds_then_the_layers_that_fit(self):
+        plan = plan_runs(TWO_LAYERS, self.SECONDS, 100, seeds=(0, 1, 2), epochs=10)  # a round: 30 s
+        assert plan.runs == (("batchnorm", 0.001, 0), ("ucb", 0.001, 0), ("batchnorm", 0.005, 0), ("ucb", 0.005, 0),
+                             ("batchnorm", 0.001, 1), ("ucb", 0.001, 1), ("batchnorm", 0.005, 1))
+        assert plan.seconds == 100 and plan.considered == 12 and plan.epochs == 10
+
+    def test_refuses_when_not_one_run_fits(self):
+        with pytest.raises(BudgetError, match="not even one run fits the time budget of 0.1 min: the cheapest, "
+                                              "batchnorm, takes about 0.2 min for 10 epochs"):
+            plan_runs(TWO_LAYERS, self.SECONDS, 6, seeds=(0,), epochs=10)
+
+    def test_reproduce_refuses_before_training(self, tmp_path, digits):
+        timer = lambda *args: self.SECONDS  # noqa: E731
+        with pytest.raises(BudgetError, match="or --epochs to plan fewer epochs"):
+            rep.reproduce(TWO_LAYERS, "digits", dataclasses.replace(TINY, epochs=100), out=tmp_path, data=digits,
+                          time_budget=1, timer=timer, progress=False, command="test")
+        assert not (tmp_path / "results" / "table5-digits" / "tiny" / "runs").exists()
+
+    def test_reproduce_runs_the_plan_and_says_so(self, tmp_path, digits):
+        timer = lambda *args: self.SECONDS  # noqa: E731  # 100 epochs do not fit 1 minute; --epochs 2: 2 runs do
+        root = rep.reproduce(TWO_LAYERS, "digits", dataclasses.replace(TINY, epochs=100), out=tmp_path, data=digits,
+                             time_budget=0.2, epochs=2, timer=timer, threads=1, progress=False, command="test")
+        assert sorted(p.name for p in (root / "runs").iterdir()) == [
+            "batchnorm-lr0.001-seed0", "batchnorm-lr0.005-seed0", "ucb-lr0.001-seed0", "ucb-lr0.005-seed0"]
+        table = (root / "table.md").read_text()
+        assert ("Only part of the protocol ran, as planned by --time-budget: time budget 0.2 min: 4 of 12 runs at "
+                "2 epochs") in table
+        summary = json.loads((root / "summary.json").read_text())
+        assert summary["plan"]["runs"][0] == ["batchnorm", 0.001, 0] and summary["scale"]["epochs"] == 2
+        assert summary["seeds"] == [0] and all(row["status"] == "ok" for row in summary["rows"])
+
+    def test_the_command_stops_with_what_one_run_takes(self, tmp_path, monkeypatch, capsys):
+        from cbnorm.experiments.cli import main
+
+        monkeypatch.setattr(rep, "time_epochs", lambda *args: {norm: 60.0 for norm in args[5]})
+        argv = ["reproduce", "table5", "--dataset", "digits", "--scale", "smoke", "--out", str(tmp_path),
+                "--time-budget", "1.5", "--no-progress"]
+        assert main(argv) == 2
+        assert "not even one run fits the time budget of 1.5 min: the cheapest, batchnorm, takes about 2.0 min" in (
+            capsys.readouterr().err)
+        assert not (tmp_path / "results" / "table5-digits" / "smoke" / "runs").exists()
+        assert main(argv + ["--epochs", "1", "--parallel", "2"]) == 0  # a minute a run: one fits; it loads the data
+        summary = json.loads((tmp_path / "results" / "table5-digits" / "smoke" / "summary.json").read_text())
+        assert summary["plan"]["runs"] == [["batchnorm", 0.001, 0]] and summary["scale"]["epochs"] == 1
+        assert [row["status"] for row in summary["rows"]][:2] == ["ok", "not run: outside the --time-budget plan"]
+        assert summary["parallel"] == 2
+
+    def test_timing_on_this_device(self, digits):
+        from cbnorm.experiments.planner import time_epochs
+
+        seconds = time_epochs(TWO_LAYERS, digits, 128, 64, torch.device("cpu"), ["batchnorm", "ucb"], steps=1, warmup=1)
+        assert set(seconds) == {"batchnorm", "ucb"} and all(s > 0 for s in seconds.values())
