@@ -1,9 +1,13 @@
+import dataclasses
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 import cbnorm
 from cbnorm.experiments import reproduce as rep
@@ -138,3 +142,147 @@ def test_python_dash_m_and_the_library_alone(tmp_path):
     assert result.returncode == 0 and "{smoke,small,paper}" in result.stdout
     alone = "import sys, cbnorm; assert not [m for m in sys.modules if m.startswith('cbnorm.experiments')]"
     assert subprocess.run([sys.executable, "-c", alone]).returncode == 0
+
+
+TINY_TRAIN = ["train", "--dataset", "digits", "--train-size", "64", "--test-size", "64", "--batch-size", "64",
+              "--no-progress"]
+
+
+class TestTheCommandLineKeepsWork:
+    def test_resume_without_a_checkpoint_is_an_error(self, tmp_path, capsys):
+        assert main(["train", "--out", str(tmp_path / "typo"), "--resume"]) == 2
+        assert capsys.readouterr().err.strip() == (f"cbnorm train: error: nothing to resume: {tmp_path / 'typo'} does "
+                                                   f"not exist; start the run without --resume")
+        assert not (tmp_path / "typo").exists()
+        assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
+        assert f"{tmp_path} holds no checkpoint.pt" in capsys.readouterr().err
+
+    def test_a_users_folder_needs_overwrite(self, tmp_path, capsys):
+        (tmp_path / "notes.txt").write_text("mine")
+        assert main(TINY_TRAIN + ["--epochs", "1", "--out", str(tmp_path)]) == 2
+        assert "is not empty (notes.txt) and holds no run; pass --overwrite" in capsys.readouterr().err
+        assert main(TINY_TRAIN + ["--epochs", "1", "--out", str(tmp_path), "--overwrite"]) == 0
+        assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "checkpoint.pt").is_file()
+
+    def test_resume_with_more_epochs(self, tmp_path, capsys):
+        assert main(TINY_TRAIN + ["--epochs", "2", "--out", str(tmp_path)]) == 0
+        assert main(["train", "--out", str(tmp_path), "--resume", "--epochs", "3", "--no-progress"]) == 0
+        assert "epochs 2 -> 3" in capsys.readouterr().out
+        assert [row["epoch"] for row in read_metrics(tmp_path)[1]] == [1, 2, 3]
+
+    def test_ctrl_c_says_how_to_continue(self, tmp_path, capsys, monkeypatch):
+        from cbnorm.experiments import train as train_module
+
+        train_epoch = train_module._train_epoch
+
+        def interrupted_at_epoch_2(model, loader, epoch, *args):
+            if epoch == 2:
+                raise KeyboardInterrupt
+            return train_epoch(model, loader, epoch, *args)
+
+        monkeypatch.setattr(train_module, "_train_epoch", interrupted_at_epoch_2)
+        argv = TINY_TRAIN + ["--epochs", "3", "--out", str(tmp_path / "run"), "--overwrite"]
+        assert main(argv) == 130
+        err = capsys.readouterr().err.strip()
+        command = "cbnorm " + " ".join(a for a in argv if a != "--overwrite") + " --resume"
+        assert err == f"interrupted after epoch 1; continue with: {command}"
+        assert len(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"]) == 1
+        monkeypatch.setattr(train_module, "_train_epoch", train_epoch)
+        assert main(command.split()[1:]) == 0
+        assert "resumed after epoch 1" in capsys.readouterr().out
+        assert len(read_metrics(tmp_path / "run")[1]) == 3
+
+    def test_ctrl_c_in_a_subprocess(self, tmp_path):
+        """A real SIGINT: one line, status 130, the checkpoint intact."""
+        run = tmp_path / "run"
+        argv = [sys.executable, "-m", "cbnorm", *TINY_TRAIN, "--epochs", "200", "--out", str(run)]
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.json").exists() or not read_metrics(run)[1]:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        err = process.communicate(timeout=60)[1].strip()
+        assert process.returncode == 130
+        epochs = len(torch.load(run / "checkpoint.pt", weights_only=True)["history"])
+        assert err.splitlines()[-1] == f"interrupted after epoch {epochs}; continue with: cbnorm " \
+            + " ".join(TINY_TRAIN + ["--epochs", "200", "--out", str(run), "--resume"])
+        assert "Traceback" not in err and not (run / "run.lock").exists()
+
+    def test_a_second_run_into_the_same_folder_is_refused(self, tmp_path, capsys):
+        run = tmp_path / "run"
+        argv = [sys.executable, "-m", "cbnorm", *TINY_TRAIN, "--epochs", "200", "--out", str(run)]
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not (run / "run.lock").exists():
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            assert main(TINY_TRAIN + ["--epochs", "200", "--out", str(run)]) == 2  # the same command, twice
+            assert f"run is in use by another run (process {process.pid} on " in capsys.readouterr().err
+        finally:
+            process.kill()
+            process.wait()
+
+    def test_reproduce_exits_non_zero_when_a_run_failed(self, tmp_path, capsys, monkeypatch):
+        monkeypatch.setenv("CBNORM_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("CBNORM_CACHE_DIR", str(tmp_path / "cache"))
+        train = rep.train
+
+        def fails_for_ucb(config, data):
+            if config.norm == "ucb":
+                raise RuntimeError("out of memory")
+            return train(config, data)
+
+        monkeypatch.setattr(rep, "train", fails_for_ucb)
+        monkeypatch.setitem(rep.SCALES["table5"], "smoke", tiny())
+        monkeypatch.setattr(rep, "TABLE5", dataclasses.replace(rep.TABLE5, norms=(("BN", "batchnorm"), ("UCB-Norm", "ucb")),
+                                                              lrs=(0.001,)))
+        monkeypatch.setitem(rep.EXPERIMENTS, "table5", rep.TABLE5)
+        assert main(["reproduce", "table5", "--dataset", "digits", "--out", str(tmp_path), "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cbnorm reproduce: error: 1 run failed (see ") and err.endswith(
+            "table.md); the first, ('ucb', 0.001, 0): RuntimeError: out of memory")
+        table = (tmp_path / "results" / "table5-digits" / "tiny" / "table.md").read_text()
+        assert "| UCB-Norm | 0.001 | failed: RuntimeError: out of memory" in table
+
+
+@pytest.mark.parametrize("argv,module", [(["demo", "--epochs", "1"], "sklearn"),
+                                         (TINY_TRAIN + ["--epochs", "1"], "tqdm")])
+def test_a_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypatch, argv, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    for name in [m for m in sys.modules if m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"(no module named '{module}')" in err
+    assert err.endswith("install the experiments' dependencies with: pip install 'cbnorm[experiments]'")
+
+
+def test_datasets_are_case_insensitive(tmp_path, capsys):
+    assert main(["train", "--dataset", "DIGITS", "--train-size", "64", "--test-size", "64", "--epochs", "1",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["dataset"] == "digits"
+    assert main(["data", "verify", "Digits"]) == 0
+
+
+def test_help_is_fast_and_clean():
+    """``cbnorm --help`` and every command's help build without torch, and read as plain text."""
+    commands = ["", "demo", "train", "gan", "adamatch", "reproduce", "plot", "data", "clusters"]
+    script = ("import io, sys, time, contextlib\n"
+              "start = time.perf_counter()\n"
+              "from cbnorm.experiments.cli import main\n"
+              f"for command in {commands!r}:\n"
+              "    text = io.StringIO()\n"
+              "    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):\n"
+              "        main([command, '--help'] if command else ['--help'])\n"
+              "    print(text.getvalue())\n"
+              "print('seconds', time.perf_counter() - start)\n"
+              "print('imported', sorted({'torch', 'numpy'} & set(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("imported []")
+    help_text = result.stdout
+    for leaked in (":mod:", ":class:", ":func:", "``", "(default: None)", "$CBNORM_DATA) (default"):
+        assert leaked not in help_text, leaked
+    assert "how much of the protocol runs" in help_text and "(default: smoke)" in help_text

@@ -3,6 +3,9 @@ import functools
 import hashlib
 import http.server
 import io
+import os
+import pickle
+import stat
 import tarfile
 import threading
 
@@ -146,6 +149,43 @@ class TestErrors:
         with pytest.raises(ValueError, match=r"unknown dataset 'cifar'; expected one of \['cifar10', 'cifar100'"):
             load_dataset("cifar")
 
+    def test_the_torch_free_dataset_names_are_the_registry(self):
+        from cbnorm.experiments.config import DATASET_NAMES
+
+        assert DATASET_NAMES == tuple(DATASETS)
+
+
+class _Payload:
+    """What a crafted pickle holds: unpickling it runs ``touch marker`` in a shell."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class TestNoDataFileRunsCode:
+    @pytest.mark.parametrize("name,file", [("cifar10", "cifar-10-batches-py/data_batch_1"),
+                                           ("cifar10", "cifar-10-batches-py/batches.meta"),
+                                           ("cifar100", "cifar-100-python/train")])
+    def test_crafted_pickle(self, tmp_path, name, file):
+        (write_cifar10_pickles if name == "cifar10" else write_cifar100)(tmp_path / name)
+        marker = tmp_path / "marker"
+        with open(tmp_path / name / file, "wb") as f:
+            pickle.dump({"data": _Payload(marker), "labels": [0]}, f, protocol=2)
+        with pytest.raises(DataError, match=r"corrupt or not in the official format \(refusing to load posix\.system"):
+            load_dataset(name, tmp_path)
+        assert not marker.exists()
+
+    def test_npz_with_objects_is_refused(self, tmp_path):
+        folder = tmp_path / "cifar10"
+        folder.mkdir()
+        np.savez(folder / "cifar10.npz", x_train=np.array([_Payload(tmp_path / "marker")], dtype=object))
+        with pytest.raises(DataError, match="cifar10.npz is corrupt.*Object arrays cannot be loaded"):
+            load_dataset("cifar10", tmp_path)
+        assert not (tmp_path / "marker").exists()
+
 
 def split(n=10):
     images = torch.arange(n * 12, dtype=torch.uint8).reshape(n, 3, 2, 2)
@@ -256,11 +296,61 @@ class TestDownload:
         assert main(["data", "download", "cifar10", "--data-dir", str(root), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert f"has checksum {checksum}, expected md5:{'0' * 32}; deleted it" in err
-        assert list((root / "cifar10").iterdir()) == []
+        assert list(root.iterdir()) == []  # no file, no empty folder, no temporary folder
 
     def test_unreachable(self, tmp_path, monkeypatch):
         spec = dataclasses.replace(DATASETS["svhn"], sources=(data.Source("http://127.0.0.1:9/train_32x32.mat", "md5:0"),))
         monkeypatch.setitem(DATASETS, "svhn", spec)
         with pytest.raises(DataError, match=r"could not download http://127.0.0.1:9/train_32x32.mat"):
             data.download("svhn", tmp_path, progress=False)
-        assert not list((tmp_path / "svhn").iterdir())  # no partial file left behind
+        assert list(tmp_path.iterdir()) == []  # no partial file, no empty svhn/ folder
+
+    def test_failure_midway_leaves_nothing(self, tmp_path, monkeypatch, capsys):
+        """SVHN's first file arrives and verifies, the second breaks off: nothing is moved into svhn/, and
+        ``data list`` does not call svhn present."""
+        first = b"the first file"
+        sources = (data.Source("http://example.invalid/train_32x32.mat", "md5:" + hashlib.md5(first).hexdigest()),
+                   data.Source("http://example.invalid/test_32x32.mat", "md5:0"))
+        monkeypatch.setitem(DATASETS, "svhn", dataclasses.replace(DATASETS["svhn"], sources=sources))
+
+        class Response(io.BytesIO):
+            headers = {}
+
+            def read(self, size=-1):
+                if self.url.startswith("http://example.invalid/test") and self.tell() > 4:
+                    raise ConnectionResetError("connection reset by peer")
+                return super().read(size)
+
+        def urlopen(url, timeout):
+            response = Response(first if "train" in url else b"0123456789" * 100)
+            response.url = url
+            return response
+
+        monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+        with pytest.raises(DataError, match=r"could not download http://example.invalid/test_32x32.mat: .*reset"):
+            data.download("svhn", tmp_path, progress=False)
+        assert list(tmp_path.iterdir()) == []
+        assert main(["data", "list", "--data-dir", str(tmp_path)]) == 0
+        assert "svhn           missing" in capsys.readouterr().out
+
+
+def test_data_list_says_present_only_for_data_that_verify(tmp_path, capsys):
+    write_cifar10_pickles(tmp_path / "cifar10")
+    (tmp_path / "cifar100").mkdir()  # what a failed download used to leave
+    write_cifar100(tmp_path / "cifar100")
+    (tmp_path / "cifar100" / "cifar-100-python" / "test").write_bytes(b"")  # truncated to nothing
+    assert main(["data", "list", "--data-dir", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["cifar10"].split()[1] == "present" and rows["digits"].split()[1] == "present"
+    assert rows["cifar100"].split()[1] == "unusable" and "cifar-100-python/test is corrupt" in rows["cifar100"]
+    assert rows["mnist"].split()[1] == "missing"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        data.atomic_write(tmp_path / "file", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "file").stat().st_mode) == 0o666 & ~umask

@@ -214,7 +214,8 @@ class TestBuild:
         monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, compiler)))
         ready = [tmp_path / f"ready-{i}" for i in range(2)]
         processes = [
-            subprocess.Popen([sys.executable, "-c", f"import cbnorm\nopen({str(flag)!r}, 'w').close()\n" + FORWARD],
+            subprocess.Popen([sys.executable, "-c", f"import cbnorm.layers\nopen({str(flag)!r}, 'w').close()\n"
+                              + FORWARD],  # the flag once torch and the layers are imported (cbnorm alone is lazy)
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for flag in ready
         ]

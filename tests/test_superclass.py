@@ -333,7 +333,9 @@ def test_superclass_data_sets(tmp_path):
     with pytest.raises(ValueError, match="needs a data set with superclasses .*, got digits"):
         sc.reproduce_superclass("vit", "digits", "smoke", out=tmp_path, data=load_dataset("digits"))
     assert sc.default_dataset("vit", str(tmp_path)) == "cifar10" == sc.default_dataset("oxford_cnn", str(tmp_path))
-    (tmp_path / "cifar100").mkdir()
-    (tmp_path / "oxford-iiit-pet").mkdir()
+    (tmp_path / "cifar100").mkdir()  # an empty folder (a failed download's) is no data set
+    assert sc.default_dataset("vit", str(tmp_path)) == "cifar10"
+    (tmp_path / "cifar100" / "cifar-100-python").mkdir()
+    (tmp_path / "oxford-iiit-pet" / "images").mkdir(parents=True)
     assert sc.default_dataset("vit", str(tmp_path)) == "cifar100"
     assert sc.default_dataset("oxford_cnn", str(tmp_path)) == "oxford-pet"

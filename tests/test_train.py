@@ -1,6 +1,10 @@
 import csv
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import COLUMNS, at_fraction, format_header, format_row, mean_std, read_metrics
 from cbnorm.experiments.train import TrainConfig, norm_kwargs, setup, train
 
-from utils import kill_and_resume
+from utils import kill_and_resume, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,3 +132,100 @@ class TestMetrics:
         assert np.isnan(at_fraction(history[:3], 1.0, 8))  # not there yet
         assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5)) and mean_std([2.0]) == (2.0, 0.0)
         assert all(np.isnan(mean_std([])))
+
+
+def tiny(out, **changes):
+    return TrainConfig(**{**SMALL, "train_size": 64, "test_size": 64, "epochs": 2, "out": str(out), **changes})
+
+
+class TestRunFolderKeepsWork:
+    """Nothing in a run folder is replaced silently, two processes never write one folder, a damaged
+    checkpoint costs one epoch at most."""
+
+    def test_results_without_checkpoint_are_refused_unless_overwrite(self, tmp_path, digits):
+        config = tiny(tmp_path / "run")
+        history = train(config, digits)
+        for name in ("checkpoint.pt", "checkpoint-previous.pt"):  # a committed run: results, no checkpoint
+            (tmp_path / "run" / name).unlink()
+        before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+        with pytest.raises(FileExistsError, match=r"holds the results of a run \(2 epochs in metrics.json\) but no "
+                                                  r"checkpoint to continue from; pass --overwrite"):
+            train(config, digits)
+        assert train(dataclasses.replace(config, resume=True), digits) == history  # finished: reused as it is
+        with pytest.raises(FileExistsError, match="holds the results of a run"):  # unfinished: refused
+            train(dataclasses.replace(config, resume=True, epochs=3), digits)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+        (tmp_path / "run" / "snapshots").mkdir()
+        (tmp_path / "run" / "snapshots" / "epoch-0009.pt").write_bytes(b"")  # the old run's: replaced too
+        again = train(dataclasses.replace(config, overwrite=True, lr=0.002), digits)
+        assert len(again) == 2 and read_metrics(tmp_path / "run")[0]["lr"] == 0.002
+        assert not (tmp_path / "run" / "snapshots").exists()
+
+    def test_a_users_folder_is_refused_unless_overwrite(self, tmp_path, digits):
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("mine")
+        with pytest.raises(FileExistsError, match=r"mine is not empty \(notes.txt\) and holds no run; pass --overwrite"):
+            train(tiny(tmp_path / "mine"), digits)
+        assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+        train(tiny(tmp_path / "mine", overwrite=True), digits)
+        assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+    def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(self, tmp_path, digits, capsys):
+        run = tmp_path / "run"
+        run.mkdir()
+        alive = os.getppid()  # the process that started the tests: running, and not this one
+        (run / "run.lock").write_text(json.dumps({"pid": alive, "host": socket.gethostname()}))
+        with pytest.raises(FileExistsError, match=rf"run is in use by another run \(process {alive} on "):
+            train(tiny(run), digits)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (run / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        assert len(train(tiny(run), digits)) == 2
+        assert f"taking over the lock of a run that is no longer running ({run / 'run.lock'}, process {dead.pid})" \
+            in capsys.readouterr().out
+        assert not (run / "run.lock").exists()  # released at the end
+
+    @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+    def test_damaged_checkpoint_falls_back_to_the_previous_epoch(self, tmp_path, digits, capsys, damage):
+        config = tiny(tmp_path / "run", epochs=3)
+        reference = train(dataclasses.replace(config, out=str(tmp_path / "reference")), digits)
+        train(dataclasses.replace(config, epochs=2), digits)
+        path = tmp_path / "run" / "checkpoint.pt"
+        content = path.read_bytes()
+        path.write_bytes({"truncated": content[: len(content) // 2], "empty": b"", "garbage": b"\x00garbage" * 99}[damage])
+        capsys.readouterr()
+        history = train(dataclasses.replace(config, resume=True), digits)
+        lines = [line for line in capsys.readouterr().out.splitlines() if "is damaged" in line]
+        assert len(lines) == 1 and lines[0].startswith(f"{path} (") \
+            and lines[0].endswith("is damaged; continuing from checkpoint-previous.pt (after epoch 1)")
+        assert without_time(history) == without_time(reference)  # epoch 2 trained again, identically
+        assert len(torch.load(tmp_path / "run" / "checkpoint-previous.pt", weights_only=True)["history"]) == 2
+
+    def test_no_readable_checkpoint_is_a_clear_error(self, tmp_path, digits):
+        config = tiny(tmp_path / "run")
+        train(config, digits)
+        for name in ("checkpoint.pt", "checkpoint-previous.pt"):
+            (tmp_path / "run" / name).write_bytes(b"")
+        with pytest.raises(ValueError, match=r"no readable checkpoint in .*run: .*checkpoint.pt \(.*\); .*"
+                                             r"checkpoint-previous.pt \(.*\); pass --overwrite to start the run again"):
+            train(dataclasses.replace(config, resume=True), digits)
+
+    def test_more_epochs_when_the_schedule_allows(self, tmp_path, digits):
+        reference = train(tiny(tmp_path / "reference", epochs=3), digits)
+        train(tiny(tmp_path / "run", epochs=2), digits)
+        extended = train(tiny(tmp_path / "run", epochs=3, resume=True), digits)
+        assert without_time(extended) == without_time(reference)  # as if it had been asked for 3 from the start
+        with pytest.raises(ValueError, match=r"cannot resume .*run with epochs 3 -> 2: it has trained 3"):
+            train(tiny(tmp_path / "run", epochs=2, resume=True), digits)
+        step = tiny(tmp_path / "step", schedule="step", epochs=2)
+        train(step, digits)
+        with pytest.raises(ValueError, match=r"cannot resume .*step with epochs 2 -> 4: the step schedule divides "
+                                             r"the learning rate at 50% and 75% of the epochs"):
+            train(dataclasses.replace(step, epochs=4, resume=True), digits)
+
+    def test_mixture_clusters_are_cached_in_the_cache_not_beside_the_run(self, tmp_path, digits, monkeypatch):
+        for name in ("CBNORM_CACHE", "CBNORM_CACHE_DIR"):  # the cache folder, whichever the library reads
+            monkeypatch.setenv(name, str(tmp_path / "cache"))
+        train(tiny(tmp_path / "runs" / "scb", norm="scb", epochs=1), digits)
+        assert [p.name for p in (tmp_path / "runs").iterdir()] == ["scb"]
+        assert list((tmp_path / "cache").rglob("digits-k3-gmm-seed0.pt"))

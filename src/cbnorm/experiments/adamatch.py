@@ -89,64 +89,15 @@ from .data import Dataset, Split, atomic_write, available, load_dataset
 from .device_data import images_on
 from .metrics import confusion_matrix, macro_scores, mean_std
 from .models.wide_resnet import WideResNet
-from .runs import (RUN_CONTROL, RunFolder, RunSettings, autocast, check_fields, clustered, command_line,
-                   keyed_generator, option, resolve_device, results_folder, run_each, write_results)
+from .config import RUN_CONTROL, AdaMatchConfig
+from .runs import (RunFolder, autocast, clustered, command_line, keyed_generator, resolve_device, results_folder,
+                   run_each, write_results)
 from .train import _subset, norm_kwargs, supervised_norm
 
 __all__ = ["ADAMATCH_SCALES", "AdaMatchConfig", "AdaMatchScale", "adamatch_objective", "backward",
            "reproduce_adamatch", "train_adamatch", "warmup"]
 
 SOURCE, TARGET = 0, 1  # the domains' cluster ids
-
-
-@dataclass
-class AdaMatchConfig(RunSettings):
-    """Everything an AdaMatch run depends on; saved as RUN/config.json. Each field is a ``cbnorm adamatch`` flag."""
-
-    # data
-    source: str = option("labelled source data set", default="mnist")
-    target: str = option("unlabelled target data set: digits, svhn, ...", default="digits")
-    data_dir: Optional[str] = option("data root (default: $CBNORM_DATA)", default=None)
-    source_train_size: int = option("fixed random subset of the source training images (0: all)", default=0)
-    target_train_size: int = option("fixed random subset of the target training images (0: all)", default=0)
-    source_test_size: int = option("fixed random subset of the source test images (0: all)", default=0)
-    target_test_size: int = option("fixed random subset of the target test images (0: all)", default=0)
-    image_size: int = option("the common image size of both domains (3 channels)", default=32)
-    # model
-    norm: str = option("the initial layer: none (the AdaMatch baseline), scb, scb_base, ucb, ...", default="none")
-    num_clusters: int = option("K: the domains for SCB (2), components for UCB", default=2)
-    norm_kwargs: dict = option("more arguments of the layer", default_factory=dict)
-    depth: int = option("WideResNet depth (6n + 4)", default=28)
-    width: int = option("WideResNet widening factor", default=2)
-    bn_momentum: float = option("momentum of the WRN's BatchNorm running statistics (Keras' 0.99 decay)", default=0.01)
-    # optimisation
-    epochs: int = option("epochs (passes over the source training images)", default=10)
-    batch_size: int = option("source images per step (n_S)", default=64)
-    uratio: int = option("target images per source image (n_T = uratio * n_S)", default=3)
-    lr: float = option("Adam's initial learning rate", default=0.03)
-    lr_floor: float = option("the cosine decay ends at this fraction of lr", default=0.25)
-    weight_decay: float = option("Adam's L2 weight decay", default=0.0)
-    tau: float = option("relative confidence threshold", default=0.9)
-    grad_every: int = option("take the gradient variance every this many steps", default=1)
-    # the run
-    seed: int = option("seed of the initialisation, data order, augmentation and interpolation", default=0)
-    eval_batch_size: int = option("evaluation batch size", default=500)
-    out: str = option("run directory", default="runs/adamatch")
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("epochs", self.epochs >= 1, "a positive int"),
-            ("batch_size", self.batch_size >= 2, "an int >= 2"),
-            ("uratio", self.uratio >= 1, "a positive int"),
-            ("lr", self.lr > 0, "a positive float"),
-            ("lr_floor", 0 <= self.lr_floor <= 1, "in [0, 1]"),
-            ("tau", 0 <= self.tau <= 1, "in [0, 1]"),
-            ("grad_every", self.grad_every >= 0, "0 (never) or a positive int"),
-            ("image_size", self.image_size >= 8, "an int >= 8"),
-            ("num_clusters", self.num_clusters >= 1, "a positive int"),
-            ("bn_momentum", 0 < self.bn_momentum <= 1, "in (0, 1]"),
-        ]
-        check_fields(self, checks)
 
 
 # -- the two domains ------------------------------------------------------------------------------------------
@@ -453,8 +404,8 @@ def train_adamatch(config: AdaMatchConfig, source: Optional[Dataset] = None, tar
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     out = Path(config.out)
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL,
-                       columns=COLUMNS, table=TABLE)
+    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, overwrite=config.overwrite,
+                       run_control=RUN_CONTROL, columns=COLUMNS, table=TABLE)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -682,4 +633,4 @@ def reproduce_adamatch(
                "seeds": list(seeds), "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(r["seconds"] for hs in histories.values() for h in hs for r in h)}
     return write_results(root, _adamatch_table(source, target, scale, results), results,
-                         lambda: adamatch_figures(root, histories, source, target, scale.name))
+                         lambda: adamatch_figures(root, histories, source, target, scale.name), failed)

@@ -43,18 +43,21 @@ def _kwargs(text: str) -> dict:
     return result
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_class=None) -> None:
-    """One flag per field of ``config_class`` (default :class:`TrainConfig`), none with a default: only the
-    flags given are set."""
-    from .train import TrainConfig
+# The optional dependencies (module -> package), all in the `experiments` extra.
+OPTIONAL = {"sklearn": "scikit-learn", "scipy": "scipy", "matplotlib": "matplotlib", "tqdm": "tqdm", "PIL": "pillow"}
+_CONFIGS = {"train": "TrainConfig", "gan": "GANConfig", "adamatch": "AdaMatchConfig"}
 
-    config_class = config_class or TrainConfig
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of ``config_class``, none with a default: only the flags given are set."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"]
+        if "(default" not in help_text and default not in (None, {}, ""):
+            help_text += f" (default: {default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif kind is dict:
@@ -64,17 +67,44 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class=None) -> Non
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
-def _train_config(given: dict, config_class=None):
-    """The config of ``cbnorm train`` (or of ``config_class``): the flags given, over the run's saved
-    config when resuming."""
-    from .train import TrainConfig
+def _train_config(given: dict, config_class):
+    """The config of a run command: the flags given, over the run's saved config with ``--resume``, which
+    needs a checkpoint in ``--out``."""
+    from .runs import has_checkpoint
 
-    config_class = config_class or TrainConfig
+    out = Path(given.get("out", config_class.out))
     base = {}
-    saved = Path(given.get("out", config_class.out)) / "config.json"
-    if given.get("resume") and saved.is_file():
-        base = json.loads(saved.read_text())
-    return config_class(**{**base, **given})
+    if given.get("resume"):
+        if not has_checkpoint(out):
+            what = "does not exist" if not out.exists() else "holds no checkpoint.pt"
+            raise FileNotFoundError(f"nothing to resume: {out} {what}; start the run without --resume")
+        saved = out / "config.json"
+        if saved.is_file():
+            base = json.loads(saved.read_text())
+            base.pop("overwrite", None)  # what the run was started with, never what continues it
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in {**base, **given}.items() if k in fields})
+
+
+_DESCRIPTIONS = {
+    "train": """Train one model on one data set, resumable at every epoch.
+
+  cbnorm train --dataset cifar10 --norm ucb --lr 0.001 --epochs 100 --out runs/ucb   # Table V's protocol
+  cbnorm train --out runs/ucb --resume                           # after a crash (add --epochs N to go on)
+
+Every epoch rewrites RUN/metrics.csv and RUN/metrics.json and saves RUN/checkpoint.pt (the previous
+epoch's kept as checkpoint-previous.pt). A folder that holds a run or other files is never written
+into without --resume or --overwrite. Under torchrun, --batch-size is the global batch.""",
+    "gan": """Train one DCGAN with FID, resumable at every epoch.
+
+  cbnorm gan --norm ucb --out runs/dcgan-ucb
+  cbnorm gan --out runs/dcgan-ucb --resume""",
+    "adamatch": """Train one AdaMatch domain adaptation (a WideResNet with the layer under test as its initial
+layer), resumable at every epoch.
+
+  cbnorm adamatch --source mnist --target digits --norm scb --epochs 10 --out runs/da-scb
+  cbnorm adamatch --out runs/da-scb --resume""",
+}
 
 
 def _add_gpu_harness_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,63 +121,64 @@ def _add_gpu_harness_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import train as train_module
-    from .data import DATASETS
+    """The command line; builds without torch (``cbnorm --help`` is fast), each command imports what it runs."""
+    from . import config
 
+    datasets = sorted(config.DATASET_NAMES)
     parser = argparse.ArgumentParser(prog="cbnorm", description="Cluster-Based Normalization: experiments")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("demo", help="BN vs SCB-Norm vs UCB-Norm on a small data set, about a minute on CPU")
-    p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
+    p.add_argument("--dataset", default="digits", type=str.lower, choices=datasets, help="(default: digits)")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA); digits needs none")
     p.add_argument("--epochs", type=int, help="epochs (default: 8 for digits, 3 otherwise)")
     p.add_argument("--train-size", type=int, help="training images (default: all digits, 5000 otherwise)")
     p.add_argument("--test-size", type=int, help="test images (default: all digits, 1000 otherwise)")
     p.add_argument("--out", default=".", help="writes OUT/results/demo-DATASET/ (default: .)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    p = commands.add_parser("train", help="train one model (resumable); flags are TrainConfig's fields",
-                            description=train_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_config_flags(p)
-
-    from . import gan as gan_module
-
-    p = commands.add_parser("gan", help="train one DCGAN with FID (resumable); flags are GANConfig's fields",
-                            description=gan_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_config_flags(p, gan_module.GANConfig)
-
-    from . import adamatch as adamatch_module
-
-    p = commands.add_parser("adamatch", help="train one AdaMatch domain adaptation (resumable); flags are "
-                                             "AdaMatchConfig's fields",
-                            description=adamatch_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_config_flags(p, adamatch_module.AdaMatchConfig)
+    for command, what in (("train", "one model"), ("gan", "one DCGAN with FID"),
+                          ("adamatch", "one AdaMatch domain adaptation")):
+        p = commands.add_parser(command, help=f"train {what} (resumable); flags are {_CONFIGS[command]}'s fields",
+                                description=_DESCRIPTIONS[command],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_config_flags(p, getattr(config, _CONFIGS[command]))
 
     p = commands.add_parser("reproduce", help="reproduce Table V (table5), the DenseNet experiment (densenet), "
                                               "Tables VII-VIII (superclass), the DCGAN experiment (dcgan) or "
-                                              "Table VI (adamatch)")
+                                              "Table VI (adamatch)",
+                            description="Run (or continue) every run of one of the paper's experiments and write its "
+                                        "table and figures to OUT/results/EXPERIMENT-DATASET/SCALE/. Running it again "
+                                        "continues unfinished runs and reuses finished ones; it exits with status 1 "
+                                        "when any run failed.")
     p.add_argument("experiment", choices=["table5", "densenet", "superclass", "dcgan", "adamatch"])
-    p.add_argument("--dataset", help="table5: cifar10 (default), cifar100, tiny-imagenet, ...; "
-                                     "densenet and dcgan: cifar100 when present, else cifar10; superclass: cifar100 "
-                                     "(vit) or oxford-pet (oxford_cnn) when present, else cifar10")
+    p.add_argument("--dataset", type=str.lower,
+                   help="table5: cifar10 (default), cifar100, tiny-imagenet, ...; densenet and dcgan: cifar100 when "
+                        "present, else cifar10; superclass: cifar100 (vit) or oxford-pet (oxford_cnn) when present, "
+                        "else cifar10")
     p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
     p.add_argument("--model", choices=["vit", "oxford_cnn"], default="vit",
                    help="superclass: the ViT of Table VII or the OxfordCNN of Table VIII (default: vit)")
     p.add_argument("--fid-features", choices=["auto", "inception", "random-conv"], default="auto",
                    help="dcgan: FID features (default: auto, the Inception weights when installed)")
-    p.add_argument("--source", default="mnist", help="adamatch: labelled source data set (default: mnist)")
-    p.add_argument("--target", help="adamatch: unlabelled target data set (default: svhn when present, else digits)")
-    p.add_argument("--scale", choices=["smoke", "small", "paper"], default="smoke")
+    p.add_argument("--source", default="mnist", type=str.lower,
+                   help="adamatch: labelled source data set (default: mnist)")
+    p.add_argument("--target", type=str.lower,
+                   help="adamatch: unlabelled target data set (default: svhn when present, else digits)")
+    p.add_argument("--scale", choices=["smoke", "small", "paper"], default="smoke",
+                   help="how much of the protocol runs: smoke (CI's, minutes on CPU), small (data subsets and few "
+                        "epochs, about an hour on 2 CPU cores), paper (the paper's protocol, for a GPU) "
+                        "(default: smoke)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the scale's seeds")
     p.add_argument("--out", default=".", help="writes OUT/results/EXPERIMENT-DATASET/SCALE/ (default: .)")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
     p.add_argument("--amp", action="store_true", help="mixed precision")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads of torch (0: its default); on a busy 2-core machine 1 is faster")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     _add_gpu_harness_flags(p)
 
     p = commands.add_parser("plot", help="curves of runs; --activations: Figure 2; --tsne: Figures 1/9")
@@ -163,15 +194,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("data", help="list, download or verify data sets")
     p.add_argument("action", choices=["list", "download", "verify"])
-    p.add_argument("name", nargs="?", choices=sorted(DATASETS), metavar="NAME", help=", ".join(DATASETS))
+    p.add_argument("name", nargs="?", type=str.lower, choices=datasets, metavar="NAME", help=", ".join(datasets))
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     p = commands.add_parser("clusters", help="write SCB-Norm cluster ids of a data set (its Gaussian mixture)")
-    p.add_argument("dataset", choices=sorted(DATASETS))
+    p.add_argument("dataset", type=str.lower, choices=datasets)
     p.add_argument("--k", type=int, default=3, help="clusters (default: 3)")
-    p.add_argument("--method", choices=["gmm", "kmeans"], default="gmm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=["gmm", "kmeans"], default="gmm", help="(default: gmm)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--out", required=True, help="the .npz ids file to write")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     return parser
@@ -180,13 +211,17 @@ def _parser() -> argparse.ArgumentParser:
 def _data(args) -> None:
     from . import data
 
-    if args.action == "list":
+    if args.action == "list":  # "present": the files are there, verify and read
         for name, spec in data.DATASETS.items():
             try:
                 where = "bundled" if name == "digits" else data.data_root(args.data_dir) / spec.folder
-                state = "present" if name == "digits" or Path(where).is_dir() else "missing"
-            except data.DataError:
-                where, state = spec.folder + "/", "no data root"
+                data.verify(name, args.data_dir)
+                state = "present"
+            except data.DataError as error:
+                state = "no data root" if "no data directory" in str(error) else "missing"
+                if name != "digits" and state == "missing" and data.available(name, args.data_dir):
+                    state = "unusable"
+                    where = f"{where}: {error}"
             print(f"{name:<14} {state:<12} {where}")
         return
     if args.name is None:
@@ -198,6 +233,11 @@ def _data(args) -> None:
         print(line)
 
 
+def _given(args) -> dict:
+    """The config flags given on the command line."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "command_line", "argv")}
+
+
 def _run(args) -> None:
     if args.command == "demo":
         from .demo import demo
@@ -205,10 +245,9 @@ def _run(args) -> None:
         demo(args.dataset, data_dir=args.data_dir, epochs=args.epochs, train_size=args.train_size,
              test_size=args.test_size, out=args.out, seed=args.seed, device=args.device, progress=args.progress)
     elif args.command == "train":
-        from .train import train
+        from .train import TrainConfig, train
 
-        given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
-        train(_train_config(given))
+        train(_train_config(_given(args), TrainConfig))
     elif args.command == "reproduce" and args.experiment == "superclass":
         from .superclass import default_dataset, reproduce_superclass
 
@@ -218,13 +257,11 @@ def _run(args) -> None:
     elif args.command == "gan":
         from .gan import GANConfig, train_gan
 
-        given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
-        train_gan(_train_config(given, GANConfig))
+        train_gan(_train_config(_given(args), GANConfig))
     elif args.command == "adamatch":
         from .adamatch import AdaMatchConfig, train_adamatch
 
-        given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
-        train_adamatch(_train_config(given, AdaMatchConfig))
+        train_adamatch(_train_config(_given(args), AdaMatchConfig))
     elif args.command == "reproduce" and args.experiment == "adamatch":
         from .adamatch import adamatch_target, reproduce_adamatch
 
@@ -271,20 +308,60 @@ def _run(args) -> None:
         print(f"{args.out}: {args.k} clusters ({ids.source}) of {args.dataset}; training images per cluster: {sizes}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; errors in the input (bad flags, missing data) print one line and return 2."""
-    from .data import DataError
-    from .fid import MissingWeightsError
+def _interrupted(args) -> str:
+    """The line printed on Ctrl-C: how far the run got and the command that continues it."""
+    if args.command not in _CONFIGS:
+        return f"interrupted; continue with: {args.command_line} (it reuses finished runs and resumes the others)"
+    from . import config
 
+    out = Path(getattr(args, "out", getattr(config, _CONFIGS[args.command]).out))
+    try:
+        epochs = len(json.loads((out / "metrics.json").read_text())["history"])
+    except (OSError, ValueError, KeyError, TypeError):
+        epochs = 0
+    argv = [a for a in args.argv if a not in ("--overwrite", "--no-overwrite", "--resume", "--no-resume")]
+    if not epochs:
+        return f"interrupted before the first epoch ended; start again with: {args.command_line}"
+    return f"interrupted after epoch {epochs}; continue with: {shlex.join(['cbnorm', *argv, '--resume'])}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line. Errors in the input (bad flags, missing data, a folder in use) print one line
+    and return 2; a missing optional dependency or a failed run of a reproduction, one line and 1; Ctrl-C,
+    one line saying how to continue, and 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    args.command_line = shlex.join(["cbnorm", *argv])
+    args.argv, args.command_line = argv, shlex.join(["cbnorm", *argv])
+    try:
+        from .data import DataError
+        from .fid import MissingWeightsError
+        from .runs import RunsFailed
+    except ModuleNotFoundError as error:
+        return _missing_module(args, error)
     try:
         _run(args)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, MissingWeightsError) as error:
         print(f"cbnorm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunsFailed as error:
+        print(f"cbnorm {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as error:
+        return _missing_module(args, error)
+    except KeyboardInterrupt:
+        print(f"\n{_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _missing_module(args, error: ModuleNotFoundError) -> int:
+    """One line naming the extra that installs a missing optional dependency; anything else is a bug: re-raised."""
+    module = (error.name or "").split(".")[0]
+    if module not in OPTIONAL:
+        raise error
+    print(f"cbnorm {args.command}: error: this command needs {OPTIONAL[module]} (no module named {module!r}); "
+          f"install the experiments' dependencies with: pip install 'cbnorm[experiments]'", file=sys.stderr)
+    return 1
 
 
 def console_main() -> None:

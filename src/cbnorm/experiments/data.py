@@ -24,8 +24,8 @@ superclasses cat and dog, and every image is resized to 64 x 64. CIFAR-10's supe
 vehicle (airplane, automobile, ship, truck) and animal (the other six).
 
 A missing file or one that does not parse raises :class:`DataError`, which names the files expected
-and the checksum of the official file they come from. The pickles are Python pickles, as the
-official CIFAR archives ship them: load only archives whose checksum matches.
+and the checksum of the official file they come from. The CIFAR pickles are read by an unpickler
+that admits only the plain data of the official files, so no data file can run code.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -228,9 +229,24 @@ def _cifar10_dataset(spec: DatasetSpec, train: Split, test: Split, classes: list
     return Dataset(spec.name, train, test, classes, list(CIFAR10_SUPERCLASSES))
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR files hold: dicts, lists, strings, bytes, numbers and numpy
+    arrays. Any other global (a function a crafted file would call) is refused before it is looked up."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    })
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: the official files hold only plain data")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        content = pickle.load(f, encoding="latin1")
+        content = _PlainUnpickler(f, encoding="latin1").load()
     _expect(isinstance(content, dict), f"expected a pickled dict, got {type(content).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
 
@@ -257,7 +273,7 @@ def _read_cifar10(spec: DatasetSpec, folder: Path) -> Dataset:
     npz = folder / "cifar10.npz"
     if npz.exists() or not (folder / "cifar-10-batches-py").exists():
         with _reading(spec, folder, npz):
-            with np.load(npz) as z:
+            with np.load(npz, allow_pickle=False) as z:
                 splits = [
                     Split(torch.from_numpy(z[f"x_{s}"]).permute(0, 3, 1, 2).contiguous(), _labels(z[f"y_{s}"], 10))
                     for s in ("train", "test")
@@ -361,7 +377,7 @@ def _read_tiny_imagenet(spec: DatasetSpec, folder: Path) -> Dataset:
             names[wnid] = words.split(",")[0].strip()
     cache = base / "cbnorm-cache.npz"  # decoding 110,000 JPEGs takes minutes; their pixels are cached once
     if cache.exists():
-        with _reading(spec, folder, cache), np.load(cache) as z:
+        with _reading(spec, folder, cache), np.load(cache, allow_pickle=False) as z:
             splits = [Split(torch.from_numpy(z[f"x_{s}"]), torch.from_numpy(z[f"y_{s}"])) for s in ("train", "test")]
         return Dataset(spec.name, *splits, [names.get(w, w) for w in wnids])
     index = {wnid: i for i, wnid in enumerate(wnids)}
@@ -412,7 +428,7 @@ def _read_oxford_pet(spec: DatasetSpec, folder: Path) -> Dataset:
     cache = folder / f"cbnorm-cache-{PET_SIZE}.npz"  # decoding and resizing 7,349 JPEGs takes a minute: cached once
     pixels = {}
     if cache.exists():
-        with _reading(spec, folder, cache), np.load(cache) as z:
+        with _reading(spec, folder, cache), np.load(cache, allow_pickle=False) as z:
             if all(z[f"names_{s}"].tolist() == lists[s][0] for s in lists):  # else the lists changed: decode again
                 pixels = {s: torch.from_numpy(z[f"x_{s}"]) for s in lists}
     if not pixels:
@@ -539,23 +555,38 @@ def load_dataset(name: str, data_dir: Optional[PathLike] = None) -> Dataset:
 
 
 def available(name: str, data_dir: Optional[PathLike] = None) -> bool:
-    """Whether the data root holds a folder for ``name`` (reading it may still fail if it is incomplete)."""
+    """Whether the data root holds a non-empty folder for ``name`` (reading it may still fail if it is
+    incomplete: :func:`verify` reads it)."""
     spec = _spec(name)
-    return spec.name == "digits" or (data_root(data_dir) / spec.folder).is_dir()
+    folder = data_root(data_dir) / spec.folder
+    return spec.name == "digits" or (folder.is_dir() and any(folder.iterdir()))
 
 
 # -- downloads ------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed over it."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable, backup: Optional[Path] = None) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed over it.
+
+    The file gets the mode any new file gets (``0o666`` less the umask), not the temporary file's
+    ``0o600``. With ``backup``, the file being replaced is first renamed to ``backup``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if backup is not None and path.exists():
+            os.replace(path, backup)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -598,27 +629,43 @@ def _extract(archive: Path, folder: Path) -> None:
 
 
 def download(name: str, data_dir: Optional[PathLike] = None, *, progress: bool = True) -> Path:
-    """Fetch the official files of ``name`` into its folder, verify their checksums, extract archives.
+    """Fetch the official files of ``name``, verify their checksums, extract archives, then move them
+    into its folder.
 
-    Files already present with the right checksum are kept. A checksum mismatch deletes the
-    downloaded file and raises :class:`DataError` naming both checksums. Returns the folder.
+    Everything is fetched and extracted in a temporary folder beside it (``.<folder>.*.part``) and
+    moved into place only once every file has verified, so a failed download (no network, a wrong
+    checksum) leaves nothing behind, not even an empty folder. Files already present with the right
+    checksum are kept. A checksum mismatch raises :class:`DataError` naming both checksums.
+    Returns the folder.
     """
     spec = _spec(name)
     if not spec.sources:
         raise DataError(f"{name}: nothing to download ({spec.expects})")
-    folder = data_root(data_dir) / spec.folder
-    for source in spec.sources:
-        path = folder / source.filename
-        algorithm = source.checksum.split(":")[0]
-        if path.exists() and _checksum(path, algorithm) == source.checksum:
-            continue
-        _fetch(source, path, progress)
-        found = _checksum(path, algorithm)
-        if found != source.checksum:
-            path.unlink()
-            raise DataError(f"{name}: {source.url} has checksum {found}, expected {source.checksum}; deleted it")
-        if path.name.endswith((".tar.gz", ".tgz", ".zip")):
-            _extract(path, folder)
+    root = data_root(data_dir)
+    folder = root / spec.folder
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{spec.folder}.", suffix=".part"))
+    try:
+        for source in spec.sources:
+            algorithm = source.checksum.split(":")[0]
+            kept = folder / source.filename
+            if kept.exists() and _checksum(kept, algorithm) == source.checksum:
+                continue
+            path = staging / source.filename
+            _fetch(source, path, progress)
+            found = _checksum(path, algorithm)
+            if found != source.checksum:
+                raise DataError(f"{name}: {source.url} has checksum {found}, expected {source.checksum}; deleted it")
+            if path.name.endswith((".tar.gz", ".tgz", ".zip")):
+                _extract(path, staging)
+        folder.mkdir(exist_ok=True)
+        for entry in staging.iterdir():  # a re-download replaces what it fetched before
+            target = folder / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

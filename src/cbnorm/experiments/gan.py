@@ -45,58 +45,12 @@ from .device_data import DeviceLoader
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
-from .runs import (RUN_CONTROL, RunFolder, RunSettings, autocast, check_fields, command_line,
-                   keyed_generator, option, resolve_device, results_folder, run_each, write_results)
+from .config import RUN_CONTROL, GANConfig
+from .runs import (RunFolder, autocast, command_line, keyed_generator, resolve_device, results_folder, run_each,
+                   write_results)
 from .train import _subset, norm_kwargs
 
 __all__ = ["GANConfig", "GAN_SCALES", "GANScale", "reproduce_dcgan", "train_gan"]
-
-
-@dataclass
-class GANConfig(RunSettings):
-    """Everything a DCGAN run depends on; saved as RUN/config.json. Each field is a ``cbnorm gan`` flag."""
-
-    # data
-    dataset: str = option("dataset (cifar100 is the paper's; cifar10, ...)", default="cifar10")
-    data_dir: Optional[str] = option("data root (default: $CBNORM_DATA)", default=None)
-    train_size: int = option("train on a fixed random subset of this many images (0: all)", default=0)
-    # models
-    norm: str = option("the generator's first two norm layers: batchnorm, mn or ucb (any registry name)",
-                       default="batchnorm")
-    num_components: int = option("K of MN / UCB-Norm", default=3)
-    norm_kwargs: dict = option("more arguments of those layers (MN and UCB get affine=True unless given)",
-                               default_factory=dict)
-    latent_dim: int = option("size of the noise z", default=128)
-    width: int = option("channels of the generator's last hidden layer (x8, x4, x2 before it)", default=64)
-    # optimisation
-    epochs: int = option("epochs", default=200)
-    batch_size: int = option("batch size", default=64)
-    lr: float = option("Adam learning rate of both networks", default=2e-4)
-    beta1: float = option("Adam beta1", default=0.0)
-    beta2: float = option("Adam beta2", default=0.9)
-    # FID
-    fid_every: int = option("FID every this many epochs (and at the last)", default=10)
-    fid_samples: int = option("generated images per FID", default=10000)
-    fid_reference: int = option("training images of the FID reference statistics (0: all)", default=0)
-    fid_features: str = option("auto (Inception when installed, else FID* random-conv with a warning), "
-                               "inception or random-conv", default="auto")
-    # the run
-    seed: int = option("seed of the initialisation, data order and noise", default=0)
-    eval_batch_size: int = option("batch of generated images (and of FID features)", default=100)
-    out: str = option("run directory", default="runs/dcgan")
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("epochs", self.epochs >= 1, "a positive int"),
-            ("batch_size", self.batch_size >= 2, "an int >= 2 (batch statistics)"),
-            ("lr", self.lr > 0, "a positive float"),
-            ("fid_every", self.fid_every >= 1, "a positive int"),
-            ("fid_samples", self.fid_samples >= 2, "an int >= 2"),
-            ("fid_reference", self.fid_reference == 0 or self.fid_reference >= 2, "0 (all) or an int >= 2"),
-            ("fid_features", self.fid_features in ("auto", *FEATURES), f"auto or one of {list(FEATURES)}"),
-            ("num_components", self.num_components >= 1, "a positive int"),
-        ]
-        check_fields(self, checks)
 
 
 def build_gan(config: GANConfig, channels: int, image_size: int) -> tuple[Generator, Discriminator]:
@@ -246,8 +200,8 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
     config = _resolved(config)
     metric = FEATURES[config.fid_features]
     out = Path(config.out)
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL,
-                       columns=_columns(metric.key), table=_table(metric.key, metric.label))
+    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, overwrite=config.overwrite,
+                       run_control=RUN_CONTROL, columns=_columns(metric.key), table=_table(metric.key, metric.label))
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -406,7 +360,8 @@ def reproduce_dcgan(
                "device": str(device_), "train_seconds": sum(r["seconds"] + r.get("fid_seconds", 0)
                                                             for hs in histories.values() for h in hs for r in h)}
     return write_results(root, _gan_table(dataset, scale, results), results,
-                         lambda: dcgan_figures(root, histories, metric, grids, f"{dataset}, {scale.name} scale"))
+                         lambda: dcgan_figures(root, histories, metric, grids, f"{dataset}, {scale.name} scale"),
+                         failed)
 
 
 def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:

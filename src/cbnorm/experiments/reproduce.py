@@ -45,7 +45,7 @@ from .metrics import at_fraction, mean_std
 from .parallel import run_parallel
 from .planner import plan_runs, time_epochs, timing_lines
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
-from .runs import command_line, results_folder, run_each, write_results
+from .runs import command_line, has_checkpoint, results_folder, run_each, write_results
 from .speed import device_name
 from .train import TrainConfig, resolve_device, supervised_norm, train
 
@@ -273,7 +273,7 @@ def reproduce(
         norm, lr, seed = key
         config = TrainConfig(
             dataset=dataset, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
-            model=experiment.model, norm=norm, num_clusters=experiment.k, clusters=str(clusters_file.resolve()),
+            model=experiment.model, norm=norm, num_clusters=experiment.k, clusters=str(clusters_file),
             optimizer=experiment.optimizer, lr=lr, schedule=experiment.schedule, epochs=scale.epochs,
             batch_size=experiment.batch_size, seed=seed, device=device, amp=amp, threads=threads,
             out=str(root / "runs" / _run_name(norm, lr, seed)), resume=True,
@@ -317,7 +317,7 @@ def reproduce(
                "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
     return write_results(root, _table(experiment, dataset, scale, results), results,
-                         lambda: _figures(experiment, dataset, scale, seeds, root, histories, data))
+                         lambda: _figures(experiment, dataset, scale, seeds, root, histories, data), failures)
 
 
 def _setting(experiment: Experiment, dataset: str, scale: Scale) -> str:
@@ -341,7 +341,8 @@ def _figures(experiment: Experiment, dataset: str, scale: Scale, seeds, root: Pa
              data: Dataset) -> None:
     curves_figures(experiment, dataset, scale, seeds, root, histories)
     first = (experiment.lrs[0], seeds[0])
-    finished = [(label, norm) for label, norm in experiment.norms if (norm, *first) in histories]
+    finished = [(label, norm) for label, norm in experiment.norms if (norm, *first) in histories
+                and has_checkpoint(root / "runs" / _run_name(norm, *first))]  # a reused run without one keeps its figure
     setting = f"{_setting(experiment, dataset, scale)}, lr {first[0]:g}, seed {first[1]}"
     if finished:
         activations = {label: run_activations(root / "runs" / _run_name(norm, *first), data=data)

@@ -291,7 +291,7 @@ def reproduce_superclass(
                "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
     return write_results(root, _table(experiment, data, scale, results), results,
-                         lambda: _figures(experiment, scale.name, seeds, root, histories, data))
+                         lambda: _figures(experiment, scale.name, seeds, root, histories, data), failures)
 
 
 def superclass_curves(experiment: SuperclassExperiment, dataset: str, scale: str, root: Path, lines: dict) -> None:

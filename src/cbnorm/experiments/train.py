@@ -44,66 +44,11 @@ from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
 from .metrics import confusion_matrix, macro_scores
 from .models import build_model
-from .runs import RUN_CONTROL, RunFolder, autocast, check_fields, clustered, grad_scaler, resolve_device
-from .runs import option as _help
-from .speed import SPEED_FIELDS, SpeedSettings
+from .config import RUN_CONTROL, TrainConfig
+from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
+from .speed import SPEED_FIELDS
 
 __all__ = ["Setup", "TrainConfig", "setup", "train"]
-
-
-@dataclass
-class TrainConfig(SpeedSettings):
-    """Everything a run depends on; saved as RUN/config.json. Each field is a ``cbnorm train`` flag."""
-
-    # data
-    dataset: str = _help("dataset name: " + ", ".join(DATASETS), default="cifar10")
-    data_dir: Optional[str] = _help("data root (default: $CBNORM_DATA)", default=None)
-    train_size: int = _help("train on a fixed random subset of this many images (0: all)", default=0)
-    test_size: int = _help("test on a fixed random subset of this many images (0: all)", default=0)
-    augment: bool = _help("random crops and flips where the dataset allows them", default=True)
-    # model
-    model: str = _help("shallow_cnn, densenet40, densenet100, vit or oxford_cnn", default="shallow_cnn")
-    norm: str = _help("the layer under test, a registry name (batchnorm, scb, scb_base, ucb, mn, ...) or none",
-                      default="batchnorm")
-    num_clusters: int = _help("K: mixture components of UCB/MN, clusters of the dataset mixture for SCB", default=3)
-    norm_kwargs: dict = _help("more arguments of the layer, e.g. unknown=map,affine=True", default_factory=dict)
-    clusters: str = _help("SCB prior clusters: mixture (of the whole data set, fitted with seed 0), superclass, "
-                          "or an ids file from `cbnorm clusters`", default="mixture")
-    cluster_method: str = _help("the dataset mixture: gmm or kmeans", default="gmm")
-    test_clusters: bool = _help("give SCB layers the test images' cluster ids (else their unknown-cluster rule)",
-                                default=True)
-    # optimisation
-    optimizer: str = _help("adamw, adam, or sgd (Nesterov)", default="adamw")
-    lr: float = _help("initial learning rate", default=1e-3)
-    weight_decay: float = _help("weight decay", default=1e-4)
-    momentum: float = _help("SGD momentum", default=0.9)
-    schedule: str = _help("constant, or step: lr / 10 at 50%% and 75%% of the epochs", default="constant")
-    epochs: int = _help("epochs", default=100)
-    batch_size: int = _help("training batch size; under torchrun the global batch, shared by the ranks", default=256)
-    eval_batch_size: int = _help("evaluation batch size (global, as --batch-size)", default=1000)
-    # the run
-    seed: int = _help("seed of the initialisation, data order and augmentation", default=0)
-    device: str = _help("auto (CUDA when present), cpu, cuda, cuda:1, ...", default="auto")
-    amp: bool = _help("mixed precision: float16 on CUDA, bfloat16 on CPU", default=False)
-    threads: int = _help("CPU threads for torch (0: torch's default)", default=0)
-    out: str = _help("run directory", default="runs/run")
-    resume: bool = _help("continue the run in --out from its checkpoint", default=False)
-    snapshots: int = _help("keep the weights at this many evenly spaced epochs (4: 25/50/75/100%%)", default=0)
-    progress: bool = _help("progress bar within epochs", default=True)
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("optimizer", self.optimizer in ("adamw", "adam", "sgd"), "adamw, adam or sgd"),
-            ("schedule", self.schedule in ("constant", "step"), "constant or step"),
-            ("epochs", self.epochs >= 1, "a positive int"),
-            ("batch_size", self.batch_size >= 1, "a positive int"),
-            ("lr", self.lr > 0, "a positive float"),
-            ("num_clusters", self.num_clusters >= 1, "a positive int"),
-            ("snapshots", 0 <= self.snapshots <= self.epochs, f"between 0 and epochs={self.epochs}"),
-        ]
-        check_fields(self, checks)
-
-
 
 
 # -- what a run is made of -------------------------------------------------------------------------
@@ -152,9 +97,8 @@ def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
     train_index, test_index = _subset(data.train, config.train_size), _subset(data.test, config.test_size)
     clusters = None
     k = config.num_clusters
-    if supervised_norm(config.norm):
-        cache = Path(config.out).parent / "clusters"
-        clusters = prior_clusters(data, config.clusters, config.num_clusters, config.cluster_method, 0, cache)
+    if supervised_norm(config.norm):  # a dataset mixture is cached where clusters.mixture_clusters says, never beside --out
+        clusters = prior_clusters(data, config.clusters, config.num_clusters, config.cluster_method, 0)
         k = clusters.k
     torch.manual_seed(config.seed)
     norm = None if config.norm == "none" else config.norm
@@ -245,6 +189,15 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool =
             "test_precision": scores["precision"], "test_recall": scores["recall"], "test_f1": scores["f1"]}
 
 
+def _epochs_fixed(config: TrainConfig) -> Optional[str]:
+    """Why a resumed run may not change its number of epochs, or ``None`` when it may (train longer)."""
+    if config.schedule == "step":
+        return "the step schedule divides the learning rate at 50% and 75% of the epochs"
+    if config.snapshots:
+        return "the snapshots are taken at fractions of the epochs"
+    return None
+
+
 def _snapshot_epochs(config: TrainConfig) -> set[int]:
     return {round(i * config.epochs / config.snapshots) for i in range(1, config.snapshots + 1)}
 
@@ -295,8 +248,8 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
     is_main = ranks.is_main
     out = Path(config.out)
     config = speed.resolve_speed(config, device)  # config.json records what the device uses
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL | SPEED_FIELDS,
-                       ranks=ranks)
+    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, overwrite=config.overwrite,
+                       run_control=RUN_CONTROL | SPEED_FIELDS, epochs_fixed=_epochs_fixed(config), ranks=ranks)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
