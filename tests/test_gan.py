@@ -55,7 +55,8 @@ class TestModels:
             gan.GANConfig(batch_size=1)
 
 
-def test_training_writes_metrics_samples_and_a_labelled_fid(tmp_path, digits):
+def test_training_writes_metrics_samples_and_a_labelled_fid(tmp_path, digits, monkeypatch):
+    monkeypatch.setenv("CBNORM_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "ucb"
     history = gan.train_gan(gan.GANConfig(**TINY, norm="ucb", epochs=3, fid_every=2, out=str(out)), digits)
     assert [row["epoch"] for row in history] == [1, 2, 3]
@@ -71,7 +72,8 @@ def test_training_writes_metrics_samples_and_a_labelled_fid(tmp_path, digits):
     assert json.loads((out / "config.json").read_text())["fid_features"] == "random-conv"
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"generator", "discriminator", "opt_g", "opt_d", "rng", "history", "config"} <= set(state)
-    assert (tmp_path / "fid-cache" / "digits-train-24-random-conv.pt").is_file()
+    assert [p.name[:-20] for p in (tmp_path / "cache" / "fid").iterdir()] == ["digits-train-24-random-conv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ucb"]  # nothing written beside the run
     group = state["opt_g"]["param_groups"][0]
     assert group["lr"] == 2e-4 and tuple(group["betas"]) == (0.0, 0.9)
 

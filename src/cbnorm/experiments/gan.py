@@ -15,7 +15,7 @@ per-channel ``gamma``/``beta``: ``affine=True``) replaces the generator's first 
 Every ``--fid-every`` epochs and at the last epoch, the generator in eval mode (running
 statistics, as at inference) draws ``--fid-samples`` images from noise fixed by ``(seed, epoch)``;
 their FID against ``--fid-reference`` training images (a fixed random subset; its statistics are
-cached beside the run in ``../fid-cache``) goes into the metrics, and an 8 x 8 grid of samples
+cached in ``fid/`` of the cache folder, ``$CBNORM_CACHE_DIR``) goes into the metrics, and an 8 x 8 grid of samples
 from one fixed noise batch into ``samples/epoch-NNNN.png``. FID is biased upwards at small sample
 sizes: compare numbers only at equal sizes (:mod:`cbnorm.experiments.fid` has the details).
 
@@ -27,6 +27,7 @@ checkpoint atomically, so a crash loses at most one epoch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -39,6 +40,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from cbnorm import _cache
 
 from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
@@ -93,13 +96,16 @@ def reference_stats(extractor: nn.Module, features: str, split: Split, size: int
                     batch_size: int, device: torch.device, with_sqrt: bool = True) -> tuple[FeatureStats, Optional[Tensor]]:
     """Feature statistics of a fixed random subset (seed 0) of ``size`` images of ``split`` (0: all) and,
     with ``with_sqrt``, the square root of their covariance (:func:`~cbnorm.experiments.fid.psd_sqrt`);
-    cached in ``cache/<name>-<size>-<features>.pt``."""
+    cached in ``cache/<name>-<size>-<features>-<digest>.pt``, the digest that of the images themselves, so that
+    two data sets of one name never share statistics."""
     index = _subset(split, size)
-    path = cache / f"{name}-{len(index)}-{features}.pt"
+    images = split.images[index]
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+    path = cache / f"{name}-{len(index)}-{features}-{digest}.pt"
     state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
     if "stats" in state and int(state["stats"]["count"]) == len(index) and (state.get("sqrt") is not None or not with_sqrt):
         return FeatureStats.from_state_dict(state["stats"]), state.get("sqrt")
-    stats = feature_stats(extractor, split.images[index].split(batch_size), device)
+    stats = feature_stats(extractor, images.split(batch_size), device)
     sqrt = psd_sqrt(stats.mean_cov()[1]) if with_sqrt else None
     atomic_write(path, lambda f: torch.save({"stats": stats.state_dict(), "sqrt": sqrt}, f))
     return stats, sqrt
@@ -238,7 +244,7 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
                 extractor = feature_extractor(config.fid_features).to(device)
                 reference, reference_sqrt = reference_stats(
                     extractor, config.fid_features, data.train, config.fid_reference, f"{config.dataset}-train",
-                    out.parent / "fid-cache", config.eval_batch_size, device)
+                    _cache.cache_dir("fid"), config.eval_batch_size, device)
             samples = feature_stats(extractor, generate(generator, config.fid_samples, config.seed, epoch,
                                                         config.eval_batch_size, device), device)
             row[metric.key] = frechet_distance(*reference.mean_cov(), *samples.mean_cov(), cov1_sqrt=reference_sqrt)
@@ -341,7 +347,7 @@ def reproduce_dcgan(
     # that the finite sample size alone puts under every FID of the table.
     device_ = resolve_device(device)
     extractor = feature_extractor(features).to(device_)
-    cache = root / "runs" / "fid-cache"  # where the runs keep theirs
+    cache = _cache.cache_dir("fid")  # where the runs keep theirs
     reference, reference_sqrt = reference_stats(extractor, features, data.train, scale.fid_reference,
                                                 f"{dataset}-train", cache, 100, device_)
     test, _ = reference_stats(extractor, features, data.test, scale.fid_samples, f"{dataset}-test", cache, 100, device_,
