@@ -64,6 +64,7 @@ faster.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import threading
 import warnings
@@ -185,7 +186,8 @@ def logit_bounds(mean: Tensor, quad_coef: Tensor, terms: int = 1) -> tuple[Tenso
     r"""``(lo, hi)``, ``(C,)``: where every :math:`|\mathrm{quad\_coef}_k| (x - \mu_k)^2` stays below an eighth of the
     dtype's largest value, divided by ``terms`` (the logits of that many entries summed); infinite where
     ``quad_coef`` is 0. The posteriors take ``x`` clamped to it."""
-    reach = (torch.finfo(quad_coef.dtype).max / (8 * terms) / quad_coef.abs()).sqrt()
+    # the root of the room over the root of |quad_coef|: their quotient overflows where |quad_coef| < 1/8
+    reach = math.sqrt(torch.finfo(quad_coef.dtype).max / (8 * terms)) / quad_coef.abs().sqrt()
     return (mean - reach).amax(0), (mean + reach).amin(0)
 
 
@@ -198,7 +200,8 @@ def _logit_offsets(x: Tensor, mean: Tensor, quad_coef: Tensor) -> Tensor:
 def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, ``(K, N, C, L)``, one call's."""
     d, p = x - _components(mean), _logit_offsets(x, mean, quad_coef)
-    return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), p * p), dim=0)
+    # (quad_coef p) p: p * p alone overflows at the bounds where |quad_coef| < 1, as in the native kernel's fmadd
+    return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef) * p, p), dim=0)
 
 
 def _moments(t: Tensor, d: Tensor) -> Tensor:
