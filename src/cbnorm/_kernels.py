@@ -10,7 +10,7 @@ coefficients ``mean``, ``log_coef``, ``quad_coef``; the posterior of component `
 (a Gaussian log-density plus log-prior is such a quadratic, written about the mean so that nothing
 cancels), with :math:`p_k = \mathrm{clamp}(x, lo_c, hi_c) - \mu_{k,c}`: on :math:`[lo_c, hi_c]`, where
 :math:`|\mathrm{quad\_coef}_{k,c}|\,p_k^2` stays below an eighth of the dtype's largest value, :math:`p_k = d_k`;
-beyond it (float32 inputs beyond about :math:`10^{18}\sigma`) the posteriors are those at the bound, which is their
+beyond it (float32 inputs beyond about :math:`10^{19}\sigma`) the posteriors are those at the bound, which is their
 limit as :math:`|x|` grows, instead of the NaN of overflowing logits. The operators:
 
 * :func:`mixture_moments` ``(3, K, C)``: :math:`\sum_{n,l} \tau_k d_k^r` for ``r = 0, 1, 2`` -- the

@@ -5,7 +5,7 @@
 // channels-first (L contiguous) or channels-last (C contiguous). Channel c has K components with
 // coefficients (K, C):
 //     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * p_k^2,   tau = softmax_k(logit)
-// with p_k = clamp(x, lo_c, hi_c) - mean[k, c] (= d_k for any x short of ~1e18 in float): within [lo_c, hi_c]
+// with p_k = clamp(x, lo_c, hi_c) - mean[k, c] (= d_k for any x short of ~1e19 sigma in float): within [lo_c, hi_c]
 // no logit overflows, and beyond it the posteriors are those at the bound, which are their limit as |x| grows.
 // Every kernel is one pass over x that recomputes tau per entry; nothing of size K x N x C x L is
 // ever stored. With q_k = a_k + b_k d_k + c_k d_k^2 and a per-entry weight omega (1 if absent):
