@@ -175,6 +175,22 @@ class TestHugeInputs:
         y64 = layer.double()(x)
         torch.testing.assert_close(y32[:3].double(), y64[:3], rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("kernels", ["native", "eager"])
+    def test_wide_components(self, kernels, monkeypatch):
+        """Variances above 4 (|quad_coef| < 1/8): the room of the logits over |quad_coef| overflowed, so the bounds
+        were infinite and the logits NaN; and the eager twin's p * p overflowed at the bounds."""
+        monkeypatch.setenv("CBNORM_KERNELS", kernels)
+        layer = cbnorm.UCBNorm(4, 3).double()
+        layer(10 * modes(dtype=torch.float64))
+        layer.eval()
+        x = torch.tensor([[1e20] * 4, [-3e20] * 4, [1.0] * 4, [1e30] * 4], dtype=torch.float64)
+        assert (layer.running_var > 4).all()
+        x32 = x.float().requires_grad_()
+        y32 = layer.float()(x32)
+        y32.sum().backward()
+        assert torch.isfinite(y32).all() and torch.isfinite(x32.grad).all()
+        torch.testing.assert_close(y32[:3].double(), layer.double()(x)[:3], rtol=1e-5, atol=1e-5)
+
     def test_float32_gradients_with_a_prior_far_below_the_others(self):
         """A UCB-Norm(update='weight') prior logit 80 below the others: its prior, e^-80, is far below float32
         epsilon, and the gradient of (prior var)^(-1/2) overflowed to inf, then NaN."""

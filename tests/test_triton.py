@@ -267,6 +267,54 @@ def test_float64_keeps_the_other_kernels(kernels):
         torch.testing.assert_close(_kernels.mixture_moments(x, *state), _kernels._eager_moments(x, *state))
 
 
+
+# Every layer whose eval pass runs the mixture kernels (SCB-Norm: the unknown-cluster rules of one posterior per entry)
+HUGE_INPUT_LAYERS = {
+    **{name: LAYERS[name] for name in ("ucb", "ucb-weight", "mixture-norm")},
+    "ucb-weight-tiny-prior": LAYERS["ucb-weight"],
+    **{f"scb-{rule}": lambda c, k, rule=rule: cbnorm.SCBNorm(c, k, affine=True, unknown=rule)
+       for rule in ("paper", "posterior")},
+}
+
+
+def eval_step(module, x, grad, kernels):
+    """Eval forward + backward: ``[y, grad of x, grads of the parameters]`` (``None`` for one left unused)."""
+    inputs = [x.detach().clone().requires_grad_(), *module.parameters()]
+    with mock.patch.dict(os.environ, {"CBNORM_KERNELS": kernels}):
+        y = module.eval()(inputs[0])
+        return [y, *torch.autograd.grad(y, inputs, grad, allow_unused=True)]
+
+
+@pytest.mark.parametrize("layer", HUGE_INPUT_LAYERS)
+def test_huge_inputs_give_the_twins_finite_posteriors(small_tiles, layer):
+    """float32 entries of 1e20 to 1e30 among ordinary ones: past ~1e19 the squared offsets of the logits overflow,
+    so the logits take ``x`` clamped to the channel's bounds, as the twins do; the output and every gradient are
+    finite and the twin's. The last channel's components are wide, where the bounds once overflowed to infinite
+    (|quad_coef| < 1/8). ``tiny-prior``: a prior of e^-80, far below float32 epsilon, whose component's scale
+    (e^40) keeps its term finite up to ~1e20 only (at 1e30 it is inf times a posterior of 0 in every kernel)."""
+    x = activations((4, 3, 5))
+    x[:, 2] *= 10
+    module = HUGE_INPUT_LAYERS[layer](3, 3).to(DEVICE)
+    with torch.no_grad(), mock.patch.dict(os.environ, {"CBNORM_KERNELS": "eager"}):
+        for name, p in module.named_parameters():
+            p.uniform_(-0.5, 0.5) if "weight" not in name else p.uniform_(0.5, 1.5)
+        if layer.startswith("scb"):
+            module.log_var[:, 2] += 4.0
+        else:
+            module(x)  # seeds the mixture
+        if layer.endswith("tiny-prior"):
+            module.prior_logits.copy_(torch.tensor([0.0, 0.0, -80.0]))
+    largest = 1e20 if layer.endswith("tiny-prior") else 1e30
+    x[0, :, 0], x[1, :, 1], x[2, 1:, 2], x[3, 2, 3] = largest, -largest, 3e19, -1e20
+    grad = torch.randn_like(x)
+    got, twin = (eval_step(copy.deepcopy(module), x, grad, kernels) for kernels in ("triton", "eager"))
+    assert all(torch.isfinite(g).all() for g in got if g is not None)
+    for i, (g, t) in enumerate(zip(got, twin)):
+        assert (g is None) == (t is None), i
+        if g is not None:
+            torch.testing.assert_close(g, t, rtol=1e-4, atol=1e-5, msg=lambda message, i=i: f"[{i}] {message}")
+
+
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CBNORM_KERNELS")}
     environment["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environment.get("PYTHONPATH", "")])

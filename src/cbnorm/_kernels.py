@@ -10,7 +10,7 @@ coefficients ``mean``, ``log_coef``, ``quad_coef``; the posterior of component `
 (a Gaussian log-density plus log-prior is such a quadratic, written about the mean so that nothing
 cancels), with :math:`p_k = \mathrm{clamp}(x, lo_c, hi_c) - \mu_{k,c}`: on :math:`[lo_c, hi_c]`, where
 :math:`|\mathrm{quad\_coef}_{k,c}|\,p_k^2` stays below an eighth of the dtype's largest value, :math:`p_k = d_k`;
-beyond it (float32 inputs beyond about :math:`10^{18}\sigma`) the posteriors are those at the bound, which is their
+beyond it (float32 inputs beyond about :math:`10^{19}\sigma`) the posteriors are those at the bound, which is their
 limit as :math:`|x|` grows, instead of the NaN of overflowing logits. The operators:
 
 * :func:`mixture_moments` ``(3, K, C)``: :math:`\sum_{n,l} \tau_k d_k^r` for ``r = 0, 1, 2`` -- the
@@ -64,6 +64,7 @@ faster.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import threading
 import warnings
@@ -185,7 +186,8 @@ def logit_bounds(mean: Tensor, quad_coef: Tensor, terms: int = 1) -> tuple[Tenso
     r"""``(lo, hi)``, ``(C,)``: where every :math:`|\mathrm{quad\_coef}_k| (x - \mu_k)^2` stays below an eighth of the
     dtype's largest value, divided by ``terms`` (the logits of that many entries summed); infinite where
     ``quad_coef`` is 0. The posteriors take ``x`` clamped to it."""
-    reach = (torch.finfo(quad_coef.dtype).max / (8 * terms) / quad_coef.abs()).sqrt()
+    # the root of the room over the root of |quad_coef|: their quotient overflows where |quad_coef| < 1/8
+    reach = math.sqrt(torch.finfo(quad_coef.dtype).max / (8 * terms)) / quad_coef.abs().sqrt()
     return (mean - reach).amax(0), (mean + reach).amin(0)
 
 
@@ -198,7 +200,8 @@ def _logit_offsets(x: Tensor, mean: Tensor, quad_coef: Tensor) -> Tensor:
 def _posteriors(x: Tensor, mean: Tensor, log_coef: Tensor, quad_coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``d = x - mean``, the logits' offsets ``p`` and the posteriors ``tau``, ``(K, N, C, L)``, one call's."""
     d, p = x - _components(mean), _logit_offsets(x, mean, quad_coef)
-    return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef), p * p), dim=0)
+    # (quad_coef p) p: p * p alone overflows at the bounds where |quad_coef| < 1, as in the native kernel's fmadd
+    return d, p, torch.softmax(torch.addcmul(_components(log_coef), _components(quad_coef) * p, p), dim=0)
 
 
 def _moments(t: Tensor, d: Tensor) -> Tensor:

@@ -241,7 +241,7 @@ def _component_logits(
     clamped = x.clamp(lo[:, None], hi[:, None])
     for mu, lc, lw in zip(_each_component(mean), _each_component(log_coef), _each_component(quad_coef)):
         p = clamped - mu
-        yield x - mu, torch.addcmul(lc, lw, p * p)
+        yield x - mu, torch.addcmul(lc, lw * p, p)  # p * p alone may overflow at the bounds
 
 
 def _map_transform(x: Tensor, mean: Tensor, logits: tuple[Tensor, Tensor], scale: Tensor) -> Tensor:

@@ -10,13 +10,16 @@ fixed order: no atomics, and the same input gives the same bits on every run.
 
 Components are a tile axis of ``BLOCK_K`` (the next power of two of ``K``), masked beyond ``K``:
 each entry's ``K`` logits, their maximum and the exponentials are computed once per pass, as the
-native CPU kernels do (``csrc/kernels.cpp``), and none of it outlives the tile.
+native CPU kernels do (``csrc/kernels.cpp``), and none of it outlives the tile. The logits take the
+offsets ``p = clamp(x, lo, hi) - mean`` with the channel's bounds of :func:`cbnorm._kernels.logit_bounds`,
+computed by each program from the coefficients it loads: every finite input gives finite posteriors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -24,6 +27,11 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: the kernels may read it
+# The logits take |quad_coef| p^2 up to an eighth of float32's largest value (cbnorm._kernels.logit_bounds):
+# |p| up to ROOT_LOGIT_ROOM / sqrt(|quad_coef|). exp2 of what is below MIN_EXPONENT, a subnormal, is 0 (as in the
+# native kernel), so that the posteriors of entries beyond the bounds are exactly one-hot.
+ROOT_LOGIT_ROOM = tl.constexpr(math.sqrt(torch.finfo(torch.float32).max / 8))
+MIN_EXPONENT = tl.constexpr(-126.0)
 
 # Components x entries in one tile, and the warps that hold it: 8 values per thread per tile-sized
 # temporary, of which the backward pass keeps about a dozen live.
@@ -159,31 +167,37 @@ def load_components(pointer, channel, C, K: tl.constexpr, BLOCK_K: tl.constexpr)
 @triton.jit
 def channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K: tl.constexpr, BLOCK_K: tl.constexpr,
                     COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """``(channel, mean, log2_coef, quad_coef)``: the group's channels ``[COLS]`` and their components'
-    coefficients ``[BLOCK_K, 1, COLS]``, ``log_coef`` in base 2 (times log2(e)) for ``exp2``."""
+    """``(channel, mean, log2_coef, quad_coef, lo, hi)``: the group's channels ``[COLS]``, their components'
+    coefficients ``[BLOCK_K, 1, COLS]``, ``log_coef`` in base 2 (times log2(e)) for ``exp2``, and the bounds
+    ``[1, COLS]`` that ``x`` is clamped to in the logits: where every ``|quad_coef_k| (x - mean_k)^2`` stays
+    below an eighth of float32's largest value, infinite where ``quad_coef`` is 0 (components past ``K`` included)."""
     channel = tile_channels(group, COLS, CHANNELS_LAST)
     mean = load_components(mean_ptr, channel, C, K, BLOCK_K)
     log2_coef = load_components(log_coef_ptr, channel, C, K, BLOCK_K) * LOG2E
     quad_coef = load_components(quad_coef_ptr, channel, C, K, BLOCK_K)
-    return channel, mean, log2_coef, quad_coef
+    curved = quad_coef != 0.0
+    reach = tl.where(curved, tl.rsqrt(tl.where(curved, tl.abs(quad_coef), 1.0)) * ROOT_LOGIT_ROOM, float("inf"))
+    return channel, mean, log2_coef, quad_coef, tl.max(mean - reach, axis=0), tl.min(mean + reach, axis=0)
 
 
 @triton.jit
-def tile_posteriors(x_ptr, tile, group, C, L, positions, mean, log2_coef, quad_coef, K: tl.constexpr,
+def tile_posteriors(x_ptr, tile, group, C, L, positions, mean, log2_coef, quad_coef, lo, hi, K: tl.constexpr,
                     BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                     WIDE: tl.constexpr):
-    """``(offsets, mask, d, e, inverse)`` of tile ``tile``: its ``[ROWS, COLS]`` entries' offsets and mask,
-    ``d = x - mean`` and ``e = tau * total``, ``[BLOCK_K, ROWS, COLS]``, and ``inverse = 1 / total``,
-    ``[ROWS, COLS]``, zero on masked entries. Components past ``K`` get ``e = 0``."""
+    """``(offsets, mask, d, p, e, inverse)`` of tile ``tile``: its ``[ROWS, COLS]`` entries' offsets and mask,
+    ``d = x - mean``, the logits' offsets ``p = clamp(x, lo, hi) - mean`` and ``e = tau * total``,
+    ``[BLOCK_K, ROWS, COLS]``, and ``inverse = 1 / total``, ``[ROWS, COLS]``, zero on masked entries.
+    Components past ``K`` get ``e = 0``."""
     offsets, mask = tile_offsets(tile, group, C, L, positions, ROWS, COLS, CHANNELS_LAST, WIDE)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     present = tl.arange(0, BLOCK_K)[:, None, None] < K
     d = x[None, :, :] - mean
-    logit = tl.where(present, log2_coef + (quad_coef * LOG2E) * d * d, float("-inf"))
-    top = tl.max(logit, axis=0)
-    e = tl.exp2(logit - top[None, :, :])
+    p = tl.minimum(tl.maximum(x, lo), hi)[None, :, :] - mean
+    logit = tl.where(present, log2_coef + (quad_coef * LOG2E) * p * p, float("-inf"))
+    exponent = logit - tl.max(logit, axis=0)[None, :, :]
+    e = tl.where(exponent < MIN_EXPONENT, 0.0, tl.exp2(exponent))
     inverse = tl.where(mask, 1.0 / tl.sum(e, axis=0), 0.0)
-    return offsets, mask, d, e, inverse
+    return offsets, mask, d, p, e, inverse
 
 
 @triton.jit

@@ -4,7 +4,8 @@ With :math:`q_k = a_k + b_k d_k + c_k d_k^2` and a per-entry weight :math:`\omeg
 
 * :func:`mixture_transform_backward`: the input gradient
   :math:`\omega \sum_k (\tau_k q_k' + u_k \ell_k')`, :math:`u_k = \tau_k (q_k - \sum_j \tau_j q_j)`,
-  and the sums :math:`\sum \omega \tau_k d_k^{0,1}` and :math:`\sum \omega u_k d_k^{0,1,2}`, any subset
+  :math:`\ell_k' = 2\,\mathrm{quad\_coef}_k\, p_k` (0 beyond the logits' bounds, where :math:`p_k` is constant),
+  and the sums :math:`\sum \omega \tau_k d_k^{0,1}` and :math:`\sum \omega u_k p_k^{0,1,2}`, any subset
   (``grad_x=False`` with only the former: the pass of the fused training backward that only reduces);
 * :func:`mixture_normalize_backward`: the whole input gradient of a transform ``(wa, wb)`` whose
   coefficients depend on the moments of ``x`` -- the same product with per-entry
@@ -44,8 +45,8 @@ def _vjp_kernel(
     GRAD: tl.constexpr, TAU_MOMENTS: tl.constexpr, U_MOMENTS: tl.constexpr,
 ):
     group, split = tl.program_id(0), tl.program_id(1)
-    channel, mean, log2_coef, quad_coef = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K, BLOCK_K,
-                                                          COLS, CHANNELS_LAST)
+    channel, mean, log2_coef, quad_coef, lo, hi = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K,
+                                                                  BLOCK_K, COLS, CHANNELS_LAST)
     a = load_components(a_ptr, channel, C, K, BLOCK_K)
     b = load_components(b_ptr, channel, C, K, BLOCK_K)
     if HAS_C:
@@ -61,9 +62,9 @@ def _vjp_kernel(
     u_1 = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     u_2 = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     for i in range(tiles_per_program):
-        offsets, mask, d, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L, positions,
-                                                       mean, log2_coef, quad_coef, K, BLOCK_K, ROWS, COLS,
-                                                       CHANNELS_LAST, WIDE)
+        offsets, mask, d, p, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L,
+                                                          positions, mean, log2_coef, quad_coef, lo, hi, K, BLOCK_K,
+                                                          ROWS, COLS, CHANNELS_LAST, WIDE)
         weight = inverse
         if HAS_OMEGA:
             omega = tl.load(omega_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -91,14 +92,14 @@ def _vjp_kernel(
                     dq = slope + 2.0 * c * d
                 else:
                     dq = slope
-                grad = tl.sum(e * dq + eu * (2.0 * quad_coef * d), axis=0) * weight
+                grad = tl.sum(e * dq + eu * (2.0 * quad_coef * p), axis=0) * weight
                 tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             if U_MOMENTS:
                 u = weight[None, :, :] * eu
-                u_d = u * d
+                u_p = u * p
                 u_0 += u
-                u_1 += u_d
-                u_2 += u_d * d
+                u_1 += u_p
+                u_2 += u_p * p
     if TAU_MOMENTS:
         store_sums(partial_ptr, tau_0, 0, num_rows, split, group, channel, C, K, BLOCK_K, CHANNELS_LAST)
         store_sums(partial_ptr, tau_1, 1, num_rows, split, group, channel, C, K, BLOCK_K, CHANNELS_LAST)

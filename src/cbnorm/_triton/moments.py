@@ -18,15 +18,15 @@ def _moments_kernel(
     CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
 ):
     group, split = tl.program_id(0), tl.program_id(1)
-    channel, mean, log2_coef, quad_coef = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K, BLOCK_K,
-                                                          COLS, CHANNELS_LAST)
+    channel, mean, log2_coef, quad_coef, lo, hi = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K,
+                                                                  BLOCK_K, COLS, CHANNELS_LAST)
     mass = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     first = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     second = tl.zeros([BLOCK_K, ROWS, COLS], tl.float32)
     for i in range(tiles_per_program):
-        _, _, d, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L, positions,
-                                              mean, log2_coef, quad_coef, K, BLOCK_K, ROWS, COLS,
-                                              CHANNELS_LAST, WIDE)
+        _, _, d, _, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L, positions,
+                                                 mean, log2_coef, quad_coef, lo, hi, K, BLOCK_K, ROWS, COLS,
+                                                 CHANNELS_LAST, WIDE)
         tau = e * inverse[None, :, :]
         tau_d = tau * d
         mass += tau

@@ -18,14 +18,14 @@ def _transform_kernel(
     CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr,
 ):
     group, split = tl.program_id(0), tl.program_id(1)
-    channel, mean, log2_coef, quad_coef = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K, BLOCK_K,
-                                                          COLS, CHANNELS_LAST)
+    channel, mean, log2_coef, quad_coef, lo, hi = channel_mixture(mean_ptr, log_coef_ptr, quad_coef_ptr, group, C, K,
+                                                                  BLOCK_K, COLS, CHANNELS_LAST)
     a = load_components(a_ptr, channel, C, K, BLOCK_K)
     b = load_components(b_ptr, channel, C, K, BLOCK_K)
     for i in range(tiles_per_program):
-        offsets, mask, d, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L, positions,
-                                                       mean, log2_coef, quad_coef, K, BLOCK_K, ROWS, COLS,
-                                                       CHANNELS_LAST, WIDE)
+        offsets, mask, d, _, e, inverse = tile_posteriors(x_ptr, split * tiles_per_program + i, group, C, L,
+                                                          positions, mean, log2_coef, quad_coef, lo, hi, K, BLOCK_K,
+                                                          ROWS, COLS, CHANNELS_LAST, WIDE)
         y = tl.sum(e * (a + b * d), axis=0) * inverse
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -5,7 +5,7 @@
 // channels-first (L contiguous) or channels-last (C contiguous). Channel c has K components with
 // coefficients (K, C):
 //     d_k = x - mean[k, c],   logit_k = log_coef[k, c] + quad_coef[k, c] * p_k^2,   tau = softmax_k(logit)
-// with p_k = clamp(x, lo_c, hi_c) - mean[k, c] (= d_k for any x short of ~1e18 in float): within [lo_c, hi_c]
+// with p_k = clamp(x, lo_c, hi_c) - mean[k, c] (= d_k for any x short of ~1e19 sigma in float): within [lo_c, hi_c]
 // no logit overflows, and beyond it the posteriors are those at the bound, which are their limit as |x| grows.
 // Every kernel is one pass over x that recomputes tau per entry; nothing of size K x N x C x L is
 // ever stored. With q_k = a_k + b_k d_k + c_k d_k^2 and a per-entry weight omega (1 if absent):
@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 
@@ -66,10 +67,11 @@ struct Lanes {
   void derive(int64_t K, bool has_c) {
     quadratic = has_c;
     // [lo, hi]: where |quad_coef_k| (x - mean_k)^2 stays below max / 8 for every k (infinite where quad_coef is 0)
-    const Vec room(std::numeric_limits<T>::max() / T(8));
+    // (the root of the room over the root of |quad_coef|: their quotient overflows where |quad_coef| < 1/8)
+    const Vec root_room(std::sqrt(std::numeric_limits<T>::max() / T(8)));
     Vec lo, hi;
     for (int64_t k = 0; k < K; ++k) {
-      const Vec reach = (room / quad_coef[k].abs()).sqrt();
+      const Vec reach = root_room / quad_coef[k].abs().sqrt();
       lo = k == 0 ? mean[k] - reach : at::vec::maximum(lo, mean[k] - reach);
       hi = k == 0 ? mean[k] + reach : at::vec::minimum(hi, mean[k] + reach);
     }
