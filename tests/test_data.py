@@ -16,8 +16,7 @@ import torch
 from cbnorm.experiments import clusters, data
 from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import DATASETS, DataError, Loader, Split, load_dataset
-
-from formats import write_cifar10_pickles, write_cifar100, write_mnist_like, write_svhn, write_tiny_imagenet
+from tests.formats import write_cifar10_pickles, write_cifar100, write_mnist_like, write_svhn, write_tiny_imagenet
 
 
 @pytest.fixture(scope="session")

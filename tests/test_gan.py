@@ -10,8 +10,7 @@ from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.models.dcgan import Discriminator, Generator
-
-from utils import kill_and_resume
+from tests.utils import kill_and_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,6 @@ import signal
 
 import pytest
 import torch
-from utils import without_time
 
 from cbnorm.experiments import reproduce as rep
 from cbnorm.experiments import speed
@@ -17,6 +16,7 @@ from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.parallel import ProgressDisplay, RunState, run_parallel
 from cbnorm.experiments.planner import BudgetError, plan_runs
 from cbnorm.experiments.train import TrainConfig, train
+from tests.utils import without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import cbnorm
 from cbnorm import _kernels, _native
 from cbnorm import _reference as R
 from cbnorm import functional as F
-from utils import compiled
+from tests.utils import compiled
 
 
 @pytest.fixture(params=["native", "eager"])

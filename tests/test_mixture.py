@@ -7,9 +7,9 @@ import torch
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import cbnorm
-import reference as ref
 from cbnorm.mixture import GaussianMixture, fit_mixture_1d, init_mixture_1d, kmeans, kmeans_plusplus_1d
-from utils import to_numpy
+from tests import reference as ref
+from tests.utils import to_numpy
 
 
 def blobs(n, weights, means, stds, seed=0):

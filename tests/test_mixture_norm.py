@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 import cbnorm
-import reference as ref
 from cbnorm import functional as F
 from cbnorm.mixture import channel_samples, fit_mixture_1d
-from utils import compiled, roundtrip, to_numpy
+from tests import reference as ref
+from tests.utils import compiled, roundtrip, to_numpy
 
 
 def bimodal(n=24, c=4, l=6, dtype=torch.float64):

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import cbnorm
-import reference as ref
 from cbnorm import functional as F
-from utils import compiled, roundtrip, to_numpy
+from tests import reference as ref
+from tests.utils import compiled, roundtrip, to_numpy
 
 
 def trained_scb(num_features=4, num_clusters=3, **kwargs):

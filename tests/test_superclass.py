@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 import cbnorm
-from cbnorm.experiments import clusters, superclass as sc
+from cbnorm.experiments import clusters
+from cbnorm.experiments import superclass as sc
 from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import CIFAR10_COARSE, DataError, load_dataset
 from cbnorm.experiments.metrics import confusion_matrix, macro_scores, read_metrics
 from cbnorm.experiments.models import OxfordCNN, ViT, ViTConfig, build_model
 from cbnorm.experiments.plots import pca_figure, principal_components
 from cbnorm.experiments.train import TrainConfig, _optimizer, train
-
-from formats import write_cifar10_pickles, write_oxford_pet
+from tests.formats import write_cifar10_pickles, write_oxford_pet
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -89,8 +89,8 @@ def test_every_epoch_has_the_test_sets_macro_scores(tmp_path):
     row = train(config, digits)[-1]
     model = build_model("shallow_cnn", 10, 1, "batchnorm")
     model.load_state_dict(torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"])
-    from cbnorm.experiments.train import setup
     from cbnorm.experiments.data import Loader
+    from cbnorm.experiments.train import setup
 
     run = setup(config, digits)
     images, labels, _ = next(Loader(run.test, 200, run.mean, run.std).epoch())

@@ -15,8 +15,7 @@ from cbnorm.experiments import clusters
 from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import COLUMNS, at_fraction, format_header, format_row, mean_std, read_metrics
 from cbnorm.experiments.train import TrainConfig, norm_kwargs, setup, train
-
-from utils import kill_and_resume, without_time
+from tests.utils import kill_and_resume, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
