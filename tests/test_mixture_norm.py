@@ -10,10 +10,10 @@ from tests import reference as ref
 from tests.utils import compiled, roundtrip, to_numpy
 
 
-def bimodal(n=24, c=4, l=6, dtype=torch.float64):
+def bimodal(n=24, c=4, length=6, dtype=torch.float64):
     """Activations with two modes per channel, of different weights and spreads per channel."""
-    low = torch.rand(n, c, l) < torch.linspace(0.3, 0.6, c)[:, None]
-    x = torch.where(low, -2.0 + 0.4 * torch.randn(n, c, l), 1.5 + 0.8 * torch.randn(n, c, l))
+    low = torch.rand(n, c, length) < torch.linspace(0.3, 0.6, c)[:, None]
+    x = torch.where(low, -2.0 + 0.4 * torch.randn(n, c, length), 1.5 + 0.8 * torch.randn(n, c, length))
     return x.to(dtype)
 
 

@@ -16,10 +16,10 @@ def mixture_state(num_features=4, num_components=3, dtype=torch.float64):
     return prior, mean, var
 
 
-def bimodal(n=32, c=4, l=6, dtype=torch.float64):
+def bimodal(n=32, c=4, length=6, dtype=torch.float64):
     """Activations with two well-separated modes per channel."""
-    modes = torch.where(torch.rand(n, c, l) < 0.4, -2.0, 2.0)
-    return (modes + 0.5 * torch.randn(n, c, l)).to(dtype)
+    modes = torch.where(torch.rand(n, c, length) < 0.4, -2.0, 2.0)
+    return (modes + 0.5 * torch.randn(n, c, length)).to(dtype)
 
 
 def ucb_with_state(*state, **kwargs):

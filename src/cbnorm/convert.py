@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._base import _RunningMixtureNorm
 from .distributed import GlobalSums, all_reduce_sum, sync_active
 from .factory import NormLayer, create_norm_layer, norm_layer_info
-from ._base import _RunningMixtureNorm
 
 __all__ = ["SyncBatchNorm", "convert_batchnorm", "convert_sync_cbnorm"]
 
