@@ -21,12 +21,12 @@ from unittest import mock
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 import cbnorm
 from cbnorm import _kernels, _reference
 from cbnorm import functional as F
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 pytest.importorskip("triton")
 # cbnorm._triton imports Triton, so it is imported once Triton is known to be there.
 _triton = importlib.import_module("cbnorm._triton")
