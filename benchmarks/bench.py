@@ -135,7 +135,9 @@ def measure(name: str, layer: Layer, shape, k: int, repeats: int) -> list[dict]:
             for step in steps.values():  # warm up (UCB-Norm seeds its mixture on the first training batch)
                 step(), step()
             ms = median_ms(steps, repeats, x)
-            row = dict(layer=name, shape=shape, k=k, mode=mode, ms=ms["layer"], bn_ms=ms["bn"], ratio=ms["layer"] / ms["bn"])
+            row = dict(
+                layer=name, shape=shape, k=k, mode=mode, ms=ms["layer"], bn_ms=ms["bn"], ratio=ms["layer"] / ms["bn"]
+            )
             if mode == "train":
                 size = x.numel() * x.element_size()
                 row["memory"] = peak_extra_bytes(steps["layer"], x) / size
@@ -169,7 +171,9 @@ def targets(rows: list[dict], cnn: dict) -> list[tuple[str, float, float]]:
     """(target, measured, limit) for every target of issue 6."""
 
     def row(layer, mode, k=3):
-        return next(r for r in rows if r["layer"] == layer and r["mode"] == mode and r["k"] == k and r["shape"] == HEADLINE[0])
+        return next(
+            r for r in rows if r["layer"] == layer and r["mode"] == mode and r["k"] == k and r["shape"] == HEADLINE[0]
+        )
 
     checks = [
         ("UCBNorm(128, 3) train vs BatchNorm2d", row("UCBNorm", "train")["ratio"], 3.0),

@@ -38,7 +38,9 @@ def main(source: Path, target: Path, scale: str = "small") -> None:
     root = source / "dcgan-cifar10" / scale
     summary, runs = json.loads((root / "summary.json").read_text()), histories(root)
     seeds, epochs = summary["scale"]["seeds"], summary["scale"]["epochs"]
-    lines = {label: [runs[f"{norm}-seed{s}"] for s in seeds if f"{norm}-seed{s}" in runs] for label, norm in gan.GAN_NORMS}
+    lines = {
+        label: [runs[f"{norm}-seed{s}"] for s in seeds if f"{norm}-seed{s}" in runs] for label, norm in gan.GAN_NORMS
+    }
     grids = {label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{epochs:04d}.png"
              for label, norm in gan.GAN_NORMS for s in reversed(seeds) if f"{norm}-seed{s}" in runs}
     gan.dcgan_figures(target / root.relative_to(source), lines, Metric(**summary["metric"]), grids,

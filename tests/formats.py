@@ -42,8 +42,14 @@ def write_cifar100(folder: Path, train: int = 12, test: int = 6, rng=None) -> di
         fine = rng.integers(0, 100, n)
         coarse = fine // 5  # any fixed fine -> coarse map
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        _pickle(base / name, {b"filenames": [b"x.png"] * n, b"batch_label": name.encode(), b"fine_labels": fine.tolist(),
-                              b"coarse_labels": coarse.tolist(), b"data": data})
+        batch = {
+            b"filenames": [b"x.png"] * n,
+            b"batch_label": name.encode(),
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": coarse.tolist(),
+            b"data": data,
+        }
+        _pickle(base / name, batch)
         written[name] = (data, fine, coarse)
     _pickle(base / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
                             "coarse_label_names": [f"coarse{i}" for i in range(20)]})

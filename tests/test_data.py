@@ -206,7 +206,10 @@ class TestLoader:
         assert len(a) == 3 and [len(y) for _, y, _ in a.epoch(0)] == [4, 4, 2]
 
     def test_ranks_share_each_global_batch(self):
-        """batch_size is the global batch: the ranks' shares of a step, augmentation included, are the one-process batch."""
+        """batch_size is the global batch.
+
+        The ranks' shares of a step, augmentation included, are the one-process batch.
+        """
         def loader(rank=0, world_size=1, train=True):
             return Loader(split(), 4, *self.stats, train=train, flip=True, crop_padding=1, cluster_ids=torch.arange(10),
                           seed=2, rank=rank, world_size=world_size)
@@ -298,7 +301,8 @@ class TestDownload:
         assert list(root.iterdir()) == []  # no file, no empty folder, no temporary folder
 
     def test_unreachable(self, tmp_path, monkeypatch):
-        spec = dataclasses.replace(DATASETS["svhn"], sources=(data.Source("http://127.0.0.1:9/train_32x32.mat", "md5:0"),))
+        unreachable = data.Source("http://127.0.0.1:9/train_32x32.mat", "md5:0")
+        spec = dataclasses.replace(DATASETS["svhn"], sources=(unreachable,))
         monkeypatch.setitem(DATASETS, "svhn", spec)
         with pytest.raises(DataError, match=r"could not download http://127.0.0.1:9/train_32x32.mat"):
             data.download("svhn", tmp_path, progress=False)

@@ -39,7 +39,9 @@ def _mixed(generator, *shape, dtype=torch.float32):
 def _steps(sizes: list[tuple[int, ...]], rest: tuple[int, ...], dtype=torch.float32, seed=1):
     """Global batches and upstream gradients, one per step, with the ranks' batch sizes of each step."""
     g = torch.Generator().manual_seed(seed)
-    return [(_mixed(g, sum(s), *rest, dtype=dtype), torch.randn(sum(s), *rest, generator=g).to(dtype), s) for s in sizes]
+    return [
+        (_mixed(g, sum(s), *rest, dtype=dtype), torch.randn(sum(s), *rest, generator=g).to(dtype), s) for s in sizes
+    ]
 
 
 def _shard(t, sizes, rank, world):
@@ -255,12 +257,16 @@ def _assert_matches(got: list[dict], want: dict, what: str, tol: dict = TOL) -> 
     parameter gradients summed, state and eval output on every rank."""
     TOL = tol
     for step, y in enumerate(want["y"]):
-        torch.testing.assert_close(torch.cat([g["y"][step] for g in got]), y, **TOL, msg=lambda m, w=f"{what} y step {step}": f"{w}: {m}")
+        torch.testing.assert_close(
+            torch.cat([g["y"][step] for g in got]), y, **TOL, msg=lambda m, w=f"{what} y step {step}": f"{w}: {m}"
+        )
         torch.testing.assert_close(torch.cat([g["x_grad"][step] for g in got]), want["x_grad"][step], **TOL,
                                    msg=lambda m, w=f"{what} input grad step {step}": f"{w}: {m}")
         for name, grad in want["param_grad"][step].items():
             total = sum(g["param_grad"][step][name] for g in got)
-            torch.testing.assert_close(total, grad, **TOL, msg=lambda m, w=f"{what} grad of {name} step {step}": f"{w}: {m}")
+            torch.testing.assert_close(
+                total, grad, **TOL, msg=lambda m, w=f"{what} grad of {name} step {step}": f"{w}: {m}"
+            )
     for g in got:
         assert g["state"].keys() == want["state"].keys()
         for name, value in want["state"].items():

@@ -68,7 +68,8 @@ class TestRegistryMetadata:
         five = functools.partial(cbnorm.SCBNorm, num_clusters=5)
         assert cbnorm.norm_layer_info(Tuned) == (Tuned, "num_components", False)
         assert cbnorm.norm_layer_info(five) == (five, "num_clusters", True)
-        assert cbnorm.create_norm_layer(five, 6, k=2).num_clusters == 2  # k wins over the partial's, as a call's keyword does
+        # k wins over the partial's, as a call's keyword does
+        assert cbnorm.create_norm_layer(five, 6, k=2).num_clusters == 2
         assert cbnorm.norm_layer_info(nn.GroupNorm) == (nn.GroupNorm, None, False)  # unknown: declares nothing
         with pytest.raises(ValueError, match=r"nn.modules.normalization.GroupNorm'> declares no K, got k=2"):
             cbnorm.create_norm_layer(nn.GroupNorm, 6, k=2)
@@ -138,5 +139,6 @@ class TestConvertBatchnorm:
         assert isinstance(cbnorm.convert_batchnorm(nn.BatchNorm2d(4), "ucb"), cbnorm.UCBNorm)
 
     def test_unknown_names(self):
-        with pytest.raises(ValueError, match=r"\['2'\] are not BatchNorm layers of the model; its BatchNorm layers are \['1', '4'\]"):
+        message = r"\['2'\] are not BatchNorm layers of the model; its BatchNorm layers are \['1', '4'\]"
+        with pytest.raises(ValueError, match=message):
             cbnorm.convert_batchnorm(small_net(), "ucb", only=["2"])

@@ -150,7 +150,8 @@ def test_the_installed_inception_weights(data_root):
     # norm has no gamma but a mean and a variance (here parameters), one more value per BN channel (17,216)
     assert print_["parameters"] == 27_161_264 - 3_326_696 - 2_049_000 + 17_216 == 21_802_784
     assert print_["parameter_fields"] == ["beta", "mean", "var", "weight"]
-    assert print_["blocks"] == ["conv", "mixed", "conv_1", "conv_2", "conv_3", "conv_4"] + [f"mixed_{i}" for i in range(1, 11)]
+    blocks = ["conv", "mixed", "conv_1", "conv_2", "conv_3", "conv_4"] + [f"mixed_{i}" for i in range(1, 11)]
+    assert print_["blocks"] == blocks
     images = load_dataset("cifar10", data_root).test.images[:16]
     noise = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     features = extractor(torch.cat([images, noise])).double()

@@ -64,7 +64,9 @@ def test_training_writes_metrics_samples_and_a_labelled_fid(tmp_path, digits, mo
     assert all(0 <= row["d_real"] <= 1 and row["loss_d"] > 0 for row in history) and history[1]["fid_star"] > 0
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["epoch", "loss_d", "loss_g", "d_real", "d_fake", "fid_star", "lr", "seconds", "fid_seconds"]
+    assert list(rows[0]) == [
+        "epoch", "loss_d", "loss_g", "d_real", "d_fake", "fid_star", "lr", "seconds", "fid_seconds"
+    ]
     assert rows[0]["fid_star"] == "" and float(rows[2]["fid_star"]) == history[2]["fid_star"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch-0002.png", "epoch-0003.png"]
     assert (out / "samples" / "epoch-0003.png").read_bytes()[:8] == PNG

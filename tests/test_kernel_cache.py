@@ -118,7 +118,8 @@ class TestBadFile:
     @pytest.mark.parametrize("rebuild", ["succeeds", "fails"])
     def test_is_rebuilt_or_falls_back(self, cache, real_library, tmp_path, monkeypatch, damage, rebuild):
         broken = tmp_path / "broken"
-        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, f'[ -e "{broken}" ] && exit 1; cp "{real_library}" "$out"')))
+        compiler = fake_compiler(tmp_path, f'[ -e "{broken}" ] && exit 1; cp "{real_library}" "$out"')
+        monkeypatch.setenv("CXX", str(compiler))
         target = _native.build()  # a verified library and its manifest, as a build leaves them
         if damage == "truncated":  # a build killed while writing, or a full disk
             target.write_bytes(real_library.read_bytes()[:100_000])
@@ -193,7 +194,8 @@ class TestBuild:
 
     def test_killed_build_leaves_no_scratch(self, cache, tmp_path, monkeypatch):
         started = tmp_path / "compiler-pid"
-        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, f'echo partial > "$out"; echo $$ > "{started}"; exec sleep 60')))
+        compiler = fake_compiler(tmp_path, f'echo partial > "$out"; echo $$ > "{started}"; exec sleep 60')
+        monkeypatch.setenv("CXX", str(compiler))
         process = subprocess.Popen([sys.executable, "-c", "from cbnorm import _native; _native.native_ops()"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(started, process)
@@ -233,7 +235,8 @@ class TestBuild:
         assert stderr.count("cbnorm: building the native CPU kernels into") == 1
         assert stderr.count("cbnorm: waiting for another process building the native CPU kernels in") == 1
         target = _native.library_path()
-        assert sorted(path.name for path in target.parent.iterdir()) == sorted([".lock", target.name, target.name + ".json"])
+        written = sorted(path.name for path in target.parent.iterdir())
+        assert written == sorted([".lock", target.name, target.name + ".json"])
         assert _native.status() == (True, f"{target} verifies")
 
 
@@ -255,7 +258,8 @@ class TestCommands:
         assert kernels.main(["build"]) == 0
         assert capsys.readouterr().out == "CBNORM_KERNELS=eager: the pure-PyTorch kernels run, nothing to build\n"
         monkeypatch.setenv("CBNORM_KERNELS", "auto")
-        monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "echo 'kernels.cpp:1: error: boom' >&2; exit 1", "failing-c++")))
+        compiler = fake_compiler(tmp_path, "echo 'kernels.cpp:1: error: boom' >&2; exit 1", "failing-c++")
+        monkeypatch.setenv("CXX", str(compiler))
         assert kernels.main(["build"]) == 1
         failed = capsys.readouterr().err
         assert failed.endswith(f"\npython -m cbnorm.kernels build: compiling {_native.library_path()} failed (exit "
@@ -272,7 +276,10 @@ class TestCommands:
         assert info.returncode == 0, info.stderr
         assert f"CBNORM_CACHE_DIR      {cache} (from $CBNORM_CACHE_DIR)\n" in info.stdout
         assert f"native library        {target}\n" in info.stdout
-        assert "no: not built yet: builds at the first call, or now with `python -m cbnorm.kernels build`\n" in info.stdout
+        assert (
+            "no: not built yet: builds at the first call, or now with `python -m cbnorm.kernels build`\n"
+            in info.stdout
+        )
         assert "mixture_moments             eager\n" in info.stdout
 
         _native.build()

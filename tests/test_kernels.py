@@ -38,7 +38,8 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol
 def mixture(num_components=3, channels=5, per_channel_prior=False, dtype=torch.float64):
     shape = (num_components, channels) if per_channel_prior else (num_components,)
     prior = torch.softmax(torch.randn(shape, dtype=dtype), 0)
-    mean = torch.linspace(-2, 2, num_components, dtype=dtype).unsqueeze(1) + 0.3 * torch.randn(num_components, channels, dtype=dtype)
+    centres = torch.linspace(-2, 2, num_components, dtype=dtype).unsqueeze(1)
+    mean = centres + 0.3 * torch.randn(num_components, channels, dtype=dtype)
     var = torch.rand(num_components, channels, dtype=dtype) + 0.2
     return prior, mean, var
 
@@ -212,7 +213,10 @@ def test_custom_operators_pass_opcheck(kernels, layout):
     cases = [
         (_kernels._moments_op, (x.requires_grad_(), *coefficients[:3])),
         (_kernels._transform_op, (x, *coefficients)),
-        (_kernels._transform_backward_op, (x.detach(), grad, *[t.detach() for t in coefficients], None, True, True, True)),
+        (
+            _kernels._transform_backward_op,
+            (x.detach(), grad, *[t.detach() for t in coefficients], None, True, True, True),
+        ),
         (_kernels._scale_shift_op, (x, scale, shift)),
         (_kernels._scale_shift_backward_op, (x.detach(), grad, scale.detach())),
         (_kernels._snapshot_op, (coefficients[:3],)),
@@ -374,5 +378,6 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="CBNORM_KERNELS=native"):
         _native.native_ops()
     monkeypatch.setenv("CBNORM_KERNELS", "fast")
-    with pytest.raises(ValueError, match=r"CBNORM_KERNELS must be one of \('auto', 'native', 'eager', 'triton'\), got 'fast'"):
+    message = r"CBNORM_KERNELS must be one of \('auto', 'native', 'eager', 'triton'\), got 'fast'"
+    with pytest.raises(ValueError, match=message):
         _native.native_ops()

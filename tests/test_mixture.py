@@ -139,9 +139,18 @@ class TestFitMixture1d:
     @pytest.mark.parametrize(
         "x,kwargs,match",
         [
-            (torch.randn(10), {}, r"fit_mixture_1d: expected a floating-point \(C, M\) tensor with M > 0, got torch.float32 of shape \(10,\)"),
+            (
+                torch.randn(10),
+                {},
+                r"fit_mixture_1d: expected a floating-point \(C, M\) tensor with M > 0, "
+                r"got torch.float32 of shape \(10,\)",
+            ),
             (torch.zeros(3, 0), {}, r"got torch.float32 of shape \(3, 0\)"),
-            (torch.randn(3, 8), {"init": start_1d(2, 2)}, r"expected init \(prior, mean, var\) of shape \(2, 3\) each, got \[\(2, 2\)"),
+            (
+                torch.randn(3, 8),
+                {"init": start_1d(2, 2)},
+                r"expected init \(prior, mean, var\) of shape \(2, 3\) each, got \[\(2, 2\)",
+            ),
         ],
     )
     def test_bad_arguments(self, x, kwargs, match):
@@ -191,7 +200,8 @@ class TestGaussianMixture:
     def test_means_init_alone(self):
         x, _ = blobs(600, [0.5, 0.5], [[-3.0, 0.0], [3.0, 1.0]], [[1.0, 1.0], [0.5, 2.0]])
         ours = GaussianMixture(2, means_init=[[-1.0, 0.0], [1.0, 0.0]]).fit(x)
-        torch.testing.assert_close(ours.means_, torch.tensor([[-3.0, 0.0], [3.0, 1.0]], dtype=torch.float64), atol=0.2, rtol=0)
+        centres = torch.tensor([[-3.0, 0.0], [3.0, 1.0]], dtype=torch.float64)
+        torch.testing.assert_close(ours.means_, centres, atol=0.2, rtol=0)
 
     def test_recovers_known_parameters(self):
         weights = [0.5, 0.3, 0.2]
@@ -202,7 +212,8 @@ class TestGaussianMixture:
         order = gmm.means_[:, 0].argsort()
         torch.testing.assert_close(gmm.weights_[order], torch.tensor(weights, dtype=torch.float64), atol=0.02, rtol=0)
         torch.testing.assert_close(gmm.means_[order], torch.tensor(means, dtype=torch.float64), atol=0.06, rtol=0)
-        torch.testing.assert_close(gmm.variances_[order].sqrt(), torch.tensor(stds, dtype=torch.float64), atol=0.05, rtol=0)
+        expected_stds = torch.tensor(stds, dtype=torch.float64)
+        torch.testing.assert_close(gmm.variances_[order].sqrt(), expected_stds, atol=0.05, rtol=0)
         assert (gmm.predict(x) == order[labels]).double().mean() > 0.995
 
     def test_real_features_match_sklearn(self, data_root):
@@ -245,11 +256,20 @@ class TestGaussianMixture:
     @pytest.mark.parametrize(
         "x,match",
         [
-            (torch.randn(2, 3), r"GaussianMixture: expected at least n_components=3 distinct samples, got 2 \(of 2 samples\)"),
-            (torch.tensor([[0.0, 1.0], [2.0, 3.0]]).repeat(10, 1), r"expected at least n_components=3 distinct samples, got 2 \(of 20 samples\)"),
+            (
+                torch.randn(2, 3),
+                r"GaussianMixture: expected at least n_components=3 distinct samples, got 2 \(of 2 samples\)",
+            ),
+            (
+                torch.tensor([[0.0, 1.0], [2.0, 3.0]]).repeat(10, 1),
+                r"expected at least n_components=3 distinct samples, got 2 \(of 20 samples\)",
+            ),
             (torch.zeros(0, 3), r"GaussianMixture: expected a non-empty \(N, D\) input, got shape \(0, 3\)"),
             (torch.randn(10), r"GaussianMixture: expected features of shape \(N, D\), got shape \(10,\)"),
-            (torch.tensor([[0.0, float("nan")], [1.0, 2.0], [2.0, 0.0], [3.0, 1.0]]), r"expected finite features, got NaN or Inf in 1 of 4 rows"),
+            (
+                torch.tensor([[0.0, float("nan")], [1.0, 2.0], [2.0, 0.0], [3.0, 1.0]]),
+                r"expected finite features, got NaN or Inf in 1 of 4 rows",
+            ),
             (torch.tensor([[float("inf"), 0.0]] * 4), r"expected finite features, got NaN or Inf in 4 of 4 rows"),
         ],
     )

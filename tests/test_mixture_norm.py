@@ -10,10 +10,10 @@ from tests import reference as ref
 from tests.utils import compiled, roundtrip, to_numpy
 
 
-def bimodal(n=24, c=4, l=6, dtype=torch.float64):
+def bimodal(n=24, c=4, length=6, dtype=torch.float64):
     """Activations with two modes per channel, of different weights and spreads per channel."""
-    low = torch.rand(n, c, l) < torch.linspace(0.3, 0.6, c)[:, None]
-    x = torch.where(low, -2.0 + 0.4 * torch.randn(n, c, l), 1.5 + 0.8 * torch.randn(n, c, l))
+    low = torch.rand(n, c, length) < torch.linspace(0.3, 0.6, c)[:, None]
+    x = torch.where(low, -2.0 + 0.4 * torch.randn(n, c, length), 1.5 + 0.8 * torch.randn(n, c, length))
     return x.to(dtype)
 
 
@@ -82,7 +82,8 @@ class TestMixtureNorm:
         for got, want in zip(norm.fitted, expected):
             torch.testing.assert_close(got, want)
         # near the two modes, sorted, priors near the per-channel fraction of the lower mode
-        torch.testing.assert_close(norm.fit_mean, torch.tensor([[-2.0] * 4, [1.5] * 4], dtype=torch.float64), atol=0.3, rtol=0)
+        modes = torch.tensor([[-2.0] * 4, [1.5] * 4], dtype=torch.float64)
+        torch.testing.assert_close(norm.fit_mean, modes, atol=0.3, rtol=0)
         torch.testing.assert_close(norm.fit_prior[0], (x < -0.5).double().mean((0, 2)), atol=0.02, rtol=0)
         norm.reset_running_stats()  # back to the start: the next batch fits from k-means again
         assert not norm.initialized and not norm._initialized and int(norm.num_batches_tracked) == 0
@@ -197,7 +198,10 @@ class TestMixtureNorm:
 
     def test_empty_input(self):
         norm = cbnorm.MixtureNorm(4, 3)
-        with pytest.raises(ValueError, match=r"MixtureNorm: expected more than 1 value per channel when training, got input of shape \(0, 4, 3\)"):
+        message = (
+            r"MixtureNorm: expected more than 1 value per channel when training, got input of shape \(0, 4, 3\)"
+        )
+        with pytest.raises(ValueError, match=message):
             norm(torch.randn(0, 4, 3))
         assert norm.eval()(torch.randn(0, 4, 3)).shape == (0, 4, 3)
 
@@ -279,7 +283,10 @@ class TestMixtureNorm:
         [
             (torch.randn(4), r"MixtureNorm: expected input of shape \(N, C, \*\) with at least 2 dims, got 1D"),
             (torch.randn(8, 3, 5), r"MixtureNorm: expected 4 channels in dim 1, got 3"),
-            (torch.randn(1, 4), r"MixtureNorm: expected more than 1 value per channel when training, got input of shape \(1, 4\)"),
+            (
+                torch.randn(1, 4),
+                r"MixtureNorm: expected more than 1 value per channel when training, got input of shape \(1, 4\)",
+            ),
             (torch.ones(8, 4, dtype=torch.long), r"MixtureNorm: expected a floating-point input, got torch.int64"),
         ],
     )

@@ -53,7 +53,9 @@ class TestSCBNorm:
         x = torch.randn(6, 4, 5, dtype=torch.float64)
         torch.testing.assert_close(norm(x), norm(x, torch.zeros(6, dtype=torch.long)))
 
-    @pytest.mark.parametrize("rule,scope", [("paper", "element"), ("posterior", "sample"), ("map", "element"), (None, None)])
+    @pytest.mark.parametrize(
+        "rule,scope", [("paper", "element"), ("posterior", "sample"), ("map", "element"), (None, None)]
+    )
     def test_gradcheck(self, rule, scope):
         norm = trained_scb(num_features=3, num_clusters=2)
         x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -159,8 +161,14 @@ class TestSCBNorm:
             ({"num_features": 4, "num_clusters": 0}, r"expected the number of components to be a positive int, got 0"),
             ({"num_features": 4, "num_clusters": 3, "eps": 0}, r"expected eps > 0, got 0"),
             ({"num_features": 4, "num_clusters": 3, "channel_dim": 0}, r"channel_dim to be a non-zero int"),
-            ({"num_features": 4, "num_clusters": 3, "unknown": "mean"}, r"expected unknown to be one of .*'paper'.*got 'mean'"),
-            ({"num_features": 4, "num_clusters": 3, "posterior": "batch"}, r"expected posterior to be one of .*got 'batch'"),
+            (
+                {"num_features": 4, "num_clusters": 3, "unknown": "mean"},
+                r"expected unknown to be one of .*'paper'.*got 'mean'",
+            ),
+            (
+                {"num_features": 4, "num_clusters": 3, "posterior": "batch"},
+                r"expected posterior to be one of .*got 'batch'",
+            ),
         ],
     )
     def test_bad_arguments(self, kwargs, match):
@@ -171,15 +179,31 @@ class TestSCBNorm:
         "x,ids,match",
         [
             (torch.randn(4), None, r"SCBNorm: expected input of shape \(N, C, \*\) with at least 2 dims, got 1D"),
-            (torch.randn(6, 5, 3), None, r"SCBNorm: expected 4 channels in dim 1, got 5 \(input of shape \(6, 5, 3\)\)"),
+            (
+                torch.randn(6, 5, 3),
+                None,
+                r"SCBNorm: expected 4 channels in dim 1, got 5 \(input of shape \(6, 5, 3\)\)",
+            ),
             (torch.randint(0, 3, (6, 4)), None, r"expected a floating-point input, got torch.int64"),
             (torch.randn(6, 4), torch.zeros(6), r"expected cluster ids of dtype torch.int64, got torch.float32"),
-            (torch.randn(6, 4), torch.zeros(5, dtype=torch.long), r"expected cluster ids of shape \(6,\) for a batch of 6, got shape \(5,\)"),
-            (torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 0]), r"cluster id 3 is out of range for num_clusters=3; expected ids in \[0, 3\)"),
+            (
+                torch.randn(6, 4),
+                torch.zeros(5, dtype=torch.long),
+                r"expected cluster ids of shape \(6,\) for a batch of 6, got shape \(5,\)",
+            ),
+            (
+                torch.randn(6, 4),
+                torch.tensor([0, 1, 2, 3, 0, 0]),
+                r"cluster id 3 is out of range for num_clusters=3; expected ids in \[0, 3\)",
+            ),
             (torch.randn(6, 4), torch.tensor([0, 1, -1, 2, 0, 0]), r"cluster id -1 is out of range for num_clusters=3"),
             (torch.randn(6, 4), [0, 1, 2, 0, 1, 2], r"expected cluster ids as a torch.Tensor, got list"),
             (torch.randn(6, 4), None, r"SCBNorm: cluster ids are required in training mode"),
-            (torch.full((6, 4), float("nan")), torch.zeros(6, dtype=torch.long), r"SCBNorm: the training batch contains non-finite values"),
+            (
+                torch.full((6, 4), float("nan")),
+                torch.zeros(6, dtype=torch.long),
+                r"SCBNorm: the training batch contains non-finite values",
+            ),
         ],
     )
     def test_bad_input(self, x, ids, match):
@@ -274,7 +298,10 @@ class TestSCBNormBase:
         "cluster,match",
         [
             (torch.ones(6, 2) / 2, r"SCBNormBase: expected a cluster assignment of shape \(6, 3\), got shape \(6, 2\)"),
-            (torch.ones(6, 3), r"expected a cluster assignment with non-negative rows summing to 1, got row sums in \[3, 3\]"),
+            (
+                torch.ones(6, 3),
+                r"expected a cluster assignment with non-negative rows summing to 1, got row sums in \[3, 3\]",
+            ),
             (torch.tensor([[1.5, -0.5, 0.0]] * 6), r"non-negative rows summing to 1.*minimum -0.5"),
             (torch.tensor([0, 1, 2, 3, 0, 0]), r"SCBNormBase: cluster id 3 is out of range for num_clusters=3"),
             (None, r"SCBNormBase: cluster ids are required in training mode"),

@@ -54,8 +54,17 @@ class TestTrain:
         assert len(again) == 1
 
     def test_sgd_step_schedule_densenet(self, tmp_path, digits):
-        config = TrainConfig(**{**SMALL, "train_size": 64, "test_size": 64}, model="densenet40", norm="scb_base",
-                             num_clusters=5, optimizer="sgd", lr=0.1, schedule="step", epochs=4, out=str(tmp_path / "d"))
+        config = TrainConfig(
+            **{**SMALL, "train_size": 64, "test_size": 64},
+            model="densenet40",
+            norm="scb_base",
+            num_clusters=5,
+            optimizer="sgd",
+            lr=0.1,
+            schedule="step",
+            epochs=4,
+            out=str(tmp_path / "d"),
+        )
         history = train(config, digits)
         assert [row["lr"] for row in history] == pytest.approx([0.1, 0.1, 0.01, 0.001])
         group = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]
@@ -66,7 +75,8 @@ class TestTrain:
         clusters.save_cluster_ids(tmp_path / "ids.npz", ids, "digits")
         config = TrainConfig(**SMALL, norm="scb", epochs=1, clusters=str(tmp_path / "ids.npz"), out=str(tmp_path / "r"))
         run = setup(config, digits)
-        assert run.model.norm.num_clusters == 3 and torch.equal(run.train_ids, ids.train[torch.randperm(1437, generator=torch.Generator().manual_seed(0))[:256].sort().values])
+        subset = torch.randperm(1437, generator=torch.Generator().manual_seed(0))[:256].sort().values
+        assert run.model.norm.num_clusters == 3 and torch.equal(run.train_ids, ids.train[subset])
         train(config, digits)
         loc = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]["features.4.1.loc"]
         assert loc[0].abs().sum() > 0 and loc[1].abs().sum() > 0
@@ -163,7 +173,8 @@ class TestRunFolderKeepsWork:
     def test_a_users_folder_is_refused_unless_overwrite(self, tmp_path, digits):
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "notes.txt").write_text("mine")
-        with pytest.raises(FileExistsError, match=r"mine is not empty \(notes.txt\) and holds no run; pass --overwrite"):
+        message = r"mine is not empty \(notes.txt\) and holds no run; pass --overwrite"
+        with pytest.raises(FileExistsError, match=message):
             train(tiny(tmp_path / "mine"), digits)
         assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
         train(tiny(tmp_path / "mine", overwrite=True), digits)
@@ -191,7 +202,8 @@ class TestRunFolderKeepsWork:
         train(dataclasses.replace(config, epochs=2), digits)
         path = tmp_path / "run" / "checkpoint.pt"
         content = path.read_bytes()
-        path.write_bytes({"truncated": content[: len(content) // 2], "empty": b"", "garbage": b"\x00garbage" * 99}[damage])
+        damaged = {"truncated": content[: len(content) // 2], "empty": b"", "garbage": b"\x00garbage" * 99}
+        path.write_bytes(damaged[damage])
         capsys.readouterr()
         history = train(dataclasses.replace(config, resume=True), digits)
         lines = [line for line in capsys.readouterr().out.splitlines() if "is damaged" in line]

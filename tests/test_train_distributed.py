@@ -83,7 +83,8 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(state["model"][key].double(), value.double(), rtol=3e-3, atol=1e-4,
                                    msg=lambda m, key=key: f"{key}: {m}")
-    assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-previous.pt", "checkpoint.pt", "config.json",
                                                     "metrics.csv", "metrics.json"]  # and no lock left
 

@@ -21,14 +21,16 @@ from unittest import mock
 import pytest
 import torch
 
+import cbnorm
+from cbnorm import _kernels, _reference
+from cbnorm import functional as F
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 pytest.importorskip("triton")
-
-import cbnorm
-from cbnorm import _kernels, _reference, _triton
-from cbnorm import functional as F
-from cbnorm._triton import _core
+# cbnorm._triton imports Triton, so it is imported once Triton is known to be there.
+_triton = importlib.import_module("cbnorm._triton")
+_core = importlib.import_module("cbnorm._triton._core")
 
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +113,8 @@ def step(module, x, grad, ids, kernels):
 
 def reference_step(module, x, grad, ids):
     """:func:`step` in float64 on the straightforward implementation (cbnorm._reference)."""
-    patches = [mock.patch.object(F, name, getattr(_reference, name)) for name in ("ucb_norm", "ucb_norm_batch", "scb_norm", "sample_norm")]
+    names = ("ucb_norm", "ucb_norm_batch", "scb_norm", "sample_norm")
+    patches = [mock.patch.object(F, name, getattr(_reference, name)) for name in names]
     with patches[0], patches[1], patches[2], patches[3]:
         return step(copy.deepcopy(module).double(), x.double(), grad.double(), ids, "eager")
 
@@ -124,7 +127,9 @@ def assert_as_accurate(got, twin, reference, floor, what):
         g, t, r = (u.detach().double().cpu() for u in tensors)
         scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
         error, twin_error = ((u - r).abs().max().item() if r.numel() else 0.0 for u in (g, t))
-        assert error <= 2 * twin_error + floor * scale, f"{what}[{i}]: {error:.3g} from float64, the twin {twin_error:.3g}"
+        assert error <= 2 * twin_error + floor * scale, (
+            f"{what}[{i}]: {error:.3g} from float64, the twin {twin_error:.3g}"
+        )
 
 
 def assert_step_as_accurate(module, x, grad, ids, kernels):
@@ -157,7 +162,11 @@ def test_tokens_view_is_read_in_place(small_tiles, kernels, monkeypatch):
     read = []
     for name in ("mixture_moments", "mixture_transform", "mixture_transform_backward", "mixture_normalize_backward"):
         launcher = getattr(_triton, name)
-        monkeypatch.setattr(_triton, name, lambda x, *args, launcher=launcher: read.append(x.data_ptr()) or launcher(x, *args))
+        def recording(x, *args, launcher=launcher):
+            read.append(x.data_ptr())
+            return launcher(x, *args)
+
+        monkeypatch.setattr(_triton, name, recording)
     y = norm(tokens)
     y.backward(torch.randn_like(y))
     assert len(read) == 4 and set(read) == {tokens.data_ptr()}
@@ -351,14 +360,21 @@ def test_every_kernel_compiles_for_a_gpu():
         import importlib, triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        kernels = {name: importlib.import_module(f"cbnorm._triton.{name}") for name in ("moments", "transform", "backward", "scale_shift", "_core")}
+        modules = ("moments", "transform", "backward", "scale_shift", "_core")
+        kernels = {name: importlib.import_module(f"cbnorm._triton.{name}") for name in modules}
+        bf16_pointers = ("x_ptr", "omega_ptr", "out_ptr", "grad_ptr", "grad_x_ptr")
         def compile(fn, **constants):
-            signature = {name: "constexpr" if name in constants else "*bf16" if name in ("x_ptr", "omega_ptr", "out_ptr", "grad_ptr", "grad_x_ptr")
-                         else "*fp32" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+            signature = {
+                name: "constexpr" if name in constants else "*bf16" if name in bf16_pointers
+                else "*fp32" if name.endswith("_ptr") else "i32"
+                for name in fn.arg_names
+            }
             ptx = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
             assert ".entry" in ptx
         for last in (False, True):
-            mixture = dict(K=3, BLOCK_K=4, ROWS=8 if last else 1, COLS=64 if last else 512, CHANNELS_LAST=last, WIDE=last)
+            mixture = dict(
+                K=3, BLOCK_K=4, ROWS=8 if last else 1, COLS=64 if last else 512, CHANNELS_LAST=last, WIDE=last
+            )
             compile(kernels["moments"]._moments_kernel, **mixture)
             compile(kernels["transform"]._transform_kernel, **mixture)
             for mixed in (False, True):
@@ -394,7 +410,8 @@ def test_benchmark_tables():
     ]
     table = bench.format_rows(rows)
     assert table.splitlines()[2] == (
-        f"| UCBNorm | {shape} | 3 | float32 | train | 2.000 | 1.000 | 2.00x | 1.50 | 1.00 | moments 60%, transform 55% |"
+        f"| UCBNorm | {shape} | 3 | float32 | train | 2.000 | 1.000 | 2.00x | 1.50 | 1.00 "
+        "| moments 60%, transform 55% |"
     )
     checks = {target.name: (target.value, target.limit) for target in bench.targets(rows, {"ratio": 1.2})}
     assert checks["UCBNorm(128, 3) train vs BatchNorm2d, float32"] == (4.0, 2.0)

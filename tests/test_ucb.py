@@ -11,15 +11,16 @@ from tests.utils import compiled, roundtrip, to_numpy
 
 def mixture_state(num_features=4, num_components=3, dtype=torch.float64):
     prior = torch.softmax(torch.randn(num_components, dtype=dtype), 0)
-    mean = torch.linspace(-2, 2, num_components, dtype=dtype).unsqueeze(1) + 0.2 * torch.randn(num_components, num_features, dtype=dtype)
+    centres = torch.linspace(-2, 2, num_components, dtype=dtype).unsqueeze(1)
+    mean = centres + 0.2 * torch.randn(num_components, num_features, dtype=dtype)
     var = torch.rand(num_components, num_features, dtype=dtype) + 0.3
     return prior, mean, var
 
 
-def bimodal(n=32, c=4, l=6, dtype=torch.float64):
+def bimodal(n=32, c=4, length=6, dtype=torch.float64):
     """Activations with two well-separated modes per channel."""
-    modes = torch.where(torch.rand(n, c, l) < 0.4, -2.0, 2.0)
-    return (modes + 0.5 * torch.randn(n, c, l)).to(dtype)
+    modes = torch.where(torch.rand(n, c, length) < 0.4, -2.0, 2.0)
+    return (modes + 0.5 * torch.randn(n, c, length)).to(dtype)
 
 
 def ucb_with_state(*state, **kwargs):
@@ -52,7 +53,8 @@ class TestUCBNormMovingAverage:
         state = mixture_state()
         norm = ucb_with_state(*state).eval()
         x = bimodal()
-        np.testing.assert_allclose(to_numpy(norm(x)), ref.ucb_eval(to_numpy(x), *map(to_numpy, state), 1e-5), rtol=1e-10)
+        expected = ref.ucb_eval(to_numpy(x), *map(to_numpy, state), 1e-5)
+        np.testing.assert_allclose(to_numpy(norm(x)), expected, rtol=1e-10)
         assert int(norm.num_batches_tracked) == 0
 
     def test_per_channel_priors(self):
@@ -196,7 +198,11 @@ class TestUCBNormMovingAverage:
         before = {k: v.clone() for k, v in norm.state_dict().items()}
         x = torch.randn(16, 4, 3)
         x[3, 1, 2] = bad
-        with pytest.raises(ValueError, match=r"UCBNorm: the training batch contains non-finite values \(NaN or Inf\); the layer's state was left unchanged"):
+        message = (
+            r"UCBNorm: the training batch contains non-finite values \(NaN or Inf\); "
+            r"the layer's state was left unchanged"
+        )
+        with pytest.raises(ValueError, match=message):
             norm(x)
         for key, value in norm.state_dict().items():
             torch.testing.assert_close(value, before[key], msg=key)
@@ -268,7 +274,8 @@ class TestUCBNormMovingAverage:
 
     def test_repr(self):
         assert repr(cbnorm.UCBNorm(4)) == (
-            "UCBNorm(4, 3, update='moving_average', init='kmeans++', eps=1e-05, momentum=0.1, affine=False, channel_dim=1)"
+            "UCBNorm(4, 3, update='moving_average', init='kmeans++', eps=1e-05, momentum=0.1, affine=False, "
+            "channel_dim=1)"
         )
 
     @pytest.mark.parametrize(
@@ -289,7 +296,10 @@ class TestUCBNormMovingAverage:
         [
             (torch.randn(4), r"UCBNorm: expected input of shape \(N, C, \*\) with at least 2 dims, got 1D"),
             (torch.randn(8, 3, 5), r"UCBNorm: expected 4 channels in dim 1, got 3"),
-            (torch.randn(1, 4), r"UCBNorm: expected more than 1 value per channel when training, got input of shape \(1, 4\)"),
+            (
+                torch.randn(1, 4),
+                r"UCBNorm: expected more than 1 value per channel when training, got input of shape \(1, 4\)",
+            ),
         ],
     )
     def test_bad_input(self, x, match):
@@ -310,7 +320,8 @@ class TestUCBNormWeight:
         state = mixture_state()
         norm = ucb_with_state(*state, update="weight")
         x = bimodal()
-        np.testing.assert_allclose(to_numpy(norm(x)), ref.ucb_eval(to_numpy(x), *map(to_numpy, state), 1e-5), rtol=1e-10)
+        expected = ref.ucb_eval(to_numpy(x), *map(to_numpy, state), 1e-5)
+        np.testing.assert_allclose(to_numpy(norm(x)), expected, rtol=1e-10)
         for got, want in zip((norm.prior, norm.mean, norm.var), state):
             torch.testing.assert_close(got, want)
 

@@ -56,7 +56,9 @@ class _ClusterNorm(nn.Module):
         if not eps > 0:
             raise ValueError(f"{layer}: expected eps > 0, got {eps!r}")
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
-            raise ValueError(f"{layer}: expected channel_dim to be a non-zero int (dim 0 is the batch), got {channel_dim!r}")
+            raise ValueError(
+                f"{layer}: expected channel_dim to be a non-zero int (dim 0 is the batch), got {channel_dim!r}"
+            )
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
@@ -218,7 +220,9 @@ class _RunningMixtureNorm(_ClusterNorm):
             stats = stats._replace(count=sums.count)
         return y, stats
 
-    def _register_running_state(self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False) -> None:
+    def _register_running_state(
+        self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False
+    ) -> None:
         prior_shape = (num_components, self.num_features) if per_channel_prior else (num_components,)
         self.register_buffer("running_prior", torch.empty(prior_shape, **factory_kwargs))
         self.register_buffer("running_mean", torch.empty(num_components, self.num_features, **factory_kwargs))

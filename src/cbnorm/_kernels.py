@@ -53,7 +53,8 @@ Each operator runs, by ``$CBNORM_KERNELS`` (:mod:`cbnorm._native`) and where ``x
 needs ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI tests them). ``x`` may have a lower
 precision than the ``(K, C)`` coefficients (float16/bfloat16 with float32 coefficients): the
 Triton kernels read it as it is; the others compute on a copy in the coefficients' dtype. Sums come
-in the coefficients' dtype, elementwise outputs in ``x``'s. While ``torch.compile`` or ``torch.export`` traces, the operators
+in the coefficients' dtype, elementwise outputs in ``x``'s. While ``torch.compile`` or ``torch.export``
+traces, the operators
 are ``torch.library`` custom operators, so layers compile without a graph break; in eager mode the
 same implementations and backward formulas run as ``torch.autograd.Function``\ s, which dispatch
 faster.
@@ -284,7 +285,8 @@ def _transform_backward_impl(
     omega = None if omega is None else _strided_like(omega, computed)
     c = None if c is None else c.contiguous()
     kernel = kernels.mixture_transform_backward if kernels else _eager_transform_backward
-    grad, sums = kernel(computed, omega, *_contiguous(mean, log_coef, quad_coef, a, b), c, grad_x, tau_moments, u_moments)
+    coefficients = _contiguous(mean, log_coef, quad_coef, a, b)
+    grad, sums = kernel(computed, omega, *coefficients, c, grad_x, tau_moments, u_moments)
     return grad.to(x.dtype), sums
 
 
@@ -419,7 +421,8 @@ def _eager_function(name: str, impl, backward, setup_context) -> type:
         setup_context(ctx, inputs, None)
         return impl(*inputs)
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
 
 
 _Moments = _eager_function("_Moments", _moments_impl, _moments_backward, _save_inputs)

@@ -124,7 +124,9 @@ def ucb_norm(x, prior, mean, var, weight=None, bias=None, eps=1e-5) -> Tensor:
     return y.reshape(x.shape).to(x.dtype)
 
 
-def ucb_norm_batch(x, prior, mean, var, weight=None, bias=None, eps=1e-5, *, reduce_sums=None) -> tuple[Tensor, ComponentStats]:
+def ucb_norm_batch(
+    x, prior, mean, var, weight=None, bias=None, eps=1e-5, *, reduce_sums=None
+) -> tuple[Tensor, ComponentStats]:
     """:func:`cbnorm.functional.ucb_norm_batch`, straightforwardly."""
     with _no_autocast(x):
         xc = _as_columns(x)

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._base import _RunningMixtureNorm
 from .distributed import GlobalSums, all_reduce_sum, sync_active
 from .factory import NormLayer, create_norm_layer, norm_layer_info
-from ._base import _RunningMixtureNorm
 
 __all__ = ["SyncBatchNorm", "convert_batchnorm", "convert_sync_cbnorm"]
 
@@ -70,7 +70,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     PyTorch's ``SyncBatchNorm`` refuses CPU input in distributed training, and DDP refuses it in CPU
     models. On CPU this layer computes the same thing with UCB-Norm's :math:`K = 1` transform, which
     is BatchNorm, and :class:`GlobalSums` (an all-reduce of the per-channel sums about the global
-    mean, gradients through it, after one of the plain sums that gives that mean); on other devices it runs ``torch.nn.SyncBatchNorm``'s forward;
+    mean, gradients through it, after one of the plain sums that gives that mean); on other devices it
+    runs ``torch.nn.SyncBatchNorm``'s forward;
     without synchronisation it is BatchNorm. Parameters, buffers and ``state_dict`` are
     BatchNorm's. :func:`convert_sync_cbnorm` puts it in place of BatchNorm layers.
 
@@ -133,7 +134,8 @@ def _sync_batchnorm(bn: nn.modules.batchnorm._BatchNorm, process_group) -> SyncB
     if bn.affine:
         with torch.no_grad():
             sync.weight, sync.bias = bn.weight, bn.bias
-    sync.running_mean, sync.running_var, sync.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    sync.running_mean, sync.running_var = bn.running_mean, bn.running_var
+    sync.num_batches_tracked = bn.num_batches_tracked
     sync.train(bn.training)
     if hasattr(bn, "qconfig"):
         sync.qconfig = bn.qconfig

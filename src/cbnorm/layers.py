@@ -316,8 +316,8 @@ class UCBNorm(_RunningMixtureNorm):
 
     Initial state: on the first training batch, :math:`\mu` is set per channel by k-means
     (k-means++ seeds, then 10 Lloyd steps) on up to 4096 of the channel's activations, and
-    :math:`\sigma^2, \lambda` from that assignment (``init="kmeans++"``). Before that, the state is :math:`\mu=0, \sigma^2=1,
-    \lambda=1/K`. ``init="random"`` draws the paper's reference start at construction:
+    :math:`\sigma^2, \lambda` from that assignment (``init="kmeans++"``). Before that, the state is
+    :math:`\mu=0, \sigma^2=1, \lambda=1/K`. ``init="random"`` draws the paper's reference start at construction:
     :math:`\mu\sim U(-1,1)`, :math:`\sigma^2\sim U(10^{-3}, 10^{-2})`, random normalised priors.
 
     Departures from the paper (see SPEC.md): the running update tracks the component statistics
@@ -421,7 +421,9 @@ class UCBNorm(_RunningMixtureNorm):
             self._set_state(prior / prior.sum(), torch.empty(k, c, **factory).uniform_(-1, 1),
                             torch.empty(k, c, **factory).uniform_(1e-3, 1e-2))
         else:
-            self._set_state(torch.full((k,), 1.0 / k, **factory), torch.zeros(k, c, **factory), torch.ones(k, c, **factory))
+            self._set_state(
+                torch.full((k,), 1.0 / k, **factory), torch.zeros(k, c, **factory), torch.ones(k, c, **factory)
+            )
             self._mark_initialized(False)
         if self.update == "moving_average":
             self.num_batches_tracked.zero_()

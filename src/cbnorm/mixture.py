@@ -82,7 +82,10 @@ def _sq_dist(x: Tensor, mean: Tensor, var: Optional[Tensor] = None) -> Tensor:
 
 
 def _log_joint(x: Tensor, mix: _Mixture) -> Tensor:
-    r""":math:`\log\lambda_k + \log\mathcal{N}(x_{bm};\mu_{kb},\sigma^2_{kb})` of every point and component, ``(K, B, M)``."""
+    r""":math:`\log\lambda_k + \log\mathcal{N}(x_{bm};\mu_{kb},\sigma^2_{kb})` of every point and component.
+
+    Shape ``(K, B, M)``.
+    """
     log_weight = mix.weight.clamp_min(torch.finfo(mix.weight.dtype).tiny).log()
     log_norm = log_weight - 0.5 * (x.shape[-1] * _LOG_2PI + mix.var.log().sum(-1))
     return _sq_dist(x, mix.mean, mix.var).mul_(-0.5).add_(log_norm.unsqueeze(-1))
@@ -443,7 +446,8 @@ class GaussianMixture:
         if tuple(value.shape) != shape:
             raise ValueError(f"GaussianMixture: expected {name} of shape {shape}, got {tuple(value.shape)}")
         if not bool(torch.isfinite(value).all()) or (name != "means_init" and not bool((value > 0).all())):
-            raise ValueError(f"GaussianMixture: expected {name} to be finite" + ("" if name == "means_init" else " and positive"))
+            requirement = "finite" if name == "means_init" else "finite and positive"
+            raise ValueError(f"GaussianMixture: expected {name} to be {requirement}")
         if name == "weights_init" and abs(float(value.sum()) - 1) > 1e-6:
             raise ValueError(f"GaussianMixture: expected weights_init to sum to 1, got {float(value.sum()):.6g}")
         return value.unsqueeze(1)
@@ -465,7 +469,10 @@ class GaussianMixture:
         return _Mixture(partition.weight if weight is None else weight, mean, partition.var if var is None else var)
 
     def _em(self, x: Tensor, mix: _Mixture) -> tuple[float, _Mixture, bool, int]:
-        """EM from ``mix`` until the mean log-likelihood moves less than ``tol``: ``(bound, mixture, converged, iterations)``."""
+        """EM from ``mix`` until the mean log-likelihood moves less than ``tol``.
+
+        Returns ``(bound, mixture, converged, iterations)``.
+        """
         floor = torch.finfo(x.dtype).tiny
         bound, converged, iterations = -math.inf, False, 0
         while iterations < self.max_iter and not converged:

@@ -130,7 +130,10 @@ class MixtureNorm(_RunningMixtureNorm):
         return Mixture1d(self.fit_prior, self.fit_mean, self.fit_var)
 
     def reset_running_stats(self) -> None:
-        """Running state and fit back to :math:`\\lambda=1/K, \\mu=0, \\sigma^2=1`; the next batch refits from k-means."""
+        """Running state and fit back to :math:`\\lambda=1/K, \\mu=0, \\sigma^2=1`.
+
+        The next batch refits from k-means.
+        """
         for prior, mean, var in ((self.running_prior, self.running_mean, self.running_var), self.fitted):
             prior.fill_(1.0 / self.num_components)
             mean.zero_()
@@ -164,7 +167,9 @@ class MixtureNorm(_RunningMixtureNorm):
     def forward(self, x: Tensor) -> Tensor:
         xc = self._channels_first(x)
         if not self.training:
-            y = F.ucb_norm(xc, self.running_prior, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            y = F.ucb_norm(
+                xc, self.running_prior, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
             return self._restore_layout(y)
         # Every check runs before any state changes: the fit and the running update are computed first,
         # checked, and only then stored.

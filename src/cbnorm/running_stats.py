@@ -58,7 +58,9 @@ def preserve_running_stats(model: nn.Module) -> Iterator[None]:
     originals = [(module, name, buffer) for module in model.modules()
                  for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False)]
     copies = {id(buffer): buffer.clone() for _, _, buffer in originals}  # a buffer shared by modules stays shared
-    mirrors = [(module, module._initialized) for module in model.modules() if isinstance(module, (UCBNorm, MixtureNorm))]
+    mirrors = [
+        (module, module._initialized) for module in model.modules() if isinstance(module, (UCBNorm, MixtureNorm))
+    ]
     for module, name, buffer in originals:
         setattr(module, name, copies[id(buffer)])
     try:

@@ -3,7 +3,8 @@
 A mixture kernel runs on a grid ``(groups, splits)``. A *group* is one channel (channels-first: a
 channel's entries are rows of ``L`` contiguous values, one per sample, and a tile is a run of them
 across rows) or ``COLS`` consecutive channels (channels-last: every position holds ``C`` contiguous
-values, and a tile is ``ROWS`` positions). A group's entries are cut into tiles of ``ROWS x COLS``; *split* ``s`` takes ``tiles_per_program`` consecutive tiles, so a
+values, and a tile is ``ROWS`` positions). A group's entries are cut into tiles of ``ROWS x COLS``;
+*split* ``s`` takes ``tiles_per_program`` consecutive tiles, so a
 channel's sums over ``N * L`` are spread over ``splits`` programs. Each program writes its partial
 sums to its own slot of a ``(splits, rows, K, C)`` buffer, which :func:`sum_splits` then adds in a
 fixed order: no atomics, and the same input gives the same bits on every run.
@@ -157,7 +158,10 @@ def tile_offsets(tile, group, C, L, positions, ROWS: tl.constexpr, COLS: tl.cons
 
 @triton.jit
 def load_components(pointer, channel, C, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_K, 1, COLS]`` float32: a ``(K, C)`` coefficient at every component and column; zero past ``K``, ``C``."""
+    """``[BLOCK_K, 1, COLS]`` float32: a ``(K, C)`` coefficient at every component and column.
+
+    Zero past ``K``, ``C``.
+    """
     component = tl.arange(0, BLOCK_K)[:, None]
     mask = (component < K) & (channel[None, :] < C)
     values = tl.load(pointer + component * C + channel[None, :], mask=mask, other=0.0)

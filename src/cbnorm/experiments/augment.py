@@ -69,7 +69,8 @@ def _equalize(x: Tensor, v: Tensor) -> Tensor:
     """Per image and channel, level ``l`` to ``255 (cdf(l) - cdf_min) / (n - cdf_min)``; a one-level channel stays."""
     b, c, h, w = x.shape
     levels = x.round().long().clamp(0, 255).view(b * c, h * w)
-    hist = torch.zeros(b * c, 256, dtype=x.dtype, device=x.device).scatter_add_(1, levels, torch.ones_like(x).view(b * c, -1))
+    ones = torch.ones_like(x).view(b * c, -1)
+    hist = torch.zeros(b * c, 256, dtype=x.dtype, device=x.device).scatter_add_(1, levels, ones)
     cdf = hist.cumsum(1)
     cdf_min = hist.gather(1, levels.min(1, keepdim=True).values)
     lut = ((cdf - cdf_min) * 255 / (h * w - cdf_min).clamp(min=1)).round()

@@ -123,7 +123,9 @@ class Dataset:
         once, exactly, from each channel's histogram of the 256 pixel values)."""
         if self._stats is None:
             images = self.train.images
-            counts = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])])
+            counts = torch.stack(
+                [torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])]
+            )
             levels = torch.arange(256, dtype=torch.float64) / 255
             total = counts.sum(1, keepdim=True).double()
             mean = (counts * levels).sum(1, keepdim=True) / total
@@ -318,7 +320,8 @@ def _read_idx(path: Path) -> np.ndarray:
     ndim = content[3]
     dims = np.frombuffer(content, dtype=">i4", count=ndim, offset=4)
     data = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim)
-    _expect(data.size == int(np.prod(dims)), f"expected {int(np.prod(dims))} values for dims {dims.tolist()}, got {data.size}")
+    expected = int(np.prod(dims))
+    _expect(data.size == expected, f"expected {expected} values for dims {dims.tolist()}, got {data.size}")
     return data.reshape(dims)
 
 
@@ -346,7 +349,10 @@ def _read_svhn(spec: DatasetSpec, folder: Path) -> Dataset:
         with _reading(spec, folder, folder / f"{name}_32x32.mat") as path:
             content = loadmat(path)
             images, labels = np.asarray(content["X"], dtype=np.uint8), np.asarray(content["y"]).reshape(-1)
-            _expect(images.ndim == 4 and images.shape[:3] == (32, 32, 3), f"expected X of shape (32, 32, 3, N), got {images.shape}")
+            _expect(
+                images.ndim == 4 and images.shape[:3] == (32, 32, 3),
+                f"expected X of shape (32, 32, 3, N), got {images.shape}",
+            )
             _expect(set(np.unique(labels)) <= set(range(1, 11)), "expected labels y in 1..10 (10 is the digit 0)")
             splits.append(Split(torch.from_numpy(images.transpose(3, 2, 0, 1).copy()), _labels(labels % 10, 10)))
     return Dataset(spec.name, *splits, [str(d) for d in range(10)])
@@ -419,7 +425,9 @@ def _read_pet_list(spec: DatasetSpec, folder: Path, name: str) -> tuple[list[str
 
 
 def _read_oxford_pet(spec: DatasetSpec, folder: Path) -> Dataset:
-    lists = {split: _read_pet_list(spec, folder, f"{name}.txt") for split, name in (("train", "trainval"), ("test", "test"))}
+    lists = {
+        split: _read_pet_list(spec, folder, f"{name}.txt") for split, name in (("train", "trainval"), ("test", "test"))
+    }
     breeds = {}
     for names, labels, _ in lists.values():
         for name, label in zip(names, labels.tolist()):
@@ -472,7 +480,11 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in [
         DatasetSpec(
             "cifar10", "cifar10", "cifar10.npz, or cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
-            (Source("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "md5:c58f30108f718f92721af3b95e74349a"),),
+            (
+                Source(
+                    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "md5:c58f30108f718f92721af3b95e74349a"
+                ),
+            ),
             _read_cifar10, flip=True, crop_padding=4,
         ),
         DatasetSpec(
@@ -508,7 +520,9 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "svhn", "svhn", "train_32x32.mat, test_32x32.mat",
             (
-                Source("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "md5:e26dedcc434d2e4c54c9b2d4a06d8373"),
+                Source(
+                    "http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "md5:e26dedcc434d2e4c54c9b2d4a06d8373"
+                ),
                 Source("http://ufldl.stanford.edu/housenumbers/test_32x32.mat", "md5:eb5a983be6a315427106f1b164d9cef3"),
             ),
             _read_svhn, flip=False, crop_padding=4,
@@ -522,7 +536,10 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "oxford-pet", "oxford-iiit-pet", "images/<breed>_<n>.jpg, annotations/{trainval,test}.txt",
             (
-                Source("https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz", "md5:5c4f3ee8e5d25df40f4fd59a7f44e54c"),
+                Source(
+                    "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+                    "md5:5c4f3ee8e5d25df40f4fd59a7f44e54c",
+                ),
                 Source("https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz",
                        "md5:95a8c909bbe2e81eed6a22bccdf3f68f"),
             ),
@@ -617,7 +634,8 @@ def _extract(archive: Path, folder: Path) -> None:
                 tar.extractall(folder, filter="data")
             else:
                 for member in tar.getmembers():
-                    if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in Path(member.name).parts:
+                    unsafe_path = member.name.startswith("/") or ".." in Path(member.name).parts
+                    if not (member.isfile() or member.isdir()) or unsafe_path:
                         raise DataError(f"{archive}: refusing to extract {member.name!r}")
                 tar.extractall(folder)
     elif archive.suffix == ".zip":

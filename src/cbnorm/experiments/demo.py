@@ -62,6 +62,7 @@ def demo(
     print("-" * 73)
     for label, history in histories.items():
         final, best = history[-1]["test_acc"], max(row["test_acc"] for row in history)
-        print(f"{label:<10} | {final:>14.2%} | {best:>13.2%} | {history[-1]['train_loss']:>16.4f} | {seconds[label]:>6.1f}s")
+        train_loss = history[-1]["train_loss"]
+        print(f"{label:<10} | {final:>14.2%} | {best:>13.2%} | {train_loss:>16.4f} | {seconds[label]:>6.1f}s")
     print(f"\ncurves: {path}")
     return histories

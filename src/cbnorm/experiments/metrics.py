@@ -40,14 +40,18 @@ _TABLE = [
 
 
 def format_header(table: Optional[Sequence[tuple]] = None) -> str:
-    """The header of a progress table (``(column, header, width, format)`` entries; default: the classification loop's)."""
+    """The header of a progress table.
+
+    ``table`` holds ``(column, header, width, format)`` entries; default: the classification loop's.
+    """
     header = " | ".join(f"{title:>{width}}" for _, title, width, _ in table or _TABLE)
     return f"{header}\n{'-' * len(header)}"
 
 
 def format_row(row: dict, table: Optional[Sequence[tuple]] = None) -> str:
     """One row of the progress table; a column missing from ``row`` stays blank."""
-    return " | ".join(f"{fmt.format(row[key]) if key in row else '':>{width}}" for key, _, width, fmt in table or _TABLE)
+    cells = (f"{fmt.format(row[key]) if key in row else '':>{width}}" for key, _, width, fmt in table or _TABLE)
+    return " | ".join(cells)
 
 
 def write_metrics(run_dir: Union[str, os.PathLike], config: dict, history: Sequence[dict],
@@ -103,7 +107,9 @@ def confusion_matrix(predicted: Tensor, target: Tensor, num_classes: int) -> Ten
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"expected integer {name} class ids, got {ids.dtype}")
         if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < num_classes:
-            raise ValueError(f"expected {name} class ids in [0, {num_classes}), got [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"expected {name} class ids in [0, {num_classes}), got [{int(ids.min())}, {int(ids.max())}]"
+            )
     flat = target.long() * num_classes + predicted.long()
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
@@ -127,7 +133,9 @@ def macro_scores(confusion: Tensor) -> dict[str, float]:
     predicted, actual = counts.sum(0), counts.sum(1)
     present = (predicted + actual) > 0
     ratio = lambda num, den: torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))  # noqa: E731
-    per_class = {"precision": ratio(tp, predicted), "recall": ratio(tp, actual), "f1": ratio(2 * tp, predicted + actual)}
+    per_class = {
+        "precision": ratio(tp, predicted), "recall": ratio(tp, actual), "f1": ratio(2 * tp, predicted + actual)
+    }
     scores = {"accuracy": float(tp.sum() / total)}
     scores.update({name: float(values[present].mean()) for name, values in per_class.items()})
     return scores

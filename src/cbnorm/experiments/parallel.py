@@ -115,7 +115,8 @@ def run_parallel(
 
     Returns ``(histories, failures)`` by key, as :func:`~cbnorm.experiments.runs.run_each` does. ``data``
     (a :class:`~cbnorm.experiments.data.Dataset`) reaches every process through shared memory (``/dev/shm``,
-    often small in containers); without it each process loads the data set itself. An interrupt stops every process (their checkpoints stay).
+    often small in containers); without it each process loads the data set itself. An interrupt stops
+    every process (their checkpoints stay).
     """
     import torch.multiprocessing as mp
 

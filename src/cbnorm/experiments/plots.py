@@ -102,7 +102,9 @@ def _draw_lines(ax, lines: dict[str, Histories], key: str, band: str, log: bool 
                           markersize=max(3.0, 7.5 - i), markerfacecolor="none", linewidth=1.4)
         if len(histories) > 1:
             half = _half_width(values, band)
-            ax.fill_between(epochs, scale(mean - half), scale(mean + half), color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.fill_between(
+                epochs, scale(mean - half), scale(mean + half), color=line.get_color(), alpha=0.15, linewidth=0
+            )
             seeds.add(len(histories))
     return seeds
 
@@ -114,7 +116,8 @@ def _legend(ax, seeds: set[int], band: str, log: bool = False, **kwargs) -> None
     handles, _ = ax.get_legend_handles_labels()
     if seeds:
         counts = "–".join(str(n) for n in sorted({min(seeds), max(seeds)}))
-        handles.append(Patch(color="0.5", alpha=0.3, label="band: " + (_LOG_BANDS if log else _BANDS)[band].format(seeds=f"{counts} seeds")))
+        band_label = (_LOG_BANDS if log else _BANDS)[band].format(seeds=f"{counts} seeds")
+        handles.append(Patch(color="0.5", alpha=0.3, label="band: " + band_label))
     if handles:
         ax.legend(handles=handles, **kwargs)
 
@@ -180,7 +183,10 @@ def samples_figure(grids: dict[str, PathLike], path: PathLike | None = None, *, 
 
 @torch.no_grad()
 def capture(model: nn.Module, layer: str, images: Tensor, ids: Tensor | None = None, *, inputs: bool = False) -> Tensor:
-    """The output (or, with ``inputs=True``, the first input) of ``model``'s module ``layer`` on ``images``, in eval mode."""
+    """The output (or, with ``inputs=True``, the first input) of ``model``'s module ``layer`` on ``images``.
+
+    The model runs in eval mode.
+    """
     import cbnorm
 
     modules = dict(model.named_modules())
@@ -236,8 +242,8 @@ def activation_figure(activations: dict[str, Tensor], path: PathLike | None = No
         ax.hist(values, bins=80, range=(grid[0], grid[-1]), density=True, color="0.75")
         ax.plot(grid, components.sum(0), color="green", linewidth=2, label="mixture pdf")
         for j, component in enumerate(components):  # any colour but the mixture's green
-            ax.plot(grid, component, linestyle="--", linewidth=1.2, color=_COMPONENT_COLOURS[j % len(_COMPONENT_COLOURS)],
-                    label=f"component {j + 1}")
+            colour = _COMPONENT_COLOURS[j % len(_COMPONENT_COLOURS)]
+            ax.plot(grid, component, linestyle="--", linewidth=1.2, color=colour, label=f"component {j + 1}")
         ax.set(xlabel="activation", ylabel="density")
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
@@ -268,7 +274,8 @@ def tsne_figure(rows: dict[str, Sequence[tuple[int, Tensor, Tensor]]], path: Pat
             features = features.flatten(1).double().numpy()
             perplexity = min(30.0, (len(features) - 1) / 3)
             method = "exact" if len(features) <= 600 else "barnes_hut"  # exact is the faster below that
-            embedded = TSNE(2, perplexity=perplexity, init="pca", method=method, random_state=seed).fit_transform(features)
+            tsne = TSNE(2, perplexity=perplexity, init="pca", method=method, random_state=seed)
+            embedded = tsne.fit_transform(features)
             ax.scatter(embedded[:, 0], embedded[:, 1], c=[palette(int(p) % palette.N) for p in predicted], s=4)
             ax.set_title(f"{label}, epoch {epoch}", fontsize=9)
     handles = [Line2D([], [], marker="o", linestyle="", color=palette(c % palette.N),
@@ -376,7 +383,10 @@ def _snapshot_paths(run_dir: Path) -> list[Path]:
 
 def run_activations(run_dir: PathLike, layer: str | None = None, batch: int = 256, data_dir=None,
                     data=None) -> Activations:
-    """Activations of ``layer`` (default: the model's ``probe_layer``) of the run's final model on a fixed test batch."""
+    """Activations of ``layer`` (default: the model's ``probe_layer``) of the run's final model.
+
+    They are taken on a fixed test batch.
+    """
     run_dir = Path(run_dir)
     checkpoint = torch.load(_checkpoint(run_dir), map_location="cpu", weights_only=True)
     run = _load_run(run_dir, data_dir, data)

@@ -83,7 +83,10 @@ def info() -> str:
     ]
     operators = dict.fromkeys(name for impl in _IMPLEMENTATIONS for name in impl.operators)
     uses = [
-        (name, ", else ".join(impl.name for impl in _IMPLEMENTATIONS if name in impl.operators and states[impl.name][0]))
+        (
+            name,
+            ", else ".join(impl.name for impl in _IMPLEMENTATIONS if name in impl.operators and states[impl.name][0]),
+        )
         for name in operators
     ]
     return "\n\n".join([
@@ -100,7 +103,9 @@ def _origin(variable: str) -> str:
 def _compiler_version() -> str:
     try:
         compiler = _native.compiler()
-        version = subprocess.run([compiler, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run(
+            [compiler, "--version"], check=False, capture_output=True, text=True, timeout=30
+        ).stdout
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
         return str(error)
     return f"{compiler}: {version.splitlines()[0] if version else '?'}"

@@ -74,7 +74,9 @@ class Generator(nn.Module):
         if image_size % 8:
             raise ValueError(f"Generator: expected an image_size that is a multiple of 8, got {image_size}")
         if len(norms) != 3:
-            raise ValueError(f"Generator: expected 3 norm layers (after the first three deconvolutions), got {len(norms)}")
+            raise ValueError(
+                f"Generator: expected 3 norm layers (after the first three deconvolutions), got {len(norms)}"
+            )
         norm_kwargs = list(norm_kwargs or ({},) * 3)
         self.latent_dim, self.base = latent_dim, image_size // 8
         self.linear = nn.Linear(latent_dim, 8 * width * self.base * self.base)

@@ -89,7 +89,9 @@ class DenseNet(nn.Module):
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"DenseNet-BC: expected depth = 6n + 4 with n >= 1 (40, 100, ...), got {depth}")
         per_block = (depth - 4) // 6
-        self.norm = nn.Identity() if norm_layer is None else create_norm_layer(norm_layer, in_channels, **(norm_kwargs or {}))
+        self.norm = (
+            nn.Identity() if norm_layer is None else create_norm_layer(norm_layer, in_channels, **(norm_kwargs or {}))
+        )
         channels = 2 * growth_rate
         stages: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)]
         for block in range(3):

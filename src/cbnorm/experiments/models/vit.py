@@ -81,7 +81,9 @@ class ViTConfig:
     def __post_init__(self) -> None:
         side = self.resize or self.image_size
         if side % self.patch_size:
-            raise ValueError(f"ViTConfig: expected the patch size to divide the image side {side}, got {self.patch_size}")
+            raise ValueError(
+                f"ViTConfig: expected the patch size to divide the image side {side}, got {self.patch_size}"
+            )
         if self.mlp_units[-1] != self.dim:
             raise ValueError(f"ViTConfig: expected the last MLP unit count to be dim={self.dim} (a residual), "
                              f"got {self.mlp_units}")
@@ -157,7 +159,9 @@ class ViT(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config = config or ViTConfig()
-        self.norm = nn.Identity() if norm_layer is None else create_norm_layer(norm_layer, in_channels, **(norm_kwargs or {}))
+        self.norm = (
+            nn.Identity() if norm_layer is None else create_norm_layer(norm_layer, in_channels, **(norm_kwargs or {}))
+        )
         patches = config.grid ** 2
         self.embed = nn.Linear(config.patch_size ** 2 * in_channels, config.dim)
         self.position = nn.Parameter(torch.empty(patches, config.dim))

@@ -92,7 +92,9 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet: expected depth = 6n + 4 with n >= 1 (28, ...), got {depth}")
         per_group = (depth - 4) // 6
         self.slope = slope
-        self.norm = nn.Identity() if norm_layer is None else create_norm_layer(norm_layer, in_channels, **(norm_kwargs or {}))
+        self.norm = (
+            nn.Identity() if norm_layer is None else create_norm_layer(norm_layer, in_channels, **(norm_kwargs or {}))
+        )
         channels = 16
         blocks: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)]
         for group, out in enumerate((16 * width, 32 * width, 64 * width)):
