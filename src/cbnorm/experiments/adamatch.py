@@ -386,11 +386,14 @@ def inference_rule(model: nn.Module, unknown: Optional[str] = None, posterior: O
 
 
 def rules(norm: str) -> list[dict]:
-    """The inference rules of the layer ``norm``: the paper's (the source id) first.
+    """The inference rules of the layer ``norm``: the paper's (the source id) first; the domain id first
+    for the domain-specific BatchNorm control (``dsbn``), which has no rule for an unknown domain.
 
     ``ids`` is ``"source"`` (every test image gets the source id), ``"domain"`` (its own domain's
     id) or ``None`` (no id: the layer's unknown-cluster rule, ``unknown``/``posterior`` for SCB-Norm).
     """
+    if norm == "dsbn":  # the control normalises each domain with its own BatchNorm, as Chang et al. infer
+        return [{"name": "domain id", "ids": "domain"}, {"name": "source id", "ids": "source"}]
     if norm == "scb":
         unknown = [{"name": f"unknown: {u}, {p}", "ids": None, "unknown": u, "posterior": p}
                    for u in UNKNOWN_RULES for p in POSTERIOR_SCOPES]
@@ -531,7 +534,7 @@ class AdaMatchScale:
 
 
 ADAMATCH_NORMS = (("AdaMatch", "none"), ("AdaMatch+SCB-Norm-base", "scb_base"), ("AdaMatch+SCB-Norm", "scb"),
-                  ("AdaMatch+UCB-Norm", "ucb"))
+                  ("AdaMatch+UCB-Norm", "ucb"), ("AdaMatch+DSBN (control)", "dsbn"))
 
 # `paper` is the Keras example's schedule that the paper's baseline numbers come from (WRN-28-2,
 # Adam lr 0.03, Keras' BN decay 0.99, 10 epochs, batch 64 + 192). `small` fits 2 CPU cores: a

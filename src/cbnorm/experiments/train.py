@@ -125,11 +125,11 @@ def _subset(split: Split, size: int) -> Tensor:
 
 
 def norm_kwargs(norm: str, k: int, extra: dict) -> dict:
-    """``K`` under the name the layer's constructor takes (``num_clusters`` or ``num_components``), then ``extra``."""
+    """``K`` under the name the layer's constructor takes (``num_clusters``, ``num_components`` or ``num_domains``), then ``extra``."""
     if norm == "none":
         return dict(extra)
     parameters = inspect.signature(get_norm_layer(norm)).parameters
-    kwargs = {name: k for name in ("num_clusters", "num_components") if name in parameters}
+    kwargs = {name: k for name in ("num_clusters", "num_components", "num_domains") if name in parameters}
     return {**kwargs, **extra}
 
 

@@ -10,14 +10,17 @@ from typing import Optional
 
 from torch import nn
 
-from cbnorm.factory import NormLayer
+from cbnorm.factory import NormLayer, register_norm_layer
 
 from .densenet import DenseNet
+from .domain_batchnorm import DomainBatchNorm
 from .oxford_cnn import OxfordCNN
 from .shallow_cnn import ShallowCNN
 from .vit import ViT, ViTConfig
 
-__all__ = ["DenseNet", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig", "build_model"]
+__all__ = ["DenseNet", "DomainBatchNorm", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig", "build_model"]
+
+register_norm_layer("dsbn", DomainBatchNorm)  # the AdaMatch control, not a layer of the paper
 
 MODELS = {
     "shallow_cnn": ShallowCNN,
