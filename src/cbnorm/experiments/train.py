@@ -60,7 +60,7 @@ class TrainConfig:
                       default="batchnorm")
     num_clusters: int = _help("K: mixture components of UCB/MN, clusters of the dataset mixture for SCB", default=3)
     norm_kwargs: dict = _help("more arguments of the layer, e.g. unknown=map,affine=True", default_factory=dict)
-    clusters: str = _help("SCB prior clusters: mixture (of the whole data set, fitted with seed 0), superclass, "
+    clusters: str = _help("SCB prior clusters: mixture (fitted on the training images, seed 0), superclass, "
                           "or an ids file from `cbnorm clusters`", default="mixture")
     cluster_method: str = _help("the dataset mixture: gmm or kmeans", default="gmm")
     test_clusters: bool = _help("give SCB layers the test images' cluster ids (else their unknown-cluster rule)",
