@@ -35,7 +35,7 @@ def test_reproduce_table5_smoke(tmp_path, data_root, capsys):
     assert len(measured) == 10 and all(0 <= mean <= 100 for row in measured for mean, _ in row["ours"])
     config, history = read_metrics(root / "runs" / "scb-lr0.005-seed0")
     assert len(history) == 2 and config["train_size"] == 128 and config["batch_size"] == 256
-    assert config["clusters"].endswith("clusters-cifar10-gmm-k3.npz") and config["num_clusters"] == 3
+    assert config["clusters"].endswith("clusters-cifar10-gmm-k3-train-fit.npz") and config["num_clusters"] == 3
     assert is_png(root / "figure5.png") and is_png(root / "figure2.png")
     assert "Command: `cbnorm reproduce table5" in table
 

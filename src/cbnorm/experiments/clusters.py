@@ -99,12 +99,18 @@ def mixture_clusters(data: Dataset, k: int, method: str = "gmm", seed: int = 0, 
 def prior_clusters(
     data: Dataset, source: str, k: int = 3, method: str = "gmm", seed: int = 0, cache_dir: Optional[Path] = None
 ) -> ClusterIds:
-    """SCB-Norm's clusters for ``data``: ``source`` is ``"superclass"``, ``"mixture"`` (fitted on the
+    """SCB-Norm's clusters for ``data``: ``source`` is ``"superclass"``, ``"shuffled-superclass"`` (the
+    superclass ids permuted across the images of each split with ``seed``: a control), ``"mixture"`` (fitted on the
     training images, cached in ``cache_dir``: :func:`mixture_clusters`) or the path of an ids file."""
-    if source == "superclass":
+    if source in ("superclass", "shuffled-superclass"):
         if data.train.coarse_labels is None:
             raise ValueError(f"{data.name} has no superclasses (cifar100 has); use clusters 'mixture' or an ids file")
-        return ClusterIds(data.train.coarse_labels, data.test.coarse_labels, len(data.coarse_classes), "superclass")
+        train, test = data.train.coarse_labels, data.test.coarse_labels
+        if source == "shuffled-superclass":  # the same cluster sizes, unrelated to the images (a control)
+            generator = torch.Generator().manual_seed(seed)
+            train = train[torch.randperm(len(train), generator=generator)]
+            test = test[torch.randperm(len(test), generator=generator)]
+        return ClusterIds(train, test, len(data.coarse_classes), source)
     if source == "mixture":
         return mixture_clusters(data, k, method, seed, cache_dir)
     return load_cluster_ids(source, data)

@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,12 +36,14 @@ from cbnorm.factory import get_norm_layer
 from .clusters import ClusterIds, prior_clusters
 from . import distributed
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
-from .metrics import confusion_matrix, macro_scores
+from .metrics import COLUMNS, confusion_matrix, macro_scores
 from .models import build_model
 from .runs import RUN_CONTROL, RunFolder, autocast, check_fields, clustered, grad_scaler, resolve_device
 from .runs import option as _help
 
-__all__ = ["Setup", "TrainConfig", "setup", "train"]
+__all__ = ["SELECTIONS", "Setup", "TrainConfig", "best_val_row", "setup", "train"]
+
+SELECTIONS = ("last", "best-val")
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainConfig:
                       default="batchnorm")
     num_clusters: int = _help("K: mixture components of UCB/MN, clusters of the dataset mixture for SCB", default=3)
     norm_kwargs: dict = _help("more arguments of the layer, e.g. unknown=map,affine=True", default_factory=dict)
-    clusters: str = _help("SCB prior clusters: mixture (fitted on the training images, seed 0), superclass, "
+    clusters: str = _help("SCB prior clusters: mixture (fitted on the training images, seed 0), superclass, shuffled-superclass, "
                           "or an ids file from `cbnorm clusters`", default="mixture")
     cluster_method: str = _help("the dataset mixture: gmm or kmeans", default="gmm")
     test_clusters: bool = _help("give SCB layers the test images' cluster ids (else their unknown-cluster rule)",
@@ -74,6 +76,11 @@ class TrainConfig:
     epochs: int = _help("epochs", default=100)
     batch_size: int = _help("training batch size; under torchrun the global batch, shared by the ranks", default=256)
     eval_batch_size: int = _help("evaluation batch size (global, as --batch-size)", default=1000)
+    # the run
+    select: str = _help("which epoch's test accuracy a table reports: last, or best-val (the authors' notebooks: also "
+                        "the epoch of the best accuracy on --val-fraction of the training images, held out)",
+                        default="last")
+    val_fraction: float = _help("with --select best-val, the fraction of the training images held out", default=0.1)
     # the run
     seed: int = _help("seed of the initialisation, data order and augmentation", default=0)
     device: str = _help("auto (CUDA when present), cpu, cuda, cuda:1, ...", default="auto")
@@ -93,6 +100,8 @@ class TrainConfig:
             ("lr", self.lr > 0, "a positive float"),
             ("num_clusters", self.num_clusters >= 1, "a positive int"),
             ("snapshots", 0 <= self.snapshots <= self.epochs, f"between 0 and epochs={self.epochs}"),
+            ("select", self.select in SELECTIONS, " or ".join(SELECTIONS)),
+            ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
         ]
         check_fields(self, checks)
 
@@ -111,6 +120,8 @@ class Setup:
     test: Split
     train_ids: Optional[Tensor]
     test_ids: Optional[Tensor]
+    val: Optional[Split]  # the held-out training images of --select best-val
+    val_ids: Optional[Tensor]
     clusters: Optional[ClusterIds]
     model: nn.Module
     mean: Tensor
@@ -122,6 +133,23 @@ def _subset(split: Split, size: int) -> Tensor:
     if not size or size >= len(split):
         return torch.arange(len(split))
     return torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:size].sort().values
+
+
+def _hold_out(index: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """``index`` split into training and validation indices (``round(fraction * N)`` of them, at least 1),
+    by a fixed draw (seed 0, whatever the run's seed), each sorted."""
+    count = min(max(1, round(fraction * len(index))), len(index) - 1)
+    if count < 1:
+        raise ValueError(f"--select best-val: expected at least 2 training images to hold some out, got {len(index)}")
+    order = torch.randperm(len(index), generator=torch.Generator().manual_seed(0))
+    return index[order[count:]].sort().values, index[order[:count]].sort().values
+
+
+def best_val_row(history: Sequence[dict]) -> dict:
+    """The first epoch's row with the highest ``val_acc`` (the checkpoint the authors report)."""
+    if not history or "val_acc" not in history[0]:
+        raise ValueError("best_val_row: expected a history with val_acc (a run with --select best-val)")
+    return max(history, key=lambda row: (row["val_acc"], -row["epoch"]))
 
 
 def norm_kwargs(norm: str, k: int, extra: dict) -> dict:
@@ -144,8 +172,8 @@ def supervised_norm(norm: str) -> bool:
 def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
     """Load the data (or use ``data``), draw the subsets, get SCB's clusters and build the model.
 
-    The model is initialised from ``config.seed``. SCB layers take ``K`` from their clusters (20
-    for CIFAR-100's superclasses); other layers take ``config.num_clusters``.
+    The model is initialised from ``config.seed``. Layers take ``K = config.num_clusters``; for SCB
+    layers it must be the number of their clusters (20 for CIFAR-100's superclasses, 2 for CIFAR-10's).
     """
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
     train_index, test_index = _subset(data.train, config.train_size), _subset(data.test, config.test_size)
@@ -154,18 +182,26 @@ def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
     if supervised_norm(config.norm):
         cache = Path(config.out).parent / "clusters"
         clusters = prior_clusters(data, config.clusters, config.num_clusters, config.cluster_method, 0, cache)
-        k = clusters.k
+        if clusters.k != config.num_clusters:  # config.json must record the K that runs
+            raise ValueError(f"TrainConfig: expected num_clusters={clusters.k}, the number of {clusters.source} "
+                             f"clusters of {data.name} that the {config.norm} layer gets, got {config.num_clusters}")
     torch.manual_seed(config.seed)
     norm = None if config.norm == "none" else config.norm
     model = build_model(config.model, data.num_classes, data.in_channels, norm,
                         norm_kwargs(config.norm, k, config.norm_kwargs))
     mean, std = data.channel_stats()
+    val_index = None
+    if config.select == "best-val":
+        train_index, val_index = _hold_out(train_index, config.val_fraction)
+    ids = lambda index, split: None if clusters is None or index is None else getattr(clusters, split)[index]  # noqa: E731
     return Setup(
         data,
         data.train.subset(train_index),
         data.test.subset(test_index),
-        None if clusters is None else clusters.train[train_index],
-        None if clusters is None or not config.test_clusters else clusters.test[test_index],
+        ids(train_index, "train"),
+        ids(test_index, "test") if config.test_clusters else None,
+        None if val_index is None else data.train.subset(val_index),
+        ids(val_index, "train") if config.test_clusters else None,
         clusters,
         model,
         mean,
@@ -288,7 +324,9 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
 
     is_main = ranks.is_main
     out = Path(config.out)
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL, ranks=ranks)
+    columns = COLUMNS + ["val_loss", "val_acc"] if config.select == "best-val" else COLUMNS
+    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, run_control=RUN_CONTROL, ranks=ranks,
+                       columns=columns)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -303,6 +341,8 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
                           crop_padding=DATASETS[config.dataset].crop_padding if config.augment else 0,
                           seed=config.seed, **shard)
     test_loader = Loader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, **shard)
+    val_loader = None if run.val is None else Loader(run.val, config.eval_batch_size, run.mean, run.std,
+                                                       cluster_ids=run.val_ids, **shard)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
     scaler = grad_scaler(config.amp and device.type == "cuda")
@@ -318,6 +358,9 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
             row = {"epoch": epoch, **_train_epoch(trained, train_loader, epoch, optimizer, scaler, config, device, bar)}
         scheduler.step()
         row.update(evaluate(model, test_loader, device, config.amp))
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device, config.amp)
+            row.update(val_loss=val["test_loss"], val_acc=val["test_acc"])
         row.update(lr=lr, seconds=time.perf_counter() - start)
         if is_main and epoch in snapshot_epochs:  # before the checkpoint: a checkpointed epoch has its snapshot
             atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))

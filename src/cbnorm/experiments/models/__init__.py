@@ -12,15 +12,19 @@ from torch import nn
 
 from cbnorm.factory import NormLayer, register_norm_layer
 
+from .cluster_bias import ClusterBias
 from .densenet import DenseNet
 from .domain_batchnorm import DomainBatchNorm
 from .oxford_cnn import OxfordCNN
 from .shallow_cnn import ShallowCNN
 from .vit import ViT, ViTConfig
 
-__all__ = ["DenseNet", "DomainBatchNorm", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig", "build_model"]
+__all__ = ["ClusterBias", "DenseNet", "DomainBatchNorm", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig", "build_model"]
 
-register_norm_layer("dsbn", DomainBatchNorm)  # the AdaMatch control, not a layer of the paper
+# Controls of the experiments, not layers of the paper: domain-specific BatchNorm (AdaMatch) and a
+# learned bias per superclass (label injection, superclass experiment).
+register_norm_layer("dsbn", DomainBatchNorm)
+register_norm_layer("cluster_bias", ClusterBias)
 
 MODELS = {
     "shallow_cnn": ShallowCNN,
