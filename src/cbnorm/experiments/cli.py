@@ -120,14 +120,17 @@ def _parser() -> argparse.ArgumentParser:
                                      "densenet and dcgan: cifar100 when present, else cifar10; superclass: cifar100 "
                                      "(vit) or oxford-pet (oxford_cnn) when present, else cifar10")
     p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
-    p.add_argument("--model", choices=["vit", "oxford_cnn"], default="vit",
-                   help="superclass: the ViT of Table VII or the OxfordCNN of Table VIII (default: vit)")
+    p.add_argument("--model", choices=["vit", "oxford_cnn", "oxford_cnn_controls"], default="vit",
+                   help="superclass: the ViT of Table VII, the OxfordCNN of Table VIII, or OxfordCNN with the "
+                        "controls of issue 14 (default: vit)")
     p.add_argument("--fid-features", choices=["auto", "inception", "random-conv"], default="auto",
                    help="dcgan: FID features (default: auto, the Inception weights when installed)")
     p.add_argument("--source", default="mnist", help="adamatch: labelled source data set (default: mnist)")
     p.add_argument("--target", help="adamatch: unlabelled target data set (default: svhn when present, else digits)")
-    p.add_argument("--scale", choices=["smoke", "small", "paper"], default="smoke")
+    p.add_argument("--scale", choices=["smoke", "small", "paper", "converge"], default="smoke",
+                   help="converge: table5's lr-0.005 layers to a plateau on a fixed subset, 3 seeds, best-val")
     p.add_argument("--seeds", type=int, nargs="+", help="override the scale's seeds")
+    p.add_argument("--norms", nargs="+", help="adamatch: run only these of its layers (none, scb, dsbn, scb_base, ucb)")
     p.add_argument("--out", default=".", help="writes OUT/results/EXPERIMENT-DATASET/SCALE/ (default: .)")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     p.add_argument("--device", default="auto")
@@ -212,11 +215,16 @@ def _run(args) -> None:
         given = {k: v for k, v in vars(args).items() if k not in ("command", "command_line")}
         train_adamatch(_train_config(given, AdaMatchConfig))
     elif args.command == "reproduce" and args.experiment == "adamatch":
-        from .adamatch import adamatch_target, reproduce_adamatch
+        from .adamatch import ADAMATCH_NORMS, adamatch_target, reproduce_adamatch
 
+        unknown = set(args.norms or ()) - {norm for _, norm in ADAMATCH_NORMS}
+        if unknown:
+            raise ValueError(f"--norms: expected layers of the AdaMatch experiment "
+                             f"{[norm for _, norm in ADAMATCH_NORMS]}, got {sorted(unknown)}")
+        norms = [(label, norm) for label, norm in ADAMATCH_NORMS if not args.norms or norm in args.norms]
         reproduce_adamatch(args.source, args.target or adamatch_target(args.data_dir), args.scale, out=args.out,
                            data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                           threads=args.threads, progress=args.progress, command=args.command_line)
+                           threads=args.threads, progress=args.progress, command=args.command_line, norms=norms)
     elif args.command == "reproduce" and args.experiment == "dcgan":
         from .gan import reproduce_dcgan
         from .reproduce import densenet_dataset

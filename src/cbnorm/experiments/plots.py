@@ -48,6 +48,8 @@ def curves_figure(panels: dict[str, dict[str, Histories]], path: PathLike, metri
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = _figure(len(metrics), len(panels))
+    if any(len(histories) > 1 for lines in panels.values() for histories in lines.values()):
+        fig.text(0.005, 0.005, "shaded: mean ± 1 sample std over seeds", fontsize=7)
     for col, (title, lines) in enumerate(panels.items()):
         for row, metric in enumerate(metrics):
             ax = axes[row, col]

@@ -350,16 +350,16 @@ def reproduce(
     def start(key):
         label_key, lr, seed = key
         norm, overrides = next((n, o) for _, n, o, k in norms if k == label_key)
-        config = TrainConfig(
+        fields = dict(
             dataset=dataset, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
             model=experiment.model, norm=norm, num_clusters=experiment.k, clusters=str(clusters_file.resolve()),
             optimizer=experiment.optimizer, lr=lr, schedule=experiment.schedule, epochs=scale.epochs,
             batch_size=experiment.batch_size, select=scale.select, seed=seed, device=device, amp=amp,
             threads=threads, out=str(root / "runs" / _run_name(label_key, lr, seed)), resume=True,
             snapshots=4 if scale.tsne_points and norm in ("scb", "ucb") and scale.epochs >= 4 else 0,
-            progress=progress, **overrides,
+            progress=progress,
         )
-        return train(config, data)
+        return train(TrainConfig(**{**fields, **overrides}), data)
 
     runs = [((key, lr, seed), f"{label}, lr {lr:g}, seed {seed}") for label, norm, _, key in norms
             for lr in lrs for seed in seeds if norm in registered]
