@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
+from .stats import Interval, comparison, interval
 from .models.dcgan import Discriminator, Generator
 from .runs import (RUN_CONTROL, RunFolder, RunSettings, autocast, check_fields, command_line,
                    keyed_generator, option, resolve_device, results_folder, run_each, write_results)
@@ -398,13 +399,20 @@ def reproduce_dcgan(
                               with_sqrt=False)
     floor = frechet_distance(*reference.mean_cov(), *test.mean_cov(), cov1_sqrt=reference_sqrt)
 
+    final = {norm: {s: done[norm, s][-1][metric.key] for s in seeds
+                    if (norm, s) in done and done[norm, s] and metric.key in done[norm, s][-1]} for _, norm in norms}
     rows = []
     for label, norm in norms:
-        done = histories.get(label, [])
-        finals = [h[-1][metric.key] for h in done if h and metric.key in h[-1]]
-        bests = [min(r[metric.key] for r in h if metric.key in r) for h in done if any(metric.key in r for r in h)]
+        runs = histories.get(label, [])
+        finals = list(final[norm].values())
+        bests = [min(r[metric.key] for r in h if metric.key in r) for h in runs if any(metric.key in r for r in h)]
+        base = norms[0][1]
+        common = sorted(set(final[norm]) & set(final[base]))
+        versus = None if norm == base else comparison([final[norm][s] for s in common], [final[base][s] for s in common],
+                                                       higher_is_better=False)
         rows.append({"label": label, "norm": norm, "status": f"failed: {failures[label]}" if label in failures else "ok",
-                     "final": mean_std(finals), "best": mean_std(bests), "seeds": list(seeds)})
+                     "final": mean_std(finals), "best": mean_std(bests), "final_interval": interval(finals).to_dict(),
+                     "best_interval": interval(bests).to_dict(), "final_difference": versus, "seeds": list(seeds)})
     results = {"experiment": "dcgan", "dataset": dataset, "scale": dataclasses.asdict(scale), "seeds": list(seeds),
                "command": command, "metric": dataclasses.asdict(metric), "real_test_floor": floor, "rows": rows,
                "device": str(device_), "train_seconds": sum(r["seconds"] + r.get("fid_seconds", 0)
@@ -418,7 +426,8 @@ def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
 
     metric = results["metric"]
     size = lambda n: "all" if n == 0 else f"{n:,}"  # noqa: E731
-    cell = lambda ms, n: "—" if not math.isfinite(ms[0]) else (f"{ms[0]:.1f} ± {ms[1]:.1f}" if n > 1 else f"{ms[0]:.1f}")  # noqa: E731
+    cell = lambda i: Interval(**{k: i[k] for k in ("mean", "std", "half_width", "n")}).cell(1)  # noqa: E731
+    base = results["rows"][0]["label"] if results["rows"] else "—"
     lines = [
         f"# Figure 10: DCGAN with BN, MN or UCB-Norm in the generator — {dataset}, scale `{scale.name}`",
         "",
@@ -432,16 +441,20 @@ def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
         f"{results['train_seconds'] / 60:.1f} min of training and FID, summed over the runs.",
         "",
         f"Our {metric['label']} (lower is better) at the last epoch and the best over the evaluated epochs "
-        f"(mean ± std over seeds). The paper (Figure 10, CIFAR-100, 200 epochs) gives curves only, no numbers: "
-        f"DCGAN-UCB-Norm converges faster and reaches a lower FID than DCGAN-MN and DCGAN-BN.",
+        f"(mean ± half-width of the 95% Student-t interval over seeds), and the last epoch's paired difference "
+        f"against {base} under the same seeds with its computed verdict. The paper (Figure 10, CIFAR-100, 200 "
+        f"epochs) gives curves only, no numbers: DCGAN-UCB-Norm converges faster and reaches a lower FID than "
+        f"DCGAN-MN and DCGAN-BN.",
         "",
-        "| model | ours, last epoch | ours, best | paper |",
-        "| --- | --- | --- | --- |",
+        f"| model | ours, last epoch | ours, best | last epoch vs {base} | paper |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for row in results["rows"]:
-        n = len(row["seeds"])
-        ours = [row["status"], ""] if row["status"] != "ok" else [cell(row["final"], n), cell(row["best"], n)]
-        lines.append(f"| {row['label']} | {ours[0]} | {ours[1]} | curve only |")
+        ours = ([row["status"], ""] if row["status"] != "ok" else
+                [cell(row["final_interval"]), cell(row["best_interval"])])
+        d = row["final_difference"]
+        versus = "" if d is None else f"{d['difference']['mean']:+.1f}: {d['verdict']}"
+        lines.append(f"| {row['label']} | {ours[0]} | {ours[1]} | {versus} | curve only |")
     lines += [
         "",
         f"Floor: the {metric['label']} of {size(scale.fid_samples)} real test images against the same reference is "
