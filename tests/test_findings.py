@@ -96,7 +96,7 @@ class TestControls:
             layer.bias.copy_(torch.arange(10.0).reshape(2, 5))
         x, ids = torch.randn(4, 5), torch.tensor([0, 1, 1, 0])
         torch.testing.assert_close(layer(x, ids), x + layer.bias[ids])
-        with pytest.raises(ValueError, match=r"ClusterBias: expected cluster ids of dtype torch.int64 and shape \(4,\)"):
+        with pytest.raises(ValueError, match=r"ClusterBias: expected cluster ids of dtype torch.int64 and shape \(4,"):
             layer(x)
 
     def test_shuffled_superclasses_keep_sizes_and_lose_the_images(self):
@@ -106,7 +106,8 @@ class TestControls:
         coarse = torch.randint(0, 2, (400,), generator=g)
         split = Split(torch.zeros(400, 1, 2, 2, dtype=torch.uint8), coarse.clone(), coarse.clone())
         data = Dataset("toy", split, split, ["a", "b"], ["x", "y"])
-        true, shuffled = clusters.prior_clusters(data, "superclass"), clusters.prior_clusters(data, "shuffled-superclass")
+        true = clusters.prior_clusters(data, "superclass")
+        shuffled = clusters.prior_clusters(data, "shuffled-superclass")
         assert torch.equal(shuffled.train.bincount(), true.train.bincount()) and shuffled.k == 2
         assert 0.35 < (shuffled.train == true.train).float().mean() < 0.65
 

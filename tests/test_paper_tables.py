@@ -134,7 +134,8 @@ def test_mnist_counts(data_root):
 
 
 def test_cifar100_recall_is_accuracy():
-    """CIFAR-100's test set has 100 images per class, so macro recall is the accuracy; the table's differ by 31.6-34.5 points."""
+    """CIFAR-100's test set has 100 images per class, so macro recall is the accuracy; the table's are 31.6-34.5
+    points above it."""
     gaps = []
     for row in TABLE7:
         accuracy, _, recall, _ = numbers(row)

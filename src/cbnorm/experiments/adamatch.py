@@ -713,8 +713,8 @@ def reproduce_adamatch(
     inference = {label: [done[norm, s][1] for s in seeds if (norm, s) in done] for label, norm in norms}
     failures = {label: failed[norm, s] for label, norm in norms for s in seeds if (norm, s) in failed}
     rows = []
-    target = {norm: {s: 100 * done[norm, s][0][-1]["target_acc"] for s in seeds if (norm, s) in done and done[norm, s][0]}
-              for _, norm in norms}
+    target = {norm: {s: 100 * done[norm, s][0][-1]["target_acc"] for s in seeds
+                     if (norm, s) in done and done[norm, s][0]} for _, norm in norms}
     base_norm = norms[0][1]
     for label, norm in norms:
         finals = [h[-1] for h in histories.get(label, []) if h]

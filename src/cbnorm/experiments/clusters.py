@@ -28,7 +28,8 @@ from cbnorm import cached_cluster_ids, image_features
 
 from .data import Dataset, atomic_write
 
-__all__ = ["ClusterIds", "data_fingerprint", "load_cluster_ids", "mixture_clusters", "prior_clusters", "save_cluster_ids"]
+__all__ = ["ClusterIds", "data_fingerprint", "load_cluster_ids", "mixture_clusters", "prior_clusters",
+           "save_cluster_ids"]
 
 
 @dataclass

@@ -99,7 +99,7 @@ def findings(results: Path) -> list[Finding]:
              ("scb", 0.001): 0.67, ("scb", 0.005): 1.42, ("ucb", 0.001): 1.07, ("ucb", 0.005): 1.84}
     if folder.is_dir():
         for (norm, lr), claimed in paper.items():
-            acc = {n: _per_seed(folder, lambda s, n=n: f"{n}-lr{lr:g}-seed{s}", _final("test_acc"), SEEDS)
+            acc = {n: _per_seed(folder, lambda s, n=n, lr=lr: f"{n}-lr{lr:g}-seed{s}", _final("test_acc"), SEEDS)
                    for n in (norm, "batchnorm")}
             gain = _gain(acc[norm], acc["batchnorm"])
             add("C1", f"{norm} vs BN, lr {lr:g}, test accuracy", f"+{claimed:.2f} (CIFAR-10, 100 epochs)",
@@ -145,7 +145,8 @@ def findings(results: Path) -> list[Finding]:
         for domain in ("source", "target"):
             key = f"grad_var_{domain}_max"
             variance = {n: _per_seed(folder, lambda s, n=n: f"{n}-seed{s}",
-                                     lambda h: math.log10(max(r[key] for r in h)), SEEDS) for n in ("none", "scb")}
+                                     lambda h, key=key: math.log10(max(r[key] for r in h)), SEEDS)
+                        for n in ("none", "scb")}
             if variance["scb"]:
                 gain = _gain(variance["scb"], variance["none"], lower_is_better=True)
                 add("C7", f"SCB-Norm vs plain, log10 of the largest {domain} gradient variance (gain = lower)",

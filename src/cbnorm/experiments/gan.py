@@ -408,8 +408,8 @@ def reproduce_dcgan(
         bests = [min(r[metric.key] for r in h if metric.key in r) for h in runs if any(metric.key in r for r in h)]
         base = norms[0][1]
         common = sorted(set(final[norm]) & set(final[base]))
-        versus = None if norm == base else comparison([final[norm][s] for s in common], [final[base][s] for s in common],
-                                                       higher_is_better=False)
+        versus = None if norm == base else comparison([final[norm][s] for s in common],
+                                                       [final[base][s] for s in common], higher_is_better=False)
         rows.append({"label": label, "norm": norm, "status": f"failed: {failures[label]}" if label in failures else "ok",
                      "final": mean_std(finals), "best": mean_std(bests), "final_interval": interval(finals).to_dict(),
                      "best_interval": interval(bests).to_dict(), "final_difference": versus, "seeds": list(seeds)})

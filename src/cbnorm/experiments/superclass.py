@@ -296,7 +296,8 @@ def reproduce_superclass(
     def scores_row(label, norm, epoch, superclass, per_seed, status, paper_epoch, paper, baseline):
         """A table row from ``per_seed`` ({seed: metrics}); against ``baseline`` ({seed: accuracy}) when given."""
         row = {"label": label, "norm": norm, "epoch": epoch, "superclass": superclass, "status": status,
-               "seeds": sorted(per_seed), "values": {k: [100 * per_seed[s][k] for s in sorted(per_seed)] for k in SCORES},
+               "seeds": sorted(per_seed),
+               "values": {k: [100 * per_seed[s][k] for s in sorted(per_seed)] for k in SCORES},
                "paper_epoch": paper_epoch, "paper": paper}
         if baseline is not None and status == "ok":
             common = sorted(set(per_seed) & set(baseline))

@@ -62,8 +62,8 @@ class TrainConfig:
                       default="batchnorm")
     num_clusters: int = _help("K: mixture components of UCB/MN, clusters of the dataset mixture for SCB", default=3)
     norm_kwargs: dict = _help("more arguments of the layer, e.g. unknown=map,affine=True", default_factory=dict)
-    clusters: str = _help("SCB prior clusters: mixture (fitted on the training images, seed 0), superclass, shuffled-superclass, "
-                          "or an ids file from `cbnorm clusters`", default="mixture")
+    clusters: str = _help("SCB prior clusters: mixture (fitted on the training images, seed 0), superclass, "
+                          "shuffled-superclass (a control), or an ids file from `cbnorm clusters`", default="mixture")
     cluster_method: str = _help("the dataset mixture: gmm or kmeans", default="gmm")
     test_clusters: bool = _help("give SCB layers the test images' cluster ids (else their unknown-cluster rule)",
                                 default=True)
@@ -153,7 +153,8 @@ def best_val_row(history: Sequence[dict]) -> dict:
 
 
 def norm_kwargs(norm: str, k: int, extra: dict) -> dict:
-    """``K`` under the name the layer's constructor takes (``num_clusters``, ``num_components`` or ``num_domains``), then ``extra``."""
+    """``K`` under the name the layer's constructor takes (``num_clusters``, ``num_components`` or
+    ``num_domains``), then ``extra``."""
     if norm == "none":
         return dict(extra)
     parameters = inspect.signature(get_norm_layer(norm)).parameters
@@ -193,7 +194,9 @@ def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
     val_index = None
     if config.select == "best-val":
         train_index, val_index = _hold_out(train_index, config.val_fraction)
-    ids = lambda index, split: None if clusters is None or index is None else getattr(clusters, split)[index]  # noqa: E731
+    def ids(index, split):
+        return None if clusters is None or index is None else getattr(clusters, split)[index]
+
     return Setup(
         data,
         data.train.subset(train_index),

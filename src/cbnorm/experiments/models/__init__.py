@@ -19,7 +19,8 @@ from .oxford_cnn import OxfordCNN
 from .shallow_cnn import ShallowCNN
 from .vit import ViT, ViTConfig
 
-__all__ = ["ClusterBias", "DenseNet", "DomainBatchNorm", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig", "build_model"]
+__all__ = ["ClusterBias", "DenseNet", "DomainBatchNorm", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig",
+           "build_model"]
 
 # Controls of the experiments, not layers of the paper: domain-specific BatchNorm (AdaMatch) and a
 # learned bias per superclass (label injection, superclass experiment).

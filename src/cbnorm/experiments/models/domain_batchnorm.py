@@ -72,4 +72,5 @@ class DomainBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         bn = self.domains[0]
-        return f"{bn.num_features}, num_domains={self.num_domains}, eps={bn.eps}, momentum={bn.momentum}, affine={bn.affine}"
+        return (f"{bn.num_features}, num_domains={self.num_domains}, eps={bn.eps}, momentum={bn.momentum}, "
+                f"affine={bn.affine}")
