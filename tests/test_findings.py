@@ -132,3 +132,34 @@ class TestReproduceTable:
         table = (root / "table.md").read_text()
         assert "| UCB-Norm (weight) | 0.005 | epoch of the best validation accuracy |" in table
         assert ucb["last"]["verdict"] in table
+
+
+class TestFindings:
+    @staticmethod
+    def runs(root, accuracies):
+        from cbnorm.experiments.metrics import write_metrics
+
+        for key, values in accuracies.items():
+            for seed, acc in enumerate(values):
+                write_metrics(root / "runs" / f"{key}-lr0.0001-seed{seed}", {}, [{"epoch": 1, "test_acc": acc}])
+
+    def test_verdicts_from_the_runs(self, tmp_path):
+        from cbnorm.experiments.findings import findings
+
+        folder = tmp_path / "superclass-controls-oxford_cnn-cifar10" / "small"
+        self.runs(folder, {"none": [0.50, 0.52, 0.51], "scb": [0.60, 0.615, 0.61], "cluster_bias": [0.60, 0.62, 0.60],
+                           "scb-shuffled-superclass": [0.49, 0.53, 0.50]})
+        rows = {f.what: f for f in findings(tmp_path)}
+        scb = rows["OxfordCNN + scb (superclass given) vs plain, test accuracy"]
+        assert scb.gain.mean == pytest.approx(59 / 6) and scb.verdict == "confirmed"  # +9.83 against the paper's +7.06
+        injection = rows["plain + learned superclass bias (label injection) vs plain, test accuracy"]
+        assert injection.verdict == "confirmed"
+        shuffled = rows["SCB-Norm with shuffled superclass ids vs plain, test accuracy"]
+        assert shuffled.verdict == f"inconclusive (±{shuffled.gain.half_width:.2f})"
+
+    def test_two_seeds_answer_nothing(self, tmp_path):
+        from cbnorm.experiments.findings import findings
+
+        self.runs(tmp_path / "superclass-oxford_cnn-cifar10" / "small", {"none": [0.5, 0.52], "scb": [0.6, 0.62]})
+        (row,) = [f for f in findings(tmp_path) if f.gain is not None and f.gain.n]
+        assert row.verdict.startswith("not testable here (2 seeds, fewer than 3); at this scale: ")

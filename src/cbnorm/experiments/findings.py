@@ -36,7 +36,7 @@ class Finding:
 
 
 def _history(run: Path) -> Optional[list]:
-    return read_metrics(run)[1] if (run / "metrics.csv").is_file() else None
+    return read_metrics(run)[1] if (run / "metrics.json").is_file() else None
 
 
 def _per_seed(folder: Path, name: Callable[[int], str], value: Callable[[list], float], seeds) -> dict:
