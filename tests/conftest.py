@@ -45,3 +45,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits (bundled), loaded once for the tests that train on it."""
+    from cbnorm.experiments.data import load_dataset
+
+    return load_dataset("digits")

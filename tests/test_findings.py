@@ -9,18 +9,14 @@ import torch
 import cbnorm
 from cbnorm.experiments import clusters
 from cbnorm.experiments import reproduce as rep
-from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.models import ClusterBias, DomainBatchNorm
 from cbnorm.experiments.stats import interval, paired
 from cbnorm.experiments.train import TrainConfig, best_val_row, setup, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(dataset="digits", train_size=200, test_size=100, batch_size=64, progress=False)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 class TestBestVal:
