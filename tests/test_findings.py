@@ -147,11 +147,12 @@ class TestFindings:
                            "scb-shuffled-superclass": [0.49, 0.53, 0.50]})
         rows = {f.what: f for f in findings(tmp_path)}
         scb = rows["OxfordCNN + scb (superclass given) vs plain, test accuracy"]
-        assert scb.gain.mean == pytest.approx(59 / 6) and scb.verdict == "confirmed"  # +9.83 against the paper's +7.06
+        assert scb.gain.mean == pytest.approx(59 / 6)  # +9.83 against the paper's +7.06
+        assert scb.verdict.startswith("confirmed at this scale (CIFAR-10, 4 epochs")
         injection = rows["plain + learned superclass bias (label injection) vs plain, test accuracy"]
-        assert injection.verdict == "confirmed"
+        assert injection.verdict == "better"
         shuffled = rows["SCB-Norm with shuffled superclass ids vs plain, test accuracy"]
-        assert shuffled.verdict == f"inconclusive (±{shuffled.gain.half_width:.2f})"
+        assert shuffled.verdict == f"no difference detected (±{shuffled.gain.half_width:.2f})"
 
     def test_two_seeds_answer_nothing(self, tmp_path):
         from cbnorm.experiments.findings import findings

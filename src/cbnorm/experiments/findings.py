@@ -8,6 +8,8 @@ back from its runs' ``metrics.csv``, the layer is paired with the baseline under
 gain (:func:`~cbnorm.experiments.stats.claim_verdict`): ``confirmed``, ``refuted`` or
 ``inconclusive (±W)``. A claim the paper makes without a number (faster convergence, a figure) gets
 a direction verdict: ``confirmed`` / ``refuted`` when the interval excludes 0, else ``inconclusive (±W)``.
+A control, which the paper does not have, gets the tables' ``better`` / ``worse`` /
+``no difference detected (±W)``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .metrics import read_metrics
-from .stats import Interval, claim_verdict, paired
+from .stats import Interval, claim_verdict, paired, verdict
 
 __all__ = ["Finding", "findings", "markdown"]
 
@@ -71,6 +73,12 @@ def _final(metric: str, scale: float = 100.0) -> Callable[[list], float]:
 
 SEEDS = range(10)
 MIN_SEEDS = 3
+# Results that answer a claim at a scale of their own: a verdict against the paper's number holds there.
+SMALLER_REGIME = {
+    "superclass-controls-oxford_cnn-cifar10/small": "CIFAR-10, 4 epochs, 45-48% accuracy; the paper: Oxford-IIIT Pet, "
+                                                    "epoch 113 of 200",
+    "adamatch-mnist-digits/small": "digits as target, 192 steps of WRN-10-2; the paper: SVHN, 10 epochs of WRN-28-2",
+}
 # Committed results that run too short to answer the paper's claim (issue 14): their verdicts are shown
 # for what they measured, never as an answer.
 TOO_SHORT = {
@@ -86,11 +94,13 @@ def findings(results: Path) -> list[Finding]:
     out: list[Finding] = []
 
     def add(claim, what, paper, scale, gain, verdict, source):
-        short = TOO_SHORT.get(Path(source).relative_to(results).as_posix())
-        if short:
-            verdict = f"not testable here ({short}); at this scale: {verdict}"
+        folder = Path(source).relative_to(results).as_posix()
+        if folder in TOO_SHORT:
+            verdict = f"not testable here ({TOO_SHORT[folder]}); at this scale: {verdict}"
         elif gain is not None and gain.n < MIN_SEEDS:
             verdict = f"not testable here ({gain.n} seeds, fewer than {MIN_SEEDS}); at this scale: {verdict}"
+        elif folder in SMALLER_REGIME and paper != "(no such row)":
+            verdict = f"{verdict} at this scale ({SMALLER_REGIME[folder]})"
         out.append(Finding(claim, what, paper, scale, gain, verdict, source))
 
     # C1: Table V, CIFAR-10, the layers against BN at each learning rate (paper: 100 epochs, full data).
@@ -140,8 +150,7 @@ def findings(results: Path) -> list[Finding]:
         if target["dsbn"] and target["scb"]:
             gain = _gain(target["scb"], target["dsbn"])
             add("C6 control", "AdaMatch + scb vs AdaMatch + domain-specific BatchNorm, target accuracy",
-                "(no such row)", f"digits as target, {gain.n} seeds", gain,
-                direction_verdict(gain), str(folder))
+                "(no such row)", f"digits as target, {gain.n} seeds", gain, verdict(gain), str(folder))
         for domain in ("source", "target"):
             key = f"grad_var_{domain}_max"
             variance = {n: _per_seed(folder, lambda s, n=n: f"{n}-seed{s}",
@@ -179,11 +188,11 @@ def findings(results: Path) -> list[Finding]:
             if acc[norm]:
                 gain = _gain(acc[norm], acc["none"])
                 add("C10 control", f"{what} vs plain, test accuracy", "(no such row)",
-                    f"CIFAR-10, 2 superclasses, {seeds} seeds", gain, direction_verdict(gain), str(folder))
+                    f"CIFAR-10, 2 superclasses, {seeds} seeds", gain, verdict(gain), str(folder))
         if acc["cluster_bias"] and acc["scb"]:
             gain = _gain(acc["scb"], acc["cluster_bias"])
             add("C10 control", "SCB-Norm (superclass given) vs label injection, test accuracy", "(no such row)",
-                f"CIFAR-10, 2 superclasses, {seeds} seeds", gain, direction_verdict(gain), str(folder))
+                f"CIFAR-10, 2 superclasses, {seeds} seeds", gain, verdict(gain), str(folder))
     return out
 
 
