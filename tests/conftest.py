@@ -14,6 +14,18 @@ torch._functorch.config.enable_autograd_cache = False
 _DATA_CANDIDATES = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(request, tmp_path_factory):
+    """cbnorm's cache (native kernels, cluster ids) in pytest's own cache folder: never the user's
+    ``~/.cache``, and the kernels' one-minute build is kept between runs (subprocesses inherit it)."""
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    folder = cache.mkdir("cbnorm") if cache is not None else tmp_path_factory.mktemp("cbnorm")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CBNORM_CACHE_DIR", str(folder))
+        patch.delenv("CBNORM_CACHE", raising=False)
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,18 +7,27 @@ Example::
     >>> y = norm(torch.randn(32, 64, 8, 8))
 """
 
-from . import distributed, functional, mixture
+from . import distributed, functional, kernels, mixture
 from .clustering import cached_cluster_ids, cluster_cache_path, cluster_dataset, image_features
 from .context import cluster_context
-from .distributed import convert_sync_cbnorm
-from .factory import convert_batchnorm, create_norm_layer, get_norm_layer, norm_layer_names, register_norm_layer
+from .convert import convert_batchnorm, convert_sync_cbnorm
+from .factory import (
+    NormLayerInfo,
+    create_norm_layer,
+    get_norm_layer,
+    norm_layer_info,
+    norm_layer_names,
+    register_norm_layer,
+)
 from .layers import SCBNorm, SCBNormBase, UCBNorm
 from .mixture_norm import MixtureNorm
+from .running_stats import preserve_running_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MixtureNorm",
+    "NormLayerInfo",
     "SCBNorm",
     "SCBNormBase",
     "UCBNorm",
@@ -33,7 +42,10 @@ __all__ = [
     "functional",
     "get_norm_layer",
     "image_features",
+    "kernels",
     "mixture",
+    "norm_layer_info",
     "norm_layer_names",
+    "preserve_running_stats",
     "register_norm_layer",
 ]

@@ -27,6 +27,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from ._checks import check_choice
 from .mixture import GaussianMixture, kmeans
 
 __all__ = ["FEATURE_DIM", "METHODS", "cached_cluster_ids", "cluster_cache_path", "cluster_dataset", "image_features"]
@@ -126,8 +127,7 @@ def cluster_dataset(features, k: int, *, method: str = "gmm", seed: int = 0,
 
         >>> ids = cbnorm.cluster_dataset(cbnorm.image_features(images), 3)
     """
-    if method not in METHODS:
-        raise ValueError(f"cluster_dataset: expected method to be one of {METHODS}, got {method!r}")
+    check_choice("cluster_dataset", "method", method, METHODS)
     features = torch.as_tensor(features)
     fit = len(features) if fit_samples is None else fit_samples
     if not 1 <= fit <= len(features):
@@ -149,8 +149,7 @@ def cluster_cache_path(cache_dir: Union[str, os.PathLike], dataset: str, k: int,
     """The file :func:`cached_cluster_ids` uses: ``cache_dir/{dataset}-k{k}-{method}-seed{seed}.pt``."""
     if not isinstance(dataset, str) or not _NAME.fullmatch(dataset):
         raise ValueError(f"cluster_cache_path: expected a dataset name of letters, digits, '_', '.', '-', got {dataset!r}")
-    if method not in METHODS:
-        raise ValueError(f"cluster_cache_path: expected method to be one of {METHODS}, got {method!r}")
+    check_choice("cluster_cache_path", "method", method, METHODS)
     return Path(cache_dir) / f"{dataset}-k{k}-{method}-seed{seed}.pt"
 
 

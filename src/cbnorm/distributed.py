@@ -27,17 +27,21 @@ Collectives are plain ``torch.distributed`` calls, so any backend with ``all_red
 ``all_gather`` and ``broadcast`` works: gloo (CPU, tested) and NCCL (CUDA; not tested here, as the
 machine this was written on has no GPU). The layers are not traced by ``torch.compile`` while
 synchronised.
+
+This module holds the collectives only. :func:`convert_sync_cbnorm` and :class:`SyncBatchNorm` live in
+:mod:`cbnorm.convert` with the rest of model conversion, and stay importable from here.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import functional as F
+if TYPE_CHECKING:  # imported lazily by __getattr__ below
+    from .convert import SyncBatchNorm, convert_sync_cbnorm
 
 __all__ = [
     "ChannelSamples",
@@ -193,117 +197,10 @@ def gather_channel_samples(rows: Tensor, max_per_channel: Optional[int] = None, 
     return ChannelSamples(samples, total, True)
 
 
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    r"""``torch.nn.SyncBatchNorm`` that also synchronises CPU tensors (gloo).
+def __getattr__(name: str):
+    # Model conversion needs the layers, which need this module: imported on first use, not at import.
+    if name in ("SyncBatchNorm", "convert_sync_cbnorm"):
+        from . import convert
 
-    PyTorch's ``SyncBatchNorm`` refuses CPU input in distributed training, and DDP refuses it in CPU
-    models. On CPU this layer computes the same thing with UCB-Norm's :math:`K = 1` transform, which
-    is BatchNorm, and :class:`GlobalSums` (an all-reduce of the per-channel sums about the global
-    mean, gradients through it, after one of the plain sums that gives that mean); on other devices it runs ``torch.nn.SyncBatchNorm``'s forward;
-    without synchronisation it is BatchNorm. Parameters, buffers and ``state_dict`` are
-    BatchNorm's. :func:`convert_sync_cbnorm` puts it in place of BatchNorm layers.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats: as ``torch.nn.SyncBatchNorm``'s.
-        process_group: the group whose ranks share statistics. Default: ``None`` (the default group)
-
-    Shape:
-        - Input: :math:`(N, C, *)`
-        - Output: same shape as input
-
-    Example::
-
-        >>> bn = cbnorm.distributed.SyncBatchNorm(64)   # as torch.nn.SyncBatchNorm(64), on CPU too
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.process_group = process_group
-
-    _check_input_dim = nn.SyncBatchNorm._check_input_dim
-    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
-
-    def forward(self, input: Tensor) -> Tensor:
-        if input.device.type != "cpu":
-            return nn.SyncBatchNorm.forward(self, input)
-        if not sync_active(True, self.training, self.process_group):
-            return super().forward(input)
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
-        tracking = self.track_running_stats and self.running_mean is not None
-        channels = input.shape[1]
-        count = input.numel() // channels
-        # The moments are taken about the global mean (one more small all-reduce, without gradient: the
-        # statistics do not depend on the center), so the variance suffers no cancellation.
-        local = torch.cat([input.transpose(0, 1).reshape(channels, -1).sum(1, dtype=torch.float64),
-                           input.new_full((1,), count, dtype=torch.float64)])
-        total = all_reduce_sum(local, self.process_group)
-        center = (total[:-1] / total[-1].clamp_min(1)).to(F.compute_dtype(input))
-        sums = GlobalSums(count, self.process_group)
-        y, stats = F.ucb_norm_batch(input, center.new_ones(1), center[None], center.new_ones(1, channels),
-                                    self.weight, self.bias, self.eps, reduce_sums=sums)
-        if sums.count <= 1:
-            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel when training, got "
-                             f"{sums.count} in the global batch (input of shape {tuple(input.shape)} on this rank)")
-        if tracking:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
-            with torch.no_grad():
-                self.running_mean.lerp_(stats.mean[0].to(self.running_mean.dtype), factor)
-                unbiased = stats.var[0] * (sums.count / (sums.count - 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        return y
-
-
-def _sync_batchnorm(bn: nn.modules.batchnorm._BatchNorm, process_group) -> SyncBatchNorm:
-    """A :class:`SyncBatchNorm` sharing ``bn``'s parameters and buffers (as ``convert_sync_batchnorm`` does)."""
-    sync = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group)
-    if bn.affine:
-        with torch.no_grad():
-            sync.weight, sync.bias = bn.weight, bn.bias
-    sync.running_mean, sync.running_var, sync.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
-    sync.train(bn.training)
-    if hasattr(bn, "qconfig"):
-        sync.qconfig = bn.qconfig
-    return sync
-
-
-def convert_sync_cbnorm(module: nn.Module, process_group=None, *, batchnorm: bool = True) -> nn.Module:
-    r"""Make every batch statistic of ``module`` global across ranks, like ``SyncBatchNorm.convert_sync_batchnorm``.
-
-    * :class:`~cbnorm.UCBNorm` and :class:`~cbnorm.MixtureNorm` layers are switched to synchronised
-      statistics in place (``sync_statistics = True`` and ``process_group``): same class, same
-      parameters and buffers, same ``state_dict``, same training flag; a UCB-Norm with
-      ``update="weight"`` synchronises only its first-batch initialisation.
-    * With ``batchnorm=True``, ``torch.nn`` BatchNorm layers (not already ``SyncBatchNorm``) are
-      replaced by :class:`SyncBatchNorm`, which shares their parameters and buffers and also runs on CPU.
-    * Everything else is left alone: SCB-Norm and SCB-Norm-base take no batch statistics.
-
-    Call it before wrapping the model in ``DistributedDataParallel``. Outside distributed training
-    (eval, no process group, one rank) converted layers compute exactly what they did before.
-
-    Args:
-        module: the model (or a single layer).
-        process_group: the group whose ranks share statistics. Default: ``None`` (the default group)
-        batchnorm: also convert BatchNorm layers. Default: ``True``
-
-    Returns:
-        ``module`` itself, converted, or the :class:`SyncBatchNorm` replacing it if it is a BatchNorm.
-
-    Example::
-
-        >>> model = cbnorm.convert_sync_cbnorm(model)
-        >>> model = torch.nn.parallel.DistributedDataParallel(model)
-    """
-    from .layers import _RunningMixtureNorm
-
-    converted = module
-    if isinstance(module, _RunningMixtureNorm):
-        module.sync_statistics = True
-        module.process_group = process_group
-    elif batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        converted = _sync_batchnorm(module, process_group)
-    for name, child in module.named_children():
-        converted.add_module(name, convert_sync_cbnorm(child, process_group, batchnorm=batchnorm))
-    return converted
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from . import functional as F
+from ._checks import check_choice, check_positive_int
 from .context import current_cluster
 from .mixture import channel_samples, init_mixture_1d
 
@@ -25,16 +26,6 @@ _INIT_SAMPLES = 4096
 #: A component whose posterior mass in a channel's batch is below one activation's worth has
 #: received "almost no responsibility" (SPEC): its running state is left where it was.
 MIN_MASS = 1.0
-
-
-def _check_positive_int(layer: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{layer}: expected {name} to be a positive int, got {value!r}")
-
-
-def _check_choice(layer: str, name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{layer}: expected {name} to be one of {choices}, got {value!r}")
 
 
 class _ClusterNorm(nn.Module):
@@ -51,8 +42,8 @@ class _ClusterNorm(nn.Module):
     ) -> None:
         super().__init__()
         layer = type(self).__name__
-        _check_positive_int(layer, "num_features", num_features)
-        _check_positive_int(layer, "the number of components", num_components)
+        check_positive_int(layer, "num_features", num_features)
+        check_positive_int(layer, "the number of components", num_components)
         if not eps > 0:
             raise ValueError(f"{layer}: expected eps > 0, got {eps!r}")
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
@@ -226,8 +217,8 @@ class SCBNorm(_SupervisedClusterNorm):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, num_clusters, eps, affine, channel_dim, factory_kwargs)
-        _check_choice(self._name, "unknown", unknown, F.UNKNOWN_RULES)
-        _check_choice(self._name, "posterior", posterior, F.POSTERIOR_SCOPES)
+        check_choice(self._name, "unknown", unknown, F.UNKNOWN_RULES)
+        check_choice(self._name, "posterior", posterior, F.POSTERIOR_SCOPES)
         self.unknown = unknown
         self.posterior = posterior
         self.loc = nn.Parameter(torch.empty(num_clusters, num_features, **factory_kwargs))
@@ -573,8 +564,8 @@ class UCBNorm(_RunningMixtureNorm):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, num_components, eps, affine, channel_dim, factory_kwargs)
-        _check_choice(self._name, "update", update, self.UPDATES)
-        _check_choice(self._name, "init", init, self.INITS)
+        check_choice(self._name, "update", update, self.UPDATES)
+        check_choice(self._name, "init", init, self.INITS)
         self._set_momentum(momentum)
         self.num_components = num_components
         self.update = update

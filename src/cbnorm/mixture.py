@@ -37,6 +37,8 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, check_non_negative_int, check_positive_int
+
 __all__ = [
     "GaussianMixture",
     "Mixture1d",
@@ -280,7 +282,7 @@ def fit_mixture_1d(
         >>> fit = cbnorm.mixture.fit_mixture_1d(rows, 3, steps=5)
         >>> fit = cbnorm.mixture.fit_mixture_1d(next_rows, 3, steps=2, init=fit)  # warm start
     """
-    _check_k("fit_mixture_1d", "k", k)
+    check_positive_int("fit_mixture_1d", "k", k)
     if x.dim() != 2 or not x.is_floating_point() or (x.shape[1] == 0 and reduce_sums is None):
         raise ValueError(f"fit_mixture_1d: expected a floating-point (C, M) tensor with M > 0, "
                          f"got {x.dtype} of shape {tuple(x.shape)}")
@@ -321,11 +323,6 @@ def _check_features(owner: str, features, min_rows: int, what: str) -> Tensor:
     return x
 
 
-def _check_k(owner: str, name: str, k) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{owner}: expected {name} to be a positive int, got {k!r}")
-
-
 def kmeans(features, k: int, *, max_iter: int = 300, seed: Seed = None) -> tuple[Tensor, Tensor]:
     """k-means of ``(N, D)`` features: k-means++ seeds, then Lloyd steps until no center moves.
 
@@ -344,7 +341,7 @@ def kmeans(features, k: int, *, max_iter: int = 300, seed: Seed = None) -> tuple
 
         >>> centers, labels = cbnorm.mixture.kmeans(features, 3, seed=0)
     """
-    _check_k("kmeans", "k", k)
+    check_positive_int("kmeans", "k", k)
     x = _check_features("kmeans", features, k, "k").unsqueeze(0)
     centers = _lloyd(x, _kmeans_plusplus(x, k, seed), max_iter, until_stable=True)
     return centers[:, 0], _sq_dist(x, centers)[:, 0].argmin(0)
@@ -411,15 +408,13 @@ class GaussianMixture:
         means_init=None,
         variances_init=None,
     ) -> None:
-        _check_k("GaussianMixture", "n_components", n_components)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-            raise ValueError(f"GaussianMixture: expected max_iter to be a non-negative int, got {max_iter!r}")
-        _check_k("GaussianMixture", "n_init", n_init)
+        check_positive_int("GaussianMixture", "n_components", n_components)
+        check_non_negative_int("GaussianMixture", "max_iter", max_iter)
+        check_positive_int("GaussianMixture", "n_init", n_init)
         for name, value in (("tol", tol), ("reg_covar", reg_covar)):
             if not value >= 0:
                 raise ValueError(f"GaussianMixture: expected {name} >= 0, got {value!r}")
-        if init not in self.INITS:
-            raise ValueError(f"GaussianMixture: expected init to be one of {self.INITS}, got {init!r}")
+        check_choice("GaussianMixture", "init", init, self.INITS)
         self.n_components = n_components
         self.max_iter = max_iter
         self.tol = tol

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from . import distributed
 from . import functional as F
-from .layers import _check_positive_int, _RunningMixtureNorm
+from ._checks import check_positive_int
+from .layers import _RunningMixtureNorm
 from .mixture import Mixture1d, channel_samples, fit_mixture_1d
 
 __all__ = ["MixtureNorm"]
@@ -96,7 +97,7 @@ class MixtureNorm(_RunningMixtureNorm):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, num_components, eps, affine, channel_dim, factory_kwargs)
-        _check_positive_int(self._name, "em_steps", em_steps)
+        check_positive_int(self._name, "em_steps", em_steps)
         self._set_momentum(momentum)
         self.num_components = num_components
         self.em_steps = em_steps

@@ -46,7 +46,7 @@ images and ``n_T = uratio * n_S`` target images, each weakly (``w``) and strongl
 **Optimiser** (the paper's): Adam, initial learning rate 0.03, cosine decay per step to 25% of it
 at the end (Keras' ``CosineDecay(0.03, T, alpha=0.25)`` of the example the paper's baseline numbers
 come from), no weight decay (that example's L2 regularisers are never added to its loss). Adam at
-0.03 is far above Adam's usual range; see the README for what it did here.
+0.03 is far above Adam's usual range; see ``docs/reproducing.md`` (AdaMatch) for what it did here.
 
 **Gradient variance** (Figure 12). On every ``--grad-every``-th step the gradients of the two loss
 terms are taken separately, :math:`g_S = \nabla_\theta L_S` and :math:`g_T = \nabla_\theta L_T`
@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import cbnorm
 from cbnorm.functional import POSTERIOR_SCOPES, UNKNOWN_RULES
 from cbnorm.layers import SCBNorm
 
@@ -243,25 +244,6 @@ def adamatch_objective(joint: Tensor, source_only: Tensor, labels: Tensor, progr
             "threshold": float(threshold)}
 
 
-@contextlib.contextmanager
-def buffers_kept(model: nn.Module):
-    """Within the block the model's layers update copies of their buffers (running statistics); afterwards
-    the original buffers are back, untouched: neither their values nor their autograd versions change,
-    so a graph built before the block (whose BatchNorm nodes hold the buffers) can still be differentiated."""
-    originals = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
-                 if buffer is not None]
-    mirrors = [(module, module._initialized) for module in model.modules() if hasattr(module, "_initialized")]
-    for module, name, buffer in originals:
-        module._buffers[name] = buffer.clone()
-    try:
-        yield
-    finally:
-        for module, name, buffer in originals:
-            module._buffers[name] = buffer
-        for module, value in mirrors:  # layers that mirror a buffer in Python (UCB-Norm's `initialized`)
-            module._initialized = value
-
-
 def _domain_ids(n: int, domain: int, device) -> Tensor:
     return torch.full((n,), domain, dtype=torch.long, device=device)
 
@@ -336,7 +318,7 @@ def _train_epoch(model, data: Domains, epoch: int, optimizer, scheduler, config:
         with autocast(device, config.amp, torch.bfloat16):
             with clustered(joint_ids):
                 joint = model(_to_input(torch.cat([weak_s, strong_s, weak_t, strong_t]), device))
-            with buffers_kept(model), clustered(source_ids):
+            with cbnorm.preserve_running_stats(model), clustered(source_ids):
                 source_only = model(_to_input(torch.cat([weak_s, strong_s]), device))
         out = adamatch_objective(joint, source_only, labels, t / total, config.tau)
         mu = out["mu"]
@@ -608,8 +590,8 @@ def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dic
             ours = ([_cell(row["final"][f"{domain}_{k}"]) for k in _SCORES] if row["status"] == "ok"
                     else [row["status"], "", "", ""])
             lines.append(f"| {row['label']} | " + " | ".join(ours + paper_cells) + " |")
-    base = results["rows"][0]
-    lines += ["", f"Target accuracy against {base['label']} under the same seeds: paired difference (points), its 95% "
+    base = results["rows"][0]["label"] if results["rows"] else "the baseline"
+    lines += ["", f"Target accuracy against {base} under the same seeds: paired difference (points), its 95% "
                   "Student-t interval, and the verdict the code computes (`better`/`worse` when the interval "
                   "excludes 0).", "", "| model | target accuracy | difference | 95% interval | verdict |",
               "| --- | --- | --- | --- | --- |"]
@@ -642,28 +624,18 @@ def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dic
     return "\n".join(lines) + "\n"
 
 
-def _adamatch_figures(root: Path, histories: dict) -> None:
-    from .plots import _figure, _save, curves_figure
+def adamatch_figures(root: Path, histories: dict, source: str, target: str, scale: str) -> None:
+    """``curves.png`` (accuracies, training loss and mask rate) and ``figure12.png`` (gradient variance) in ``root``,
+    from each label's histories (one a seed)."""
+    from .plots import curves_figure, gradient_variance_figure
 
     done = {label: hs for label, hs in histories.items() if hs}
     if not done:
         return
-    curves_figure({"test accuracy": done}, root / "curves.png", ("source_acc", "target_acc", "loss", "mask"))
-    fig, axes = _figure(2, 2, 5.0, 3.6)
-    for r, domain in enumerate(("source", "target")):
-        for c, stat in enumerate(("max", "mean")):
-            ax = axes[r, c]
-            key = f"grad_var_{domain}_{stat}"
-            for label, hs in done.items():
-                length = min(len(h) for h in hs)
-                values = np.array([[row[key] for row in h[:length]] for h in hs], dtype=float).mean(0)
-                ax.plot([row["epoch"] for row in hs[0][:length]], values, marker="o" if length < 15 else None,
-                        markersize=3, label=label)
-            ax.set(title=f"{domain} domain: {stat} gradient variance per epoch", xlabel="epoch",
-                   ylabel=f"{stat} Var(grad of L_{domain[0].upper()})", yscale="log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    _save(fig, root / "figure12.png")
+    setting = f"AdaMatch {source} → {target}, {scale} scale"
+    curves_figure({"": done}, root / "curves.png", ("source_acc", "target_acc", "loss", "mask"),
+                  title=f"{setting}: per epoch")
+    gradient_variance_figure(done, root / "figure12.png", title=f"Figure 12: gradient variance, {setting}")
 
 
 def reproduce_adamatch(
@@ -735,4 +707,4 @@ def reproduce_adamatch(
                "seeds": list(seeds), "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(r["seconds"] for hs in histories.values() for h in hs for r in h)}
     return write_results(root, _adamatch_table(source, target, scale, results), results,
-                         lambda: _adamatch_figures(root, histories))
+                         lambda: adamatch_figures(root, histories, source, target, scale.name))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cbnorm import cached_cluster_ids, image_features
+from cbnorm import _cache, cached_cluster_ids, image_features
 
 from .data import Dataset, atomic_write
 
@@ -83,13 +83,13 @@ def mixture_clusters(data: Dataset, k: int, method: str = "gmm", seed: int = 0, 
     """The dataset-level mixture: ``k`` clusters of PCA features, both fitted on the training images;
     each test image gets the cluster the fit predicts for it.
 
-    The ids are cached by :func:`cbnorm.cached_cluster_ids` in ``cache_dir`` (default
-    ``$CBNORM_CACHE``, else ``~/.cache/cbnorm``), keyed by the dataset's name and
+    The ids are cached by :func:`cbnorm.cached_cluster_ids` in ``cache_dir`` (default ``clusters/``
+    of cbnorm's cache folder, ``$CBNORM_CACHE_DIR``), keyed by the dataset's name and
     :func:`data_fingerprint`, ``k``, method, seed and the number of training images.
     """
     images = torch.cat([data.train.images, data.test.images])
     fit = len(data.train)
-    cache = Path(cache_dir or os.environ.get("CBNORM_CACHE") or Path.home() / ".cache" / "cbnorm")
+    cache = Path(cache_dir) if cache_dir else _cache.cache_dir("clusters")
     ids = cached_cluster_ids(
         cache, f"{data.name}-{data_fingerprint(data)}", k, lambda: image_features(images, seed=seed, fit_samples=fit),
         method=method, seed=seed, num_samples=len(images), fit_samples=fit,

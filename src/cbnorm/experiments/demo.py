@@ -55,8 +55,9 @@ def demo(
         )
         histories[label] = train(config, data)
         seconds[label] = sum(row["seconds"] for row in histories[label])
-    path = curves_figure({f"{dataset}: shallow CNN": {k: [h] for k, h in histories.items()}}, root / "demo.png",
-                         ("test_error", "train_loss"))
+    path = root / "demo.png"
+    curves_figure({"": {k: [h] for k, h in histories.items()}}, path, ("test_error", "train_loss"),
+                  title=f"Demo: shallow CNN on {dataset}, seed {seed}")
     print(f"\n{'model':<10} | {'final test acc':>14} | {'best test acc':>13} | {'final train loss':>16} | {'time':>7}")
     print("-" * 73)
     for label, history in histories.items():

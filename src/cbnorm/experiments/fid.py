@@ -17,8 +17,8 @@ resized to 299 x 299 with the graph's own ``ResizeBilinear`` (TensorFlow's legac
 ``align_corners=False``, no half-pixel offset, :func:`tf_resize_bilinear`) from their uint8
 values, then mapped to ``(x - 128) / 128`` as the graph does.
 
-What was checked about these weights, and what that does not prove, is in the README ("DCGAN with
-FID", "The FID weights"); :func:`inception_fingerprint` returns what can be checked offline.
+What was checked about these weights, and what that does not prove, is in ``docs/fid.md`` ("The
+weights"); :func:`inception_fingerprint` returns what can be checked offline.
 
 **Fallback.** ``"random-conv"``: a fixed, seeded (seed 0), untrained 4-layer CNN with 512
 output channels, global-average-pooled (:class:`RandomConvFeatures`). Distances in its feature

@@ -323,22 +323,17 @@ GAN_SCALES = {
 }
 
 
-def _figures(root: Path, histories: dict, metric, runs: dict) -> None:
-    from .plots import _figure, _save, curves_figure
+def dcgan_figures(root: Path, histories: dict, metric, grids: dict, setting: str) -> None:
+    """``figure10.png`` (the metric's curves) and ``figure11.png`` (the sample ``grids``' images) in ``root``."""
+    from .plots import curves_figure, samples_figure
 
     panel = {label: [[r for r in h if metric.key in r] for h in hs] for label, hs in histories.items() if hs}
     if panel:
-        curves_figure({f"{metric.label}, lower is better": panel}, root / "figure10.png", (metric.key,))
-    grids = {label: path for label, path in runs.items() if path.is_file()}
+        curves_figure({f"{metric.label}, lower is better": panel}, root / "figure10.png", (metric.key,),
+                      title=f"Figure 10: {metric.label} per epoch, {setting}")
+    grids = {label: path for label, path in grids.items() if Path(path).is_file()}
     if grids:
-        from PIL import Image
-
-        fig, axes = _figure(1, len(grids), 4.0, 4.2)
-        for ax, (label, path) in zip(axes[0], grids.items()):
-            with Image.open(path) as image:
-                ax.imshow(np.asarray(image.convert("RGB")))
-            ax.set(title=label, xticks=[], yticks=[])
-        _save(fig, root / "figure11.png")
+        samples_figure(grids, root / "figure11.png", title=f"Figure 11: samples after the last epoch, {setting}")
 
 
 def reproduce_dcgan(
@@ -418,7 +413,7 @@ def reproduce_dcgan(
                "device": str(device_), "train_seconds": sum(r["seconds"] + r.get("fid_seconds", 0)
                                                             for hs in histories.values() for h in hs for r in h)}
     return write_results(root, _gan_table(dataset, scale, results), results,
-                         lambda: _figures(root, histories, metric, grids))
+                         lambda: dcgan_figures(root, histories, metric, grids, f"{dataset}, {scale.name} scale"))
 
 
 def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:

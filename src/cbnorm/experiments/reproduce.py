@@ -128,7 +128,7 @@ def densenet(depth: int) -> Experiment:
 EXPERIMENTS = {"table5": TABLE5, "densenet40": densenet(40), "densenet100": densenet(100)}
 
 # `small` is sized from epochs timed on 2 shared CPU cores to take about an hour for all its runs,
-# MN's included (README, "Reproducing the paper"); `smoke` is CI's; `paper` is the paper's protocol.
+# MN's included (docs/reproducing.md); `smoke` is CI's; `paper` is the paper's protocol.
 SCALES: dict[str, dict[str, Scale]] = {
     "table5": {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),
@@ -392,31 +392,51 @@ def reproduce(
                "val_fraction": TrainConfig.val_fraction, "command": command, "device": str(resolve_device(device)),
                "rows": rows, "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
     return write_results(root, _table(experiment, dataset, scale, results), results,
-                         lambda: _figures(experiment, scale, seeds, root, histories, data, norms, lrs))
+                         lambda: _figures(experiment, dataset, scale, seeds, root, histories, data, norms, lrs))
 
 
-def _figures(experiment: Experiment, scale: Scale, seeds, root: Path, histories: dict, data: Dataset,
-             norms: list, lrs: Sequence[float]) -> None:
+def _setting(experiment: Experiment, dataset: str, scale: Scale) -> str:
+    return f"{experiment.model}, {dataset}, {scale.name} scale"
+
+
+def curves_figures(experiment: Experiment, dataset: str, scale: Scale, seeds, root: Path, histories: dict,
+                   norms: Optional[list] = None, lrs: Optional[Sequence[float]] = None) -> None:
+    """The experiment's curves (Figure 5 or 8) in ``root``, from ``histories[(key, lr, seed)]`` of the
+    :func:`variants` ``norms`` (default: the scale's or the experiment's) at ``lrs``."""
+    norms = norms or variants(scale.norms or experiment.norms)
     panels = {}
-    for lr in lrs:
+    for lr in lrs or scale.lrs or experiment.lrs:
         panel = {label: [histories[(key, lr, s)] for s in seeds if (key, lr, s) in histories]
                  for label, _, _, key in norms}
         panels[f"lr = {lr:g}"] = {label: h for label, h in panel.items() if h}
-    curves = experiment.curves + (("val_acc",) if scale.select == "best-val" else ())
     if any(panels.values()):
-        curves_figure(panels, root / f"{experiment.figure}.png", curves)
+        name = experiment.figure.replace("figure", "Figure ")
+        curves = experiment.curves + (("val_acc",) if scale.select == "best-val" else ())
+        curves_figure(panels, root / f"{experiment.figure}.png", curves,
+                      title=f"{name}: {_setting(experiment, dataset, scale)}")
+
+
+def _figures(experiment: Experiment, dataset: str, scale: Scale, seeds, root: Path, histories: dict,
+             data: Dataset, norms: list, lrs: Sequence[float]) -> None:
+    curves_figures(experiment, dataset, scale, seeds, root, histories, norms, lrs)
     first = (lrs[0], seeds[0])
     finished = [(label, key) for label, _, _, key in norms if (key, *first) in histories]
+    setting = f"{_setting(experiment, dataset, scale)}, lr {first[0]:g}, seed {first[1]}"
     if finished:
         activations = {label: run_activations(root / "runs" / _run_name(norm, *first), data=data)
                        for label, norm in finished}
-        activation_figure(activations, root / "figure2.png", k=experiment.k)
+        points = len(next(iter(activations.values())).values)
+        activation_figure({f"{label}: {a.layer}, epoch {a.epoch}": a.values for label, a in activations.items()},
+                          root / "figure2.png", k=experiment.k,
+                          title=f"Figure 2: activations on {points} test images, {setting}")
     with_snapshots = [(label, norm) for label, norm in finished
                       if (root / "runs" / _run_name(norm, *first) / "snapshots").is_dir()]
     if scale.tsne_points and with_snapshots:
         rows = {label: run_snapshots(root / "runs" / _run_name(norm, *first), scale.tsne_points, data=data)
                 for label, norm in with_snapshots}
-        tsne_figure(rows, root / f"{experiment.tsne_figure}.png")
+        name = experiment.tsne_figure.replace("figure", "Figure ")
+        tsne_figure(rows, root / f"{experiment.tsne_figure}.png", classes=data.classes,
+                    title=f"{name}: t-SNE of the classifier's inputs on {scale.tsne_points} test images, {setting}")
 
 
 def densenet_dataset(data_dir: Optional[str] = None) -> str:

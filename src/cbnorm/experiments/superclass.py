@@ -108,7 +108,7 @@ OXFORD_CNN_CONTROLS = dataclasses.replace(
 EXPERIMENTS = {"vit": VIT, "oxford_cnn": OXFORD_CNN, "oxford_cnn_controls": OXFORD_CNN_CONTROLS}
 
 # `small` is sized from epochs timed with --threads 1 on 2 shared CPU cores (ViT: 65 s for 5,000 + 1,000
-# images; OxfordCNN: 55 s for 20,000 + 10,000) to take about 20-25 minutes for all its runs (README,
+# images; OxfordCNN: 55 s for 20,000 + 10,000) to take about 20-25 minutes for all its runs (docs/reproducing.md,
 # "Superclasses as prior clusters"); `smoke` is CI's; `paper` is the paper's protocol.
 CONTROLS_TRAIN, CONTROLS_TEST, CONTROLS_EPOCHS = 4000, 2000, 4  # sized on 2 shared CPU cores, see results/FINDINGS.md
 SCALES: dict[str, dict[str, Scale]] = {
@@ -330,15 +330,24 @@ def reproduce_superclass(
                "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
     return write_results(root, _table(experiment, data, scale, results), results,
-                         lambda: _figures(experiment, seeds, root, histories, data, norms))
+                         lambda: _figures(experiment, scale.name, seeds, root, histories, data, norms))
 
 
-def _figures(experiment: SuperclassExperiment, seeds, root: Path, histories: dict, data: Dataset, norms: list) -> None:
-    curves, pca = experiment.figures
-    lines = {label: [histories[(key, s)] for s in seeds if (key, s) in histories] for label, _, _, key in norms}
+def superclass_curves(experiment: SuperclassExperiment, dataset: str, scale: str, root: Path, lines: dict) -> None:
+    """Figure 13 (or OxfordCNN's ``curves.png``) in ``root``, from each label's histories (one a seed)."""
+    curves = experiment.figures[0]
     lines = {label: h for label, h in lines.items() if h}
     if lines:
-        curves_figure({"": lines}, root / f"{curves}.png", ("train_loss", "test_loss", "test_acc"))
+        name = "Figure 13" if curves == "figure13" else "Curves"
+        curves_figure({"": lines}, root / f"{curves}.png", ("train_loss", "test_loss", "test_acc"),
+                      title=f"{name}: {experiment.model}, {dataset}, {scale} scale")
+
+
+def _figures(experiment: SuperclassExperiment, scale: str, seeds, root: Path, histories: dict, data: Dataset,
+             norms: list) -> None:
+    pca = experiment.figures[1]
+    superclass_curves(experiment, data.name, scale, root, {
+        label: [histories[(key, s)] for s in seeds if (key, s) in histories] for label, _, _, key in norms})
     for label, _, _, key in norms:
         if (key, seeds[0]) in histories:
             outputs, superclasses = run_outputs(root / "runs" / _run_name(key, experiment.lr, seeds[0]), data=data)

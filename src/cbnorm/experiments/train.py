@@ -20,7 +20,6 @@ same way.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import random
 import time
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cbnorm.factory import get_norm_layer
+from cbnorm import kernels
+from cbnorm.factory import norm_layer_info
 
 from .clusters import ClusterIds, prior_clusters
 from . import distributed
@@ -153,21 +153,14 @@ def best_val_row(history: Sequence[dict]) -> dict:
 
 
 def norm_kwargs(norm: str, k: int, extra: dict) -> dict:
-    """``K`` under the name the layer's constructor takes (``num_clusters``, ``num_components`` or
-    ``num_domains``), then ``extra``."""
-    if norm == "none":
-        return dict(extra)
-    parameters = inspect.signature(get_norm_layer(norm)).parameters
-    kwargs = {name: k for name in ("num_clusters", "num_components", "num_domains") if name in parameters}
-    return {**kwargs, **extra}
+    """``K`` under the keyword the registry declares for the layer (none for BatchNorm), then ``extra``."""
+    k_arg = None if norm == "none" else norm_layer_info(norm).k_arg
+    return {**({} if k_arg is None else {k_arg: k}), **extra}
 
 
 def supervised_norm(norm: str) -> bool:
-    """Whether the layer takes cluster ids (``forward(x, cluster=...)``, as the SCB layers do)."""
-    if norm == "none":
-        return False
-    layer = get_norm_layer(norm)
-    return inspect.isclass(layer) and "cluster" in inspect.signature(layer.forward).parameters
+    """Whether the registry declares that the layer takes cluster ids (the SCB layers)."""
+    return norm != "none" and norm_layer_info(norm).takes_clusters
 
 
 def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
@@ -290,7 +283,7 @@ def _describe(config: TrainConfig, run: Setup, device: torch.device, batches: in
     norm = config.norm
     if run.clusters is not None:
         norm += f" (K={run.clusters.k} clusters: {run.clusters.source})"
-    elif "num_components" in norm_kwargs(config.norm, config.num_clusters, {}):
+    elif norm_kwargs(config.norm, config.num_clusters, {}):  # a layer with K of its own (UCB-Norm, MN)
         norm += f" (K={config.num_clusters})"
     return (
         f"{config.dataset} ({len(run.train)} train / {len(run.test)} test) | {config.model} + {norm} | "
@@ -310,6 +303,8 @@ def train(config: TrainConfig, data: Optional[Dataset] = None) -> list[dict]:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if device.type == "cpu" and config.norm != "none" and not config.norm.startswith("batchnorm"):
+        kernels.build()  # before any epoch is timed: the first build takes about a minute
     ranks = distributed.join(device)
     try:
         return _train(config, data, device, ranks)

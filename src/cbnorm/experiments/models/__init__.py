@@ -24,8 +24,8 @@ __all__ = ["ClusterBias", "DenseNet", "DomainBatchNorm", "MODELS", "OxfordCNN", 
 
 # Controls of the experiments, not layers of the paper: domain-specific BatchNorm (AdaMatch) and a
 # learned bias per superclass (label injection, superclass experiment).
-register_norm_layer("dsbn", DomainBatchNorm)
-register_norm_layer("cluster_bias", ClusterBias)
+register_norm_layer("dsbn", DomainBatchNorm, k_arg="num_domains", takes_clusters=True)
+register_norm_layer("cluster_bias", ClusterBias, k_arg="num_clusters", takes_clusters=True)
 
 MODELS = {
     "shallow_cnn": ShallowCNN,
