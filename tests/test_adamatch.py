@@ -210,6 +210,7 @@ def test_reproduce_adamatch_smoke(tmp_path, data_root):
     assert "best on the target:" in table and "unknown: map, sample" in table
     summary = json.loads((root / "summary.json").read_text())
     assert [row["status"] for row in summary["rows"]] == ["ok"] * 5  # with the domain-specific BatchNorm control
+    assert summary["target"] == "digits" and "— mnist -> digits, scale `smoke`" in table.splitlines()[0]
     config, history = read_metrics(root / "runs" / "scb-seed0")
     smoke, paper = adamatch.ADAMATCH_SCALES["smoke"], adamatch.ADAMATCH_SCALES["paper"]
     assert (config["depth"], config["width"], config["lr"], config["bn_momentum"]) == (10, 2, 1e-3, 0.1)

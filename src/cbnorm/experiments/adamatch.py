@@ -608,7 +608,8 @@ def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dic
                   "row's precision, recall and F1 are not macro averages of the same predictions."]
     ruled = [row for row in results["rows"] if row["status"] == "ok" and len(row["rules"]) > 1]
     if ruled:
-        lines += ["", "Inference rules of the SCB layers (last epoch; accuracy and macro F1, %, mean ± std over seeds). "
+        lines += ["", "Inference rules of the SCB layers (last epoch; accuracy and macro F1, %, mean ± half-width of "
+                      "the 95% interval over seeds). "
                       "\"source id\" is the paper's; \"domain id\" gives each image its own domain; \"unknown\" gives "
                       "none (SPEC.md's rules for unknown clusters).", "",
                   "| model | rule | source acc | source F1 | target acc | target F1 |", "| --- | --- | --- | --- | --- | --- |"]
@@ -685,7 +686,7 @@ def reproduce_adamatch(
     inference = {label: [done[norm, s][1] for s in seeds if (norm, s) in done] for label, norm in norms}
     failures = {label: failed[norm, s] for label, norm in norms for s in seeds if (norm, s) in failed}
     rows = []
-    target = {norm: {s: 100 * done[norm, s][0][-1]["target_acc"] for s in seeds
+    target_acc = {norm: {s: 100 * done[norm, s][0][-1]["target_acc"] for s in seeds
                      if (norm, s) in done and done[norm, s][0]} for _, norm in norms}
     base_norm = norms[0][1]
     for label, norm in norms:
@@ -697,9 +698,9 @@ def reproduce_adamatch(
                 scores = per_rule.setdefault(rule["rule"], {})
                 for key in ("source_acc", "source_f1", "target_acc", "target_f1"):
                     scores.setdefault(key, []).append(rule[key])
-        common = sorted(set(target[norm]) & set(target[base_norm]))
-        versus = None if norm == base_norm else comparison([target[norm][s] for s in common],
-                                                           [target[base_norm][s] for s in common])
+        common = sorted(set(target_acc[norm]) & set(target_acc[base_norm]))
+        versus = None if norm == base_norm else comparison([target_acc[norm][s] for s in common],
+                                                           [target_acc[base_norm][s] for s in common])
         rows.append({"label": label, "norm": norm, "seeds": [s for s in seeds if (norm, s) in done], "final": final,
                      "rules": per_rule, "target_difference": versus,
                      "status": f"failed: {failures[label]}" if label in failures else "ok"})
