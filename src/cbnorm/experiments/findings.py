@@ -147,6 +147,10 @@ def findings(results: Path) -> list[Finding]:
                 gain = _gain(target[norm], target["none"])
                 add("C6", f"AdaMatch + {norm} vs AdaMatch, target accuracy", f"+{claimed:.2f} (SVHN)",
                     f"digits as target, {len(target[norm])} seeds", gain, claim_verdict(gain, claimed), str(folder))
+        if target["dsbn"]:
+            gain = _gain(target["dsbn"], target["none"])
+            add("C6 control", "AdaMatch + domain-specific BatchNorm vs AdaMatch, target accuracy", "(no such row)",
+                f"digits as target, {gain.n} seeds", gain, verdict(gain), str(folder))
         if target["dsbn"] and target["scb"]:
             gain = _gain(target["scb"], target["dsbn"])
             add("C6 control", "AdaMatch + scb vs AdaMatch + domain-specific BatchNorm, target accuracy",
