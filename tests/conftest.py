@@ -76,3 +76,11 @@ def device(request) -> torch.device:
 @pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
 def dtype(request) -> torch.dtype:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits (bundled), loaded once for the tests that train on it."""
+    from cbnorm.experiments.data import load_dataset
+
+    return load_dataset("digits")

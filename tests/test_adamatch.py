@@ -137,8 +137,12 @@ class TestPieces:
         with pytest.raises(ValueError, match=r"expected bn_momentum to be in \(0, 1\], got 0"):
             adamatch.AdaMatchConfig(bn_momentum=0)
         with pytest.raises(ValueError, match="expected the same classes in both domains"):
-            three = Dataset("three", Split(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)),
-                            Split(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)), ["a", "b", "c"])
+            three = Dataset(
+                "three",
+                Split(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)),
+                Split(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)),
+                ["a", "b", "c"],
+            )
             adamatch.domains(adamatch.AdaMatchConfig(), three, load_dataset("digits"))
 
 
@@ -148,10 +152,14 @@ def test_training_writes_metrics_inference_rules_and_gradient_variance(tmp_path,
     history = adamatch.train_adamatch(config, mnist_like, digits)
     assert [row["epoch"] for row in history] == [1, 2] and history[-1]["mu"] == pytest.approx(adamatch.warmup(7 / 8))
     for row in history:
-        assert all(0 <= row[f"{d}_{k}"] <= 1 for d in ("source", "target") for k in ("acc", "precision", "recall", "f1"))
+        assert all(
+            0 <= row[f"{d}_{k}"] <= 1 for d in ("source", "target") for k in ("acc", "precision", "recall", "f1")
+        )
         assert 0 < row["grad_var_source_mean"] <= row["grad_var_source_max"]
         assert 0 <= row["grad_var_target_mean"] <= row["grad_var_target_max"] and 0 <= row["mask"] <= 1
-    assert history[0]["lr"] == 0.03 and history[1]["lr"] == pytest.approx(0.03 * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi / 2))))
+    assert history[0]["lr"] == 0.03 and history[1]["lr"] == pytest.approx(
+        0.03 * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi / 2)))
+    )
     rules = json.loads((out / "inference.json").read_text())["rules"]
     assert [r["rule"] for r in rules] == [r["name"] for r in adamatch.rules("scb")]
     assert rules[0]["target_acc"] == pytest.approx(history[-1]["target_acc"])  # the epoch rule is the paper's
@@ -199,16 +207,30 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, data_root):
 
 
 def test_reproduce_adamatch_smoke(tmp_path, data_root):
-    """The CI reproduction: AdaMatch and its three cluster-based variants, MNIST -> digits, table and figures."""
-    argv = ["reproduce", "adamatch", "--source", "mnist", "--target", "digits", "--scale", "smoke", "--out",
-            str(tmp_path), "--data-dir", str(data_root), "--no-progress"]
+    """The CI reproduction: AdaMatch, its three cluster-based variants and the DSBN control, MNIST -> digits."""
+    argv = [
+        "reproduce",
+        "adamatch",
+        "--source",
+        "mnist",
+        "--target",
+        "digits",
+        "--scale",
+        "smoke",
+        "--out",
+        str(tmp_path),
+        "--data-dir",
+        str(data_root),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     root = tmp_path / "results" / "adamatch-mnist-digits" / "smoke"
     table = (root / "table.md").read_text()
     assert "| AdaMatch+SCB-Norm | " in table and "54.70 | 59.74 | 54.70 | 54.55" in table  # the paper's, SVHN
     assert "best on the target:" in table and "unknown: map, sample" in table
     summary = json.loads((root / "summary.json").read_text())
-    assert [row["status"] for row in summary["rows"]] == ["ok"] * 4
+    assert [row["status"] for row in summary["rows"]] == ["ok"] * 5  # with the domain-specific BatchNorm control
+    assert summary["target"] == "digits" and "— mnist -> digits, scale `smoke`" in table.splitlines()[0]
     config, history = read_metrics(root / "runs" / "scb-seed0")
     smoke, paper = adamatch.ADAMATCH_SCALES["smoke"], adamatch.ADAMATCH_SCALES["paper"]
     assert (config["depth"], config["width"], config["lr"], config["bn_momentum"]) == (10, 2, 1e-3, 0.1)
@@ -220,7 +242,12 @@ def test_reproduce_adamatch_smoke(tmp_path, data_root):
 
 def test_table_names_the_seeds_that_ran():
     """``--seeds`` overrides the scale's: the table says which seeds its numbers average."""
-    results = {"command": "cbnorm reproduce adamatch --seeds 3 4", "seeds": [3, 4], "device": "cpu", "rows": [],
-               "train_seconds": 0.0}
+    results = {
+        "command": "cbnorm reproduce adamatch --seeds 3 4",
+        "seeds": [3, 4],
+        "device": "cpu",
+        "rows": [],
+        "train_seconds": 0.0,
+    }
     table = adamatch._adamatch_table("mnist", "digits", adamatch.ADAMATCH_SCALES["small"], results)
     assert "seeds 3, 4. Protocol: WRN-10-2, Adam lr 0.001" in table

@@ -39,7 +39,7 @@ def test_reproduce_table5_smoke(tmp_path, data_root, capsys):
     assert len(measured) == 10 and all(0 <= mean <= 100 for row in measured for mean, _ in row["ours"])
     config, history = read_metrics(root / "runs" / "scb-lr0.005-seed0")
     assert len(history) == 2 and config["train_size"] == 128 and config["batch_size"] == 256
-    assert config["clusters"].endswith("clusters-cifar10-gmm-k3.npz") and config["num_clusters"] == 3
+    assert config["clusters"].endswith("clusters-cifar10-gmm-k3-train-fit.npz") and config["num_clusters"] == 3
     assert is_png(root / "figure5.png") and is_png(root / "figure2.png")
     assert "Command: `cbnorm reproduce table5" in table
 
@@ -236,19 +236,24 @@ class TestTheCommandLineKeepsWork:
 
         monkeypatch.setattr(rep, "train", fails_for_ucb)
         monkeypatch.setitem(rep.SCALES["table5"], "smoke", tiny())
-        monkeypatch.setattr(rep, "TABLE5", dataclasses.replace(rep.TABLE5, norms=(("BN", "batchnorm"), ("UCB-Norm", "ucb")),
-                                                              lrs=(0.001,)))
+        monkeypatch.setattr(
+            rep,
+            "TABLE5",
+            dataclasses.replace(rep.TABLE5, norms=(("BN", "batchnorm"), ("UCB-Norm", "ucb")), lrs=(0.001,)),
+        )
         monkeypatch.setitem(rep.EXPERIMENTS, "table5", rep.TABLE5)
         assert main(["reproduce", "table5", "--dataset", "digits", "--out", str(tmp_path), "--no-progress"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("cbnorm reproduce: error: 1 run failed (see ") and err.endswith(
-            "table.md); the first, ('ucb', 0.001, 0): RuntimeError: out of memory")
+            "table.md); the first, ('ucb', 0.001, 0): RuntimeError: out of memory"
+        )
         table = (tmp_path / "results" / "table5-digits" / "tiny" / "table.md").read_text()
         assert "| UCB-Norm | 0.001 | failed: RuntimeError: out of memory" in table
 
 
-@pytest.mark.parametrize("argv,module", [(["demo", "--epochs", "1"], "sklearn"),
-                                         (TINY_TRAIN + ["--epochs", "1"], "tqdm")])
+@pytest.mark.parametrize(
+    "argv,module", [(["demo", "--epochs", "1"], "sklearn"), (TINY_TRAIN + ["--epochs", "1"], "tqdm")]
+)
 def test_a_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypatch, argv, module):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
     for name in [m for m in sys.modules if m.startswith(module + ".")]:
@@ -260,8 +265,25 @@ def test_a_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeyp
 
 
 def test_datasets_are_case_insensitive(tmp_path, capsys):
-    assert main(["train", "--dataset", "DIGITS", "--train-size", "64", "--test-size", "64", "--epochs", "1",
-                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "DIGITS",
+                "--train-size",
+                "64",
+                "--test-size",
+                "64",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "config.json").read_text())["dataset"] == "digits"
     assert main(["data", "verify", "Digits"]) == 0
 
@@ -269,16 +291,18 @@ def test_datasets_are_case_insensitive(tmp_path, capsys):
 def test_help_is_fast_and_clean():
     """``cbnorm --help`` and every command's help build without torch, and read as plain text."""
     commands = ["", "demo", "train", "gan", "adamatch", "reproduce", "plot", "data", "clusters"]
-    script = ("import io, sys, time, contextlib\n"
-              "start = time.perf_counter()\n"
-              "from cbnorm.experiments.cli import main\n"
-              f"for command in {commands!r}:\n"
-              "    text = io.StringIO()\n"
-              "    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):\n"
-              "        main([command, '--help'] if command else ['--help'])\n"
-              "    print(text.getvalue())\n"
-              "print('seconds', time.perf_counter() - start)\n"
-              "print('imported', sorted({'torch', 'numpy'} & set(sys.modules)))\n")
+    script = (
+        "import io, sys, time, contextlib\n"
+        "start = time.perf_counter()\n"
+        "from cbnorm.experiments.cli import main\n"
+        f"for command in {commands!r}:\n"
+        "    text = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):\n"
+        "        main([command, '--help'] if command else ['--help'])\n"
+        "    print(text.getvalue())\n"
+        "print('seconds', time.perf_counter() - start)\n"
+        "print('imported', sorted({'torch', 'numpy'} & set(sys.modules)))\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("imported []")

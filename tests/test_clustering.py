@@ -10,8 +10,12 @@ from cbnorm import clustering
 def images(n=200, seed=0):
     """uint8 "images" (N, 3, 6, 6) from a few latent factors, so their spectrum decays."""
     g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(n, 4, generator=g, dtype=torch.float64) * torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)
-    pixels = latent @ torch.randn(4, 108, generator=g, dtype=torch.float64) + torch.randn(n, 108, generator=g, dtype=torch.float64)
+    latent = torch.randn(n, 4, generator=g, dtype=torch.float64) * torch.tensor(
+        [8.0, 4.0, 2.0, 1.0], dtype=torch.float64
+    )
+    pixels = latent @ torch.randn(4, 108, generator=g, dtype=torch.float64) + torch.randn(
+        n, 108, generator=g, dtype=torch.float64
+    )
     return (128 + 4 * pixels).clamp(0, 255).round().to(torch.uint8).reshape(n, 3, 6, 6)
 
 
@@ -62,7 +66,11 @@ class TestImageFeatures:
         [
             (torch.zeros(5), 2, r"image_features: expected images of shape \(N, \*\) with N >= 2, got shape \(5,\)"),
             (torch.zeros(6, 3), 4, r"image_features: expected 1 <= dim <= min\(N, features\)=3, got dim=4"),
-            (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), 1, r"image_features: expected finite images, got NaN or Inf"),
+            (
+                torch.tensor([[0.0, float("nan")], [1.0, 2.0]]),
+                1,
+                r"image_features: expected finite images, got NaN or Inf",
+            ),
         ],
     )
     def test_bad_input(self, x, dim, match):
@@ -86,7 +94,9 @@ class TestClusterDataset:
         assert torch.equal(torch.bincount(ids), torch.tensor([500, 300, 200]))
 
     def test_bad_input(self):
-        with pytest.raises(ValueError, match=r"cluster_dataset: expected method to be one of \('gmm', 'kmeans'\), got 'em'"):
+        with pytest.raises(
+            ValueError, match=r"cluster_dataset: expected method to be one of \('gmm', 'kmeans'\), got 'em'"
+        ):
             cbnorm.cluster_dataset(torch.randn(10, 2), 2, method="em")
         with pytest.raises(ValueError, match=r"GaussianMixture: expected finite features"):
             cbnorm.cluster_dataset(torch.full((10, 2), float("inf")), 2)
@@ -117,7 +127,9 @@ class TestClusterCache:
             lambda path: path.write_bytes(path.read_bytes()[:40]),  # truncated
             lambda path: torch.save({**torch.load(path), "k": 4}, path),  # written for another key
             lambda path: torch.save({**torch.load(path), "ids": torch.full((1000,), 3)}, path),  # ids out of range
-            lambda path: torch.save({**torch.load(path), "ids": torch.zeros(999, dtype=torch.long)}, path),  # wrong length
+            lambda path: torch.save(
+                {**torch.load(path), "ids": torch.zeros(999, dtype=torch.long)}, path
+            ),  # wrong length
         ],
     )
     def test_invalid_file_is_recomputed(self, tmp_path, spoil):
@@ -138,7 +150,76 @@ class TestClusterCache:
         assert list(tmp_path.iterdir()) == []
 
     def test_bad_arguments(self, tmp_path):
-        with pytest.raises(ValueError, match=r"cluster_cache_path: expected a dataset name of letters, digits, '_', '.', '-', got '../x'"):
+        with pytest.raises(
+            ValueError,
+            match=r"cluster_cache_path: expected a dataset name of letters, digits, '_', '.', '-', got '../x'",
+        ):
             cbnorm.cached_cluster_ids(tmp_path, "../x", 3, torch.randn(10, 2))
         with pytest.raises(ValueError, match=r"cached_cluster_ids: expected features of 12 samples, got 10"):
             cbnorm.cached_cluster_ids(tmp_path, "x", 2, lambda: sized_blobs((5, 5))[0], num_samples=12)
+
+
+class TestTrainOnlyFit:
+    """With ``fit_samples`` the rows after the first ``fit_samples`` (the test images) shape nothing."""
+
+    def test_features_of_the_fitted_rows_ignore_the_others(self):
+        train, test_a, test_b = images(150, seed=0), images(50, seed=1), 255 - images(50, seed=2)
+        a = cbnorm.image_features(torch.cat([train, test_a]), 4, fit_samples=150)
+        b = cbnorm.image_features(torch.cat([train, test_b]), 4, fit_samples=150)
+        torch.testing.assert_close(a[:150], b[:150])
+        assert torch.equal(a[:150], cbnorm.image_features(train, 4))
+
+    def test_other_rows_get_the_fitted_mixtures_prediction(self):
+        x, _ = sized_blobs()
+        train, test = x[::2], x[1::2]
+        ids = cbnorm.cluster_dataset(torch.cat([train, test]), 3, seed=0, fit_samples=len(train))
+        assert torch.equal(ids[: len(train)], cbnorm.cluster_dataset(train, 3, seed=0))
+        mixture = cbnorm.mixture.GaussianMixture(3, init="kmeans", max_iter=200, seed=0).fit(train)
+        fitted, predicted = mixture.predict(train), mixture.predict(test)
+        relabel = {int(f): int(i) for f, i in zip(fitted, ids[: len(train)])}
+        assert ids[len(train) :].tolist() == [relabel[int(p)] for p in predicted]
+
+    @pytest.mark.parametrize("method", ["gmm", "kmeans"])
+    def test_far_test_rows_do_not_move_the_clusters(self, method):
+        x, _ = sized_blobs()
+        outliers = 1000 + torch.randn(300, x.shape[1], generator=torch.Generator().manual_seed(3))
+        ids = cbnorm.cluster_dataset(torch.cat([x, outliers]), 3, method=method, seed=0, fit_samples=len(x))
+        assert torch.equal(ids[: len(x)], cbnorm.cluster_dataset(x, 3, method=method, seed=0))
+
+    def test_bad_fit_samples(self):
+        with pytest.raises(ValueError, match=r"image_features: expected 2 <= fit_samples <= N=10, got fit_samples=11"):
+            cbnorm.image_features(torch.zeros(10, 4), 2, fit_samples=11)
+        with pytest.raises(ValueError, match=r"cluster_dataset: expected 1 <= fit_samples <= N=10, got 0"):
+            cbnorm.cluster_dataset(torch.randn(10, 2), 2, fit_samples=0)
+
+
+class TestMixtureClusters:
+    """SCB-Norm's dataset clusters in the harness: fitted on the training images, cached per data set."""
+
+    @staticmethod
+    def dataset(test_images):
+        from cbnorm.experiments.data import Dataset, Split
+
+        train = images(120, seed=0)
+        labels = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731
+        return Dataset("toy", Split(train, labels(120)), Split(test_images, labels(len(test_images))), ["a"])
+
+    def test_test_images_do_not_shape_the_clusters(self, tmp_path):
+        from cbnorm.experiments.clusters import mixture_clusters
+
+        a = mixture_clusters(self.dataset(images(40, seed=1)), 3, cache_dir=tmp_path)
+        b = mixture_clusters(self.dataset(255 - images(40, seed=2)), 3, cache_dir=tmp_path)
+        assert torch.equal(a.train, b.train)
+        features = cbnorm.image_features(torch.cat([images(120, seed=0), images(40, seed=1)]), fit_samples=120)
+        expected = cbnorm.cluster_dataset(features, 3, fit_samples=120)
+        assert torch.equal(torch.cat([a.train, a.test]), expected)
+
+    def test_same_name_and_size_different_images_share_no_cache(self, tmp_path):
+        from cbnorm.experiments.clusters import data_fingerprint, mixture_clusters
+
+        first, second = self.dataset(images(40, seed=1)), self.dataset(images(40, seed=5))
+        assert data_fingerprint(first) != data_fingerprint(second)
+        mixture_clusters(first, 3, cache_dir=tmp_path)
+        fresh = mixture_clusters(second, 3, cache_dir=tmp_path / "fresh")
+        assert torch.equal(mixture_clusters(second, 3, cache_dir=tmp_path).test, fresh.test)
+        assert len(list(tmp_path.glob("toy-*.pt"))) == 2

@@ -56,7 +56,9 @@ class TestMacroScores:
     def test_batches_add_up(self):
         predicted, target = torch.randint(0, 5, (100,)), torch.randint(0, 5, (100,))
         whole = confusion_matrix(predicted, target, 5)
-        assert torch.equal(whole, confusion_matrix(predicted[:37], target[:37], 5) + confusion_matrix(predicted[37:], target[37:], 5))
+        assert torch.equal(
+            whole, confusion_matrix(predicted[:37], target[:37], 5) + confusion_matrix(predicted[37:], target[37:], 5)
+        )
         assert whole.sum() == 100 and whole[2, 4] == ((target == 2) & (predicted == 4)).sum()
 
     def test_balanced_classes_make_macro_recall_the_accuracy(self):
@@ -84,8 +86,17 @@ def test_every_epoch_has_the_test_sets_macro_scores(tmp_path):
     from sklearn.metrics import precision_recall_fscore_support
 
     digits = load_dataset("digits")
-    config = TrainConfig(dataset="digits", train_size=256, test_size=200, batch_size=64, eval_batch_size=64, epochs=1,
-                         norm="batchnorm", progress=False, out=str(tmp_path / "r"))
+    config = TrainConfig(
+        dataset="digits",
+        train_size=256,
+        test_size=200,
+        batch_size=64,
+        eval_batch_size=64,
+        epochs=1,
+        norm="batchnorm",
+        progress=False,
+        out=str(tmp_path / "r"),
+    )
     row = train(config, digits)[-1]
     model = build_model("shallow_cnn", 10, 1, "batchnorm")
     model.load_state_dict(torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"])
@@ -113,7 +124,9 @@ class TestSuperclassData:
         assert cifar10.train.coarse_labels.bincount().tolist() == [20000, 30000]
         assert cifar10.test.coarse_labels.bincount().tolist() == [4000, 6000]
         ship = cifar10.test.labels == 8
-        assert (cifar10.test.coarse_labels[ship] == 0).all() and (cifar10.test.coarse_labels[cifar10.test.labels == 3] == 1).all()
+        assert (cifar10.test.coarse_labels[ship] == 0).all() and (
+            cifar10.test.coarse_labels[cifar10.test.labels == 3] == 1
+        ).all()
         ids = clusters.prior_clusters(cifar10, "superclass")
         assert ids.k == 2 and torch.equal(ids.test, cifar10.test.coarse_labels)
 
@@ -121,7 +134,9 @@ class TestSuperclassData:
         write_cifar10_pickles(tmp_path / "cifar10", per_batch=3)
         loaded = load_dataset("cifar10", tmp_path)
         assert torch.equal(loaded.train.coarse_labels, CIFAR10_COARSE[loaded.train.labels])
-        assert torch.equal(loaded.train.subset(torch.tensor([4, 0])).coarse_labels, CIFAR10_COARSE[loaded.train.labels[[4, 0]]])
+        assert torch.equal(
+            loaded.train.subset(torch.tensor([4, 0])).coarse_labels, CIFAR10_COARSE[loaded.train.labels[[4, 0]]]
+        )
 
     def test_oxford_pet_official_format(self, tmp_path):
         written = write_oxford_pet(tmp_path / "oxford-iiit-pet")
@@ -132,7 +147,8 @@ class TestSuperclassData:
         assert pets.num_classes == 37 and pets.classes[0] == "Abyssinian" and pets.classes[1] == "american_bulldog"
         assert pets.classes[2] == "breed 3"  # a breed absent from the lists keeps a placeholder name
         for split, (name, *_rest) in [("train", row) for row in written["rows"]["trainval"]] + [
-                ("test", row) for row in written["rows"]["test"]]:
+            ("test", row) for row in written["rows"]["test"]
+        ]:
             images = getattr(pets, split).images
             index = [r[0] for r in written["rows"]["trainval" if split == "train" else "test"]].index(name)
             pixel = images[index].float().mean((1, 2))  # greyscale, RGBA (a PNG named .jpg), CMYK: all RGB now
@@ -143,12 +159,17 @@ class TestSuperclassData:
         assert len(load_dataset("oxford-pet", tmp_path).test) == 1  # a changed list is decoded again, not cached
 
     def test_oxford_pet_errors(self, tmp_path):
-        with pytest.raises(DataError, match=r"annotations/trainval.txt is missing.*images.tar.gz "
-                                             r"\(md5:5c4f3ee8e5d25df40f4fd59a7f44e54c\)"):
+        with pytest.raises(
+            DataError,
+            match=r"annotations/trainval.txt is missing.*images.tar.gz "
+            r"\(md5:5c4f3ee8e5d25df40f4fd59a7f44e54c\)",
+        ):
             load_dataset("oxford-pet", tmp_path)
         write_oxford_pet(tmp_path / "oxford-iiit-pet")
         (tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt").write_text("Abyssinian_1 1 1\n")
-        with pytest.raises(DataError, match="trainval.txt is corrupt.*expected lines 'IMAGE CLASS-ID SPECIES BREED-ID'"):
+        with pytest.raises(
+            DataError, match="trainval.txt is corrupt.*expected lines 'IMAGE CLASS-ID SPECIES BREED-ID'"
+        ):
             load_dataset("oxford-pet", tmp_path)
         (tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt").write_text("Abyssinian_1 1 3 1\n")
         with pytest.raises(DataError, match=r"expected labels in \[0, 2\)"):
@@ -223,7 +244,9 @@ class TestOxfordCNN:
         assert isinstance(OxfordCNN(37).norm, nn.Identity)
         order = []
         for name in ("norm", "classifier"):
-            getattr(net, name).register_forward_hook(lambda m, args, out, name=name: order.append((name, args[0].shape)))
+            getattr(net, name).register_forward_hook(
+                lambda m, args, out, name=name: order.append((name, args[0].shape))
+            )
         with cbnorm.cluster_context(torch.tensor([0, 1])):
             assert net(torch.randn(2, 3, 64, 64)).shape == (2, 37)
             assert net(torch.randn(2, 3, 32, 32)).shape == (2, 37)
@@ -266,32 +289,60 @@ def test_principal_components_match_scikit_learn(tmp_path):
 
 
 def table_rows(table):
-    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()
-            if line.startswith("| ") and "---" not in line and not line.startswith("| model")]
+    return [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in table.splitlines()
+        if line.startswith("| ") and "---" not in line and not line.startswith("| model")
+    ]
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_reproduce_superclass_vit_smoke(tmp_path, data_root):
     """The CI reproduction of Table VII: the three ViTs on a small real CIFAR-10 subset, table and figures."""
-    argv = ["reproduce", "superclass", "--model", "vit", "--scale", "smoke", "--out", str(tmp_path),
-            "--data-dir", str(data_root), "--no-progress"]
+    argv = [
+        "reproduce",
+        "superclass",
+        "--model",
+        "vit",
+        "--scale",
+        "smoke",
+        "--out",
+        str(tmp_path),
+        "--data-dir",
+        str(data_root),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     root = tmp_path / "results" / "superclass-vit-cifar10" / "smoke"
     table = (root / "table.md").read_text()
     rows = table_rows(table)
     assert [(r[0], r[2]) for r in rows] == [
-        ("ViT+BN", "—"), ("ViT+SCB-Norm-base", "given"), ("ViT+SCB-Norm-base", "unknown: uniform code"),
-        ("ViT+SCB-Norm", "given"), ("ViT+SCB-Norm", "unknown: Eq. 12"), ("ViT+SCB-Norm", "unknown: posterior"),
-        ("ViT+SCB-Norm", "unknown: MAP")]
-    assert rows[3][7:] == ["final", "67.38", "22.93", "99.00", "67.13"]  # the paper's, copied
+        ("ViT+BN", "—"),
+        ("ViT+SCB-Norm-base", "given"),
+        ("ViT+SCB-Norm-base", "unknown: uniform code"),
+        ("ViT+SCB-Norm", "given"),
+        ("ViT+SCB-Norm", "unknown: Eq. 12"),
+        ("ViT+SCB-Norm", "unknown: posterior"),
+        ("ViT+SCB-Norm", "unknown: MAP"),
+    ]
+    assert rows[3][7:12] == ["final", "67.38", "22.93", "99.00", "67.13"]  # the paper's, copied
     assert all(0 <= float(cell) <= 100 for row in rows for cell in row[3:7])
     config, history = read_metrics(root / "runs" / "scb-lr0.001-seed0")
-    assert (config["model"], config["clusters"], config["optimizer"], config["lr"], config["weight_decay"],
-            config["batch_size"], config["train_size"]) == ("vit", "superclass", "adamw", 0.001, 0.0001, 256, 128)
+    assert (
+        config["model"],
+        config["clusters"],
+        config["optimizer"],
+        config["lr"],
+        config["weight_decay"],
+        config["batch_size"],
+        config["train_size"],
+    ) == ("vit", "superclass", "adamw", 0.001, 0.0001, 256, 128)
     assert len(history) == 2 and float(rows[3][3]) == pytest.approx(100 * history[-1]["test_acc"], abs=0.006)
     summary = json.loads((root / "summary.json").read_text())
     assert all(row["status"] == "ok" for row in summary["rows"]) and summary["dataset"] == "cifar10"
-    assert is_png(root / "figure13.png") and all(is_png(root / f"figure14-{n}.png") for n in ("batchnorm", "scb_base", "scb"))
+    assert is_png(root / "figure13.png") and all(
+        is_png(root / f"figure14-{n}.png") for n in ("batchnorm", "scb_base", "scb")
+    )
     assert "Command: `cbnorm reproduce superclass --model vit" in table
 
 
@@ -305,8 +356,9 @@ def test_reproduce_superclass_oxford_cnn_protocol(tmp_path, cifar10, monkeypatch
     def spy(model, loader, device, amp=False):
         for module in model.modules():
             if isinstance(module, cbnorm.SCBNorm):
-                hook = module.register_forward_pre_hook(lambda m, args: withheld.append(
-                    (m.unknown, cbnorm.context.current_cluster())))
+                hook = module.register_forward_pre_hook(
+                    lambda m, args: withheld.append((m.unknown, cbnorm.context.current_cluster()))
+                )
                 try:
                     return evaluate(model, loader, device, amp)
                 finally:
@@ -314,13 +366,22 @@ def test_reproduce_superclass_oxford_cnn_protocol(tmp_path, cifar10, monkeypatch
         return evaluate(model, loader, device, amp)
 
     monkeypatch.setattr(sc, "evaluate", spy)
-    root = sc.reproduce_superclass("oxford_cnn", "cifar10", sc.Scale("tiny", 64, 64, 4, (0,)), out=tmp_path,
-                                   data=cifar10, progress=False, command="test")
+    root = sc.reproduce_superclass(
+        "oxford_cnn",
+        "cifar10",
+        sc.Scale("tiny", 64, 64, 4, (0,)),
+        out=tmp_path,
+        data=cifar10,
+        progress=False,
+        command="test",
+    )
     rows = table_rows((root / "table.md").read_text())
-    assert [(r[0], r[1], r[2], r[7]) for r in rows[:3]] == [("OxfordCNN base", "2", "—", "80"),
-                                                            ("OxfordCNN base", "2", "—", "113"),
-                                                            ("OxfordCNN base", "4", "—", "—")]
-    assert rows[0][8:] == ["63.12", "50.23", "80.11", "69.23"] and len(rows) == 3 + 4 + 6
+    assert [(r[0], r[1], r[2], r[7]) for r in rows[:3]] == [
+        ("OxfordCNN base", "2", "—", "80"),
+        ("OxfordCNN base", "2", "—", "113"),
+        ("OxfordCNN base", "4", "—", "—"),
+    ]
+    assert rows[0][8:12] == ["63.12", "50.23", "80.11", "69.23"] and len(rows) == 3 + 4 + 6
     assert {rule for rule, ids in withheld} == {"paper", "posterior", "map"} and all(ids is None for _, ids in withheld)
     config, history = read_metrics(root / "runs" / "scb-lr0.0001-seed0")
     assert (config["optimizer"], config["lr"], config["weight_decay"], config["batch_size"]) == ("adam", 1e-4, 0.0, 32)

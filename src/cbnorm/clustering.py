@@ -7,8 +7,11 @@ shallow CNN, :math:`K = 5` for DenseNet). Here that is three steps, each a funct
    per input feature, and projected on their first ``dim`` principal components (default 32).
 2. :func:`cluster_dataset`: one cluster id per sample, by a diagonal Gaussian mixture fitted with
    EM (:class:`cbnorm.mixture.GaussianMixture`) or by k-means.
-3. :func:`cached_cluster_ids`: the ids of step 2 kept in a file keyed by dataset, ``k``, method and
-   seed, computed (and written atomically) only when no valid file exists.
+3. :func:`cached_cluster_ids`: the ids of step 2 kept in a file keyed by dataset, ``k``, method,
+   seed and fitted rows, computed (and written atomically) only when no valid file exists.
+
+Steps 1 and 2 take ``fit_samples``: everything is fitted on the first rows (the training images)
+and the other rows (the test images) only get the cluster the fit predicts for them.
 
 Everything is torch and deterministic given the seed.
 """
@@ -36,8 +39,8 @@ _CACHE_FORMAT = 2
 _OVERSAMPLE, _POWER_ITERS = 10, 7
 
 
-def _pca(x: Tensor, dim: int, seed: int) -> Tensor:
-    """Scores of centred ``x`` ``(N, D)`` on its top ``dim`` principal axes, by randomized SVD.
+def _principal_axes(x: Tensor, dim: int, seed: int) -> Tensor:
+    """The top ``dim`` principal axes ``(dim, D)`` of centred ``x`` ``(N, D)``, by randomized SVD.
 
     Halko, Martinsson & Tropp (2011): a Gaussian sketch with ``dim + 10`` columns, seven power
     iterations re-orthonormalised by QR, then an exact SVD in the sketch's span. Each axis's sign
@@ -51,10 +54,10 @@ def _pca(x: Tensor, dim: int, seed: int) -> Tensor:
     basis = torch.linalg.qr(basis).Q
     axes = torch.linalg.svd(basis.T @ x, full_matrices=False).Vh[:dim]
     signs = axes.gather(1, axes.abs().argmax(1, keepdim=True)).sign()
-    return x @ (axes * signs).T
+    return axes * signs
 
 
-def image_features(images, dim: int = FEATURE_DIM, *, seed: int = 0) -> Tensor:
+def image_features(images, dim: int = FEATURE_DIM, *, seed: int = 0, fit_samples: Union[int, None] = None) -> Tensor:
     """Features for dataset-level clustering: flatten, standardise, PCA to ``dim`` dims.
 
     Every input feature (pixel and colour channel) is centred over the data set, and all are
@@ -69,6 +72,9 @@ def image_features(images, dim: int = FEATURE_DIM, *, seed: int = 0) -> Tensor:
             uint8) or floating point. The layout does not matter, only that it is the same for every sample.
         dim: number of principal components kept. Default: ``32``
         seed: seed of the randomized SVD's sketch. Default: ``0``
+        fit_samples: take the centring, the scale and the principal axes from the first
+            ``fit_samples`` images only (the training images), and project every image on them, so
+            that the other images (the test images) shape nothing. Default: ``None`` (all images)
 
     Returns:
         ``(N, dim)`` features, float32 (float64 for float64 input), with decreasing variance per column.
@@ -81,17 +87,22 @@ def image_features(images, dim: int = FEATURE_DIM, *, seed: int = 0) -> Tensor:
     if x.dim() < 2 or x.shape[0] < 2:
         raise ValueError(f"image_features: expected images of shape (N, *) with N >= 2, got shape {tuple(x.shape)}")
     x = x.reshape(x.shape[0], -1)
-    if not 1 <= dim <= min(x.shape):
-        raise ValueError(f"image_features: expected 1 <= dim <= min(N, features)={min(x.shape)}, got dim={dim}")
+    fit = len(x) if fit_samples is None else fit_samples
+    if not 2 <= fit <= len(x):
+        raise ValueError(f"image_features: expected 2 <= fit_samples <= N={len(x)}, got fit_samples={fit_samples}")
+    if not 1 <= dim <= min(fit, x.shape[1]):
+        raise ValueError(f"image_features: expected 1 <= dim <= min(N, features)={min(fit, x.shape[1])}, got dim={dim}")
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("image_features: expected finite images, got NaN or Inf")
-    x = x - x.mean(0)
-    scale = x.square().mean().sqrt()
-    return _pca(x / scale if scale > 0 else x, dim, seed)
+    x = x - x[:fit].mean(0)
+    scale = x[:fit].square().mean().sqrt()
+    x = x / scale if scale > 0 else x
+    return x @ _principal_axes(x[:fit], dim, seed).T
 
 
-def cluster_dataset(features, k: int, *, method: str = "gmm", seed: int = 0) -> Tensor:
+def cluster_dataset(features, k: int, *, method: str = "gmm", seed: int = 0,
+                    fit_samples: Union[int, None] = None) -> Tensor:
     """One cluster id per sample of ``features`` ``(N, D)``.
 
     ``method="gmm"``: the most probable component of a diagonal Gaussian mixture fitted by EM
@@ -105,6 +116,9 @@ def cluster_dataset(features, k: int, *, method: str = "gmm", seed: int = 0) -> 
         k: number of clusters.
         method: ``"gmm"`` or ``"kmeans"``. Default: ``"gmm"``
         seed: seed of the k-means++ draws. Default: ``0``
+        fit_samples: fit the mixture (or the centers) on the first ``fit_samples`` rows only (the
+            training images); every row gets the component the fit predicts for it (the nearest
+            center), and the ids are ordered by the fitted rows' cluster sizes. Default: ``None`` (all rows)
 
     Returns:
         ``(N,)`` int64 ids in ``[0, k)``.
@@ -114,22 +128,31 @@ def cluster_dataset(features, k: int, *, method: str = "gmm", seed: int = 0) -> 
         >>> ids = cbnorm.cluster_dataset(cbnorm.image_features(images), 3)
     """
     check_choice("cluster_dataset", "method", method, METHODS)
+    features = torch.as_tensor(features)
+    fit = len(features) if fit_samples is None else fit_samples
+    if not 1 <= fit <= len(features):
+        raise ValueError(f"cluster_dataset: expected 1 <= fit_samples <= N={len(features)}, got {fit_samples}")
     if method == "gmm":
         mixture = GaussianMixture(k, init="kmeans", max_iter=200, seed=seed)
-        labels = mixture.fit(features).predict(features)
+        labels = mixture.fit(features[:fit]).predict(features)
     else:
-        labels = kmeans(features, k, seed=seed)[1]
-    order = torch.bincount(labels, minlength=k).argsort(descending=True, stable=True)
+        centers = kmeans(features[:fit], k, seed=seed)[0]
+        labels = torch.cdist(features.to(centers), centers).argmin(1)
+    order = torch.bincount(labels[:fit], minlength=k).argsort(descending=True, stable=True)
     return torch.empty_like(order).scatter_(0, order, torch.arange(k, device=order.device))[labels]
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def cluster_cache_path(cache_dir: Union[str, os.PathLike], dataset: str, k: int, *, method: str = "gmm", seed: int = 0) -> Path:
+def cluster_cache_path(
+    cache_dir: Union[str, os.PathLike], dataset: str, k: int, *, method: str = "gmm", seed: int = 0
+) -> Path:
     """The file :func:`cached_cluster_ids` uses: ``cache_dir/{dataset}-k{k}-{method}-seed{seed}.pt``."""
     if not isinstance(dataset, str) or not _NAME.fullmatch(dataset):
-        raise ValueError(f"cluster_cache_path: expected a dataset name of letters, digits, '_', '.', '-', got {dataset!r}")
+        raise ValueError(
+            f"cluster_cache_path: expected a dataset name of letters, digits, '_', '.', '-', got {dataset!r}"
+        )
     check_choice("cluster_cache_path", "method", method, METHODS)
     return Path(cache_dir) / f"{dataset}-k{k}-{method}-seed{seed}.pt"
 
@@ -159,6 +182,7 @@ def cached_cluster_ids(
     method: str = "gmm",
     seed: int = 0,
     num_samples: Union[int, None] = None,
+    fit_samples: Union[int, None] = None,
 ) -> Tensor:
     """Cluster ids of a data set, read from a cache file or computed by :func:`cluster_dataset` and cached.
 
@@ -177,6 +201,8 @@ def cached_cluster_ids(
         method: ``"gmm"`` or ``"kmeans"``. Default: ``"gmm"``
         seed: the clustering's seed. Default: ``0``
         num_samples: the expected number of ids. Default: ``None`` (the length of a tensor ``features``)
+        fit_samples: passed to :func:`cluster_dataset` (fit on the first rows only); part of the key.
+            Default: ``None``
 
     Returns:
         ``(N,)`` int64 cluster ids, on the CPU.
@@ -186,13 +212,22 @@ def cached_cluster_ids(
         >>> ids = cbnorm.cached_cluster_ids("runs/clusters", "cifar10-train", 3, lambda: cbnorm.image_features(x))
     """
     path = cluster_cache_path(cache_dir, dataset, k, method=method, seed=seed)
-    key = {"format": _CACHE_FORMAT, "dataset": dataset, "k": k, "method": method, "seed": seed}
+    key = {
+        "format": _CACHE_FORMAT,
+        "dataset": dataset,
+        "k": k,
+        "method": method,
+        "seed": seed,
+        "fit_samples": fit_samples,
+    }
     if num_samples is None and isinstance(features, Tensor):
         num_samples = len(features)
     ids = _load_valid(path, key, num_samples)
     if ids is not None:
         return ids
-    ids = cluster_dataset(features() if callable(features) else features, k, method=method, seed=seed).cpu()
+    ids = cluster_dataset(
+        features() if callable(features) else features, k, method=method, seed=seed, fit_samples=fit_samples
+    ).cpu()
     if num_samples is not None and len(ids) != num_samples:
         raise ValueError(f"cached_cluster_ids: expected features of {num_samples} samples, got {len(ids)}")
     path.parent.mkdir(parents=True, exist_ok=True)

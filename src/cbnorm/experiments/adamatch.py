@@ -85,13 +85,23 @@ from cbnorm.functional import POSTERIOR_SCOPES, UNKNOWN_RULES
 from cbnorm.layers import SCBNorm
 
 from . import augment
+from .config import RUN_CONTROL, AdaMatchConfig
 from .data import Dataset, Split, atomic_write, available, load_dataset
 from .device_data import images_on
-from .metrics import confusion_matrix, macro_scores, mean_std
+from .metrics import confusion_matrix, macro_scores
 from .models.wide_resnet import WideResNet
-from .config import RUN_CONTROL, AdaMatchConfig
-from .runs import (RunFolder, autocast, clustered, command_line, keyed_generator, resolve_device, results_folder,
-                   run_each, write_results)
+from .runs import (
+    RunFolder,
+    autocast,
+    clustered,
+    command_line,
+    keyed_generator,
+    resolve_device,
+    results_folder,
+    run_each,
+    write_results,
+)
+from .stats import comparison, interval
 from .train import _subset, norm_kwargs, supervised_norm
 
 __all__ = ["ADAMATCH_SCALES", "AdaMatchConfig", "AdaMatchScale", "adamatch_objective", "backward",
@@ -235,16 +245,25 @@ def _epoch_batches(config: AdaMatchConfig, data: Domains, epoch: int):
     The target labels are only ever used to monitor the pseudo-labels (``pseudo_acc``)."""
     steps = _steps_per_epoch(config, data)
     source_order = torch.randperm(len(data.source_train), generator=keyed_generator(config.seed, epoch, 0))
-    source_order = source_order.repeat(-(-steps * config.batch_size // len(source_order)))  # a source smaller than a batch
+    # a source smaller than a batch
+    source_order = source_order.repeat(-(-steps * config.batch_size // len(source_order)))
     n_t = config.uratio * config.batch_size
     target_generator = keyed_generator(config.seed, epoch, 1)
-    target_order = torch.cat([torch.randperm(len(data.target_train), generator=target_generator)
-                              for _ in range(-(-steps * n_t // len(data.target_train)))])
+    target_order = torch.cat(
+        [
+            torch.randperm(len(data.target_train), generator=target_generator)
+            for _ in range(-(-steps * n_t // len(data.target_train)))
+        ]
+    )
     for step in range(steps):
-        s = source_order[step * config.batch_size: (step + 1) * config.batch_size]
-        t = target_order[step * n_t: (step + 1) * n_t]
-        yield (data.source_train.images[s], data.source_train.labels[s], data.target_train.images[t],
-               data.target_train.labels[t])
+        s = source_order[step * config.batch_size : (step + 1) * config.batch_size]
+        t = target_order[step * n_t : (step + 1) * n_t]
+        yield (
+            data.source_train.images[s],
+            data.source_train.labels[s],
+            data.target_train.images[t],
+            data.target_train.labels[t],
+        )
 
 
 def _train_epoch(model, data: Domains, epoch: int, optimizer, scheduler, config: AdaMatchConfig, device, bar) -> dict:
@@ -275,16 +294,23 @@ def _train_epoch(model, data: Domains, epoch: int, optimizer, scheduler, config:
         mu = out["mu"]
         loss = out["loss_source"] + mu * out["loss_target"]
         optimizer.zero_grad(set_to_none=True)
-        measured = backward(out["loss_source"], out["loss_target"], mu, params,
-                            probe=bool(config.grad_every) and step % config.grad_every == 0)
+        measured = backward(
+            out["loss_source"],
+            out["loss_target"],
+            mu,
+            params,
+            probe=bool(config.grad_every) and step % config.grad_every == 0,
+        )
         if measured is not None:
             variances["source"].append(measured[0])
             variances["target"].append(measured[1])
         optimizer.step()
         scheduler.step()
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"epoch {epoch}, step {step + 1}: the AdaMatch loss became {loss.item()} "
-                                     f"(lr {optimizer.param_groups[0]['lr']:.3g})")
+            raise FloatingPointError(
+                f"epoch {epoch}, step {step + 1}: the AdaMatch loss became {loss.item()} "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g})"
+            )
         kept = out["mask"].bool().cpu()
         pseudo_kept += int(kept.sum())
         pseudo_right += int(((out["pseudo"].cpu() == yt) & kept).sum())
@@ -320,14 +346,20 @@ def inference_rule(model: nn.Module, unknown: Optional[str] = None, posterior: O
 
 
 def rules(norm: str) -> list[dict]:
-    """The inference rules of the layer ``norm``: the paper's (the source id) first.
+    """The inference rules of the layer ``norm``: the paper's (the source id) first; the domain id first
+    for the domain-specific BatchNorm control (``dsbn``), which has no rule for an unknown domain.
 
     ``ids`` is ``"source"`` (every test image gets the source id), ``"domain"`` (its own domain's
     id) or ``None`` (no id: the layer's unknown-cluster rule, ``unknown``/``posterior`` for SCB-Norm).
     """
+    if norm == "dsbn":  # the control normalises each domain with its own BatchNorm, as Chang et al. infer
+        return [{"name": "domain id", "ids": "domain"}, {"name": "source id", "ids": "source"}]
     if norm == "scb":
-        unknown = [{"name": f"unknown: {u}, {p}", "ids": None, "unknown": u, "posterior": p}
-                   for u in UNKNOWN_RULES for p in POSTERIOR_SCOPES]
+        unknown = [
+            {"name": f"unknown: {u}, {p}", "ids": None, "unknown": u, "posterior": p}
+            for u in UNKNOWN_RULES
+            for p in POSTERIOR_SCOPES
+        ]
     elif supervised_norm(norm):
         unknown = [{"name": "unknown: uniform assignment", "ids": None}]
     else:
@@ -349,8 +381,11 @@ def evaluate(model: nn.Module, split: Split, domain: int, rule: dict, batch_size
             loss_sum += nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
             confusion = confusion + confusion_matrix(logits.argmax(1).cpu(), labels, logits.shape[1])
     scores = macro_scores(confusion)
-    return {"loss": loss_sum / len(split), "acc": scores["accuracy"],
-            **{k: scores[k] for k in ("precision", "recall", "f1")}}
+    return {
+        "loss": loss_sum / len(split),
+        "acc": scores["accuracy"],
+        **{k: scores[k] for k in ("precision", "recall", "f1")},
+    }
 
 
 def _evaluate_both(model, data: Domains, rule: dict, config: AdaMatchConfig, device) -> dict:
@@ -374,16 +409,31 @@ TABLE = [
     ("lr", "lr", 8, "{:.2e}"),
     ("seconds", "time", 7, "{:.1f}s"),
 ]
-COLUMNS = ["epoch", "loss", "loss_source", "loss_target", "mask", "threshold", "pseudo_acc", "mu", "train_source_acc",
-           *[f"{d}_{m}" for d in ("source", "target") for m in ("loss", "acc", "precision", "recall", "f1")],
-           *[f"grad_var_{d}_{s}" for d in ("source", "target") for s in ("max", "mean")], "lr", "seconds"]
+COLUMNS = [
+    "epoch",
+    "loss",
+    "loss_source",
+    "loss_target",
+    "mask",
+    "threshold",
+    "pseudo_acc",
+    "mu",
+    "train_source_acc",
+    *[f"{d}_{m}" for d in ("source", "target") for m in ("loss", "acc", "precision", "recall", "f1")],
+    *[f"grad_var_{d}_{s}" for d in ("source", "target") for s in ("max", "mean")],
+    "lr",
+    "seconds",
+]
 
 
 def _scheduler(config: AdaMatchConfig, optimizer, total_steps: int):
-    """Per step: ``lr * (floor + (1 - floor) * (1 + cos(pi t / T)) / 2)``, Keras' ``CosineDecay`` with ``alpha=floor``."""
+    """Per step: ``lr * (floor + (1 - floor) * (1 + cos(pi t / T)) / 2)``.
+
+    Keras' ``CosineDecay`` with ``alpha=floor``."""
     floor = config.lr_floor
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+        optimizer, lambda t: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    )
 
 
 def load_domains(config: AdaMatchConfig, source: Optional[Dataset] = None, target: Optional[Dataset] = None) -> Domains:
@@ -392,7 +442,9 @@ def load_domains(config: AdaMatchConfig, source: Optional[Dataset] = None, targe
     return domains(config, source, target)
 
 
-def train_adamatch(config: AdaMatchConfig, source: Optional[Dataset] = None, target: Optional[Dataset] = None) -> list[dict]:
+def train_adamatch(
+    config: AdaMatchConfig, source: Optional[Dataset] = None, target: Optional[Dataset] = None
+) -> list[dict]:
     """Run (or resume, with ``config.resume``) one AdaMatch training; returns the history.
 
     ``source``/``target`` skip loading the data sets. After the last epoch the run folder also holds
@@ -404,14 +456,24 @@ def train_adamatch(config: AdaMatchConfig, source: Optional[Dataset] = None, tar
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     out = Path(config.out)
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, overwrite=config.overwrite,
-                       run_control=RUN_CONTROL, columns=COLUMNS, table=TABLE)
+    folder = RunFolder(
+        out,
+        dataclasses.asdict(config),
+        resume=config.resume,
+        overwrite=config.overwrite,
+        run_control=RUN_CONTROL,
+        columns=COLUMNS,
+        table=TABLE,
+    )
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     data = load_domains(config, source, target)
-    data = dataclasses.replace(data, source_train=images_on(data.source_train, device),  # batches and their
-                               target_train=images_on(data.target_train, device))  # augmentation made on the device
+    data = dataclasses.replace(
+        data,
+        source_train=images_on(data.source_train, device),  # batches and their
+        target_train=images_on(data.target_train, device),
+    )  # augmentation made on the device
     model = build_model(config, data.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     steps = _steps_per_epoch(config, data)
@@ -422,9 +484,11 @@ def train_adamatch(config: AdaMatchConfig, source: Optional[Dataset] = None, tar
     folder.start(
         f"{config.source} -> {config.target} ({len(data.source_train)} + {len(data.target_train)} train, "
         f"{len(data.source_test)} / {len(data.target_test)} test, {config.image_size}x{config.image_size}x3) | "
-        f"AdaMatch, WRN-{config.depth}-{config.width} + {norm} | Adam lr {config.lr:g} cosine to x{config.lr_floor:g} | "
+        f"AdaMatch, WRN-{config.depth}-{config.width} + {norm} | "
+        f"Adam lr {config.lr:g} cosine to x{config.lr_floor:g} | "
         f"{config.epochs} epochs x {steps} steps of {config.batch_size} + {config.uratio * config.batch_size} | "
-        f"seed {config.seed} | {device} | {out}")
+        f"seed {config.seed} | {device} | {out}"
+    )
     paper_rule = rules(config.norm)[0]
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
@@ -435,7 +499,9 @@ def train_adamatch(config: AdaMatchConfig, source: Optional[Dataset] = None, tar
         row.update(lr=lr, seconds=time.perf_counter() - start)
         folder.save(row, device, **stateful)
     if not (out / "inference.json").is_file():
-        final = [{"rule": rule["name"], **_evaluate_both(model, data, rule, config, device)} for rule in rules(config.norm)]
+        final = [
+            {"rule": rule["name"], **_evaluate_both(model, data, rule, config, device)} for rule in rules(config.norm)
+        ]
         content = json.dumps({"epoch": config.epochs, "rules": final}, indent=1) + "\n"
         atomic_write(out / "inference.json", lambda f: f.write(content.encode()))
     return folder.history
@@ -460,14 +526,23 @@ class AdaMatchScale:
     depth: int = 28
     lr: float = 0.03
     bn_momentum: float = 0.01
+    grad_every: int = 1  # the gradient-variance probe (Figure 12) on every this many steps; it costs about 1.6 steps
 
     def protocol(self) -> str:
-        return (f"WRN-{self.depth}-2, Adam lr {self.lr:g} with cosine decay to 25%, BatchNorm momentum "
-                f"{self.bn_momentum:g}, tau 0.9")
+        return (
+            f"WRN-{self.depth}-2, Adam lr {self.lr:g} with cosine decay to 25%, BatchNorm momentum "
+            f"{self.bn_momentum:g}, tau 0.9, gradient variance probed every {self.grad_every} step(s)"
+        )
 
 
-ADAMATCH_NORMS = (("AdaMatch", "none"), ("AdaMatch+SCB-Norm-base", "scb_base"), ("AdaMatch+SCB-Norm", "scb"),
-                  ("AdaMatch+UCB-Norm", "ucb"))
+# In the order they run: the baseline, the paper's best layer and its control first.
+ADAMATCH_NORMS = (
+    ("AdaMatch", "none"),
+    ("AdaMatch+SCB-Norm", "scb"),
+    ("AdaMatch+DSBN (control)", "dsbn"),
+    ("AdaMatch+SCB-Norm-base", "scb_base"),
+    ("AdaMatch+UCB-Norm", "ucb"),
+)
 
 # `paper` is the Keras example's schedule that the paper's baseline numbers come from (WRN-28-2,
 # Adam lr 0.03, Keras' BN decay 0.99, 10 epochs, batch 64 + 192). `small` fits 2 CPU cores: a
@@ -476,19 +551,28 @@ ADAMATCH_NORMS = (("AdaMatch", "none"), ("AdaMatch+SCB-Norm-base", "scb_base"), 
 # left chance in 48 steps (test loss 1e8), and with BN momentum 0.01 the running statistics are
 # still 15% their initial values after 192 steps (0.99^192), so eval-mode accuracy swung by 30
 # points epoch to epoch; with lr 1e-3, momentum 0.1 and WRN-10-2 the plain network reaches 87% on
-# MNIST in 4 epochs.
+# MNIST in 4 epochs. The probe runs on every 4th step (results before issue 14: every step), so that
+# 4 seeds of the five variants fit.
 ADAMATCH_SCALES = {
     "smoke": AdaMatchScale("smoke", 8, 24, 16, 16, 2, 4, depth=10, lr=1e-3, bn_momentum=0.1),
-    "small": AdaMatchScale("small", 768, 1437, 500, 360, 4, 16, depth=10, lr=1e-3, bn_momentum=0.1),
+    "small": AdaMatchScale("small", 768, 1437, 500, 360, 4, 16, depth=10, lr=1e-3, bn_momentum=0.1, grad_every=4),
     "paper": AdaMatchScale("paper", 0, 0, 0, 0, 10, 64),
 }
 
 # Table VI (MNIST -> SVHN): accuracy, macro precision, recall, F1 (%), source (MNIST) then target (SVHN).
 PAPER_TABLE6 = {
-    "source": {"none": (97.36, 87.33, 79.39, 78.09), "scb_base": (99.26, 99.20, 99.32, 99.26),
-               "scb": (98.92, 98.93, 98.92, 98.92), "ucb": (98.9, 98.5, 98.90, 98.95)},
-    "target": {"none": (25.08, 31.64, 20.46, 24.73), "scb_base": (43.10, 53.83, 43.10, 47.46),
-               "scb": (54.70, 59.74, 54.70, 54.55), "ucb": (33.4, 43.83, 40.28, 42.87)},
+    "source": {
+        "none": (97.36, 87.33, 79.39, 78.09),
+        "scb_base": (99.26, 99.20, 99.32, 99.26),
+        "scb": (98.92, 98.93, 98.92, 98.92),
+        "ucb": (98.9, 98.5, 98.90, 98.95),
+    },
+    "target": {
+        "none": (25.08, 31.64, 20.46, 24.73),
+        "scb_base": (43.10, 53.83, 43.10, 47.46),
+        "scb": (54.70, 59.74, 54.70, 54.55),
+        "ucb": (33.4, 43.83, 40.28, 42.87),
+    },
 }
 _SCORES = ("acc", "precision", "recall", "f1")
 
@@ -499,10 +583,8 @@ def adamatch_target(data_dir: Optional[str] = None) -> str:
 
 
 def _cell(values: Sequence[float]) -> str:
-    mean, std = mean_std([100 * v for v in values])
-    if not math.isfinite(mean):
-        return "—"
-    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+    """Mean ± half-width of the 95% Student-t interval over seeds, in %."""
+    return interval([100 * v for v in values]).cell()
 
 
 def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dict) -> str:
@@ -523,34 +605,77 @@ def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dic
         f"Torch {torch.__version__}, {platform.machine()}, {results['device']}; "
         f"{results['train_seconds'] / 60:.1f} min of training and evaluation, summed over the runs.",
         "",
-        "Ours: the last epoch, SCB layers given the source cluster id at inference (the paper's rule); mean ± std "
-        "over seeds, %. The paper's numbers are for its pair, MNIST -> SVHN, 10 epochs on the full data sets.",
+        "Ours: the last epoch, SCB layers given the source cluster id at inference (the paper's rule), the "
+        "domain-specific BatchNorm control (DSBN, Chang et al. 2019: one BatchNorm, statistics and affine, per "
+        "domain, as the initial layer) its own domain's; mean ± half-width of the 95% Student-t interval over "
+        "seeds, %. The paper's numbers are for its pair, MNIST -> SVHN, 10 epochs on the full data sets.",
     ]
     for domain, name in (("source", source), ("target", target)):
         paper_name = "MNIST" if domain == "source" else "SVHN"
-        lines += ["", f"{name} ({domain} domain)", "",
-                  f"| model | accuracy | precision | recall | F1 | paper ({paper_name}): accuracy | precision | recall | F1 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"{name} ({domain} domain)",
+            "",
+            f"| model | accuracy | precision | recall | F1 "
+            f"| paper ({paper_name}): accuracy | precision | recall | F1 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for row in results["rows"]:
             paper = PAPER_TABLE6[domain].get(row["norm"])
             paper_cells = [f"{v:.2f}" for v in paper] if paper else ["—"] * 4
-            ours = ([_cell(row["final"][f"{domain}_{k}"]) for k in _SCORES] if row["status"] == "ok"
-                    else [row["status"], "", "", ""])
+            ours = (
+                [_cell(row["final"][f"{domain}_{k}"]) for k in _SCORES]
+                if row["status"] == "ok"
+                else [row["status"], "", "", ""]
+            )
             lines.append(f"| {row['label']} | " + " | ".join(ours + paper_cells) + " |")
-    lines += ["", "The paper's AdaMatch row on MNIST gives a macro recall of 79.39 beside an accuracy of 97.36; on "
-                  "MNIST's nearly balanced test set a macro recall cannot fall that far below the accuracy, so that "
-                  "row's precision, recall and F1 are not macro averages of the same predictions."]
+    base = results["rows"][0]["label"] if results["rows"] else "the baseline"
+    lines += [
+        "",
+        f"Target accuracy against {base} under the same seeds: paired difference (points), its 95% "
+        "Student-t interval, and the verdict the code computes (`better`/`worse` when the interval "
+        "excludes 0).",
+        "",
+        "| model | target accuracy | difference | 95% interval | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in results["rows"]:
+        if row["status"] != "ok":
+            continue
+        d = row.get("target_difference")
+        cells = (
+            ["(baseline)", "", ""]
+            if d is None
+            else [
+                f"{d['difference']['mean']:+.2f}",
+                f"[{d['difference']['low']:+.2f}, {d['difference']['high']:+.2f}]" if d["difference"]["n"] > 1 else "—",
+                d["verdict"],
+            ]
+        )
+        lines.append(f"| {row['label']} | {_cell(row['final']['target_acc'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The paper's AdaMatch row on MNIST gives a macro recall of 79.39 beside an accuracy of 97.36; on "
+        "MNIST's nearly balanced test set a macro recall cannot fall that far below the accuracy, so that "
+        "row's precision, recall and F1 are not macro averages of the same predictions.",
+    ]
     ruled = [row for row in results["rows"] if row["status"] == "ok" and len(row["rules"]) > 1]
     if ruled:
-        lines += ["", "Inference rules of the SCB layers (last epoch; accuracy and macro F1, %, mean ± std over seeds). "
-                      "\"source id\" is the paper's; \"domain id\" gives each image its own domain; \"unknown\" gives "
-                      "none (SPEC.md's rules for unknown clusters).", "",
-                  "| model | rule | source acc | source F1 | target acc | target F1 |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Inference rules of the SCB layers (last epoch; accuracy and macro F1, %, mean ± half-width of "
+            "the 95% interval over seeds). "
+            '"source id" is the paper\'s; "domain id" gives each image its own domain; "unknown" gives '
+            "none (SPEC.md's rules for unknown clusters).",
+            "",
+            "| model | rule | source acc | source F1 | target acc | target F1 |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for row in ruled:
             for rule, scores in row["rules"].items():
                 cells = [_cell(scores[k]) for k in ("source_acc", "source_f1", "target_acc", "target_f1")]
                 lines.append(f"| {row['label']} | {rule} | " + " | ".join(cells) + " |")
-            target = {rule: mean_std(scores["target_acc"])[0] for rule, scores in row["rules"].items()}
+            target = {rule: interval(scores["target_acc"]).mean for rule, scores in row["rules"].items()}
             top = max(target.values())
             best = [rule for rule, value in target.items() if value == top]
             verdict = "all rules tie" if len(best) == len(target) else " = ".join(best)
@@ -567,8 +692,9 @@ def adamatch_figures(root: Path, histories: dict, source: str, target: str, scal
     if not done:
         return
     setting = f"AdaMatch {source} → {target}, {scale} scale"
-    curves_figure({"": done}, root / "curves.png", ("source_acc", "target_acc", "loss", "mask"),
-                  title=f"{setting}: per epoch")
+    curves_figure(
+        {"": done}, root / "curves.png", ("source_acc", "target_acc", "loss", "mask"), title=f"{setting}: per epoch"
+    )
     gradient_variance_figure(done, root / "figure12.png", title=f"Figure 12: gradient variance, {setting}")
 
 
@@ -587,7 +713,9 @@ def reproduce_adamatch(
     command: Optional[str] = None,
     norms: Sequence[tuple[str, str]] = ADAMATCH_NORMS,
 ) -> Path:
-    """Train AdaMatch and its three cluster-based variants at ``scale``; write ``results/adamatch-<source>-<target>/<scale>/``.
+    """Train AdaMatch, its cluster-based variants and the DSBN control at ``scale``.
+
+    Writes ``results/adamatch-<source>-<target>/<scale>/``.
 
     That folder gets ``runs/<norm>-seed<seed>/`` (each a resumable run with ``inference.json``),
     ``table.md`` (Table VI beside the paper's, and the SCB inference rules), ``summary.json``,
@@ -604,11 +732,27 @@ def reproduce_adamatch(
         norm, seed = key
         run = root / "runs" / f"{norm}-seed{seed}"
         config = AdaMatchConfig(
-            source=source, target=target, data_dir=data_dir, source_train_size=scale.source_train,
-            target_train_size=scale.target_train, source_test_size=scale.source_test,
-            target_test_size=scale.target_test, norm=norm, epochs=scale.epochs, batch_size=scale.batch_size,
-            depth=scale.depth, lr=scale.lr, bn_momentum=scale.bn_momentum, seed=seed, device=device, amp=amp,
-            threads=threads, out=str(run), resume=True, progress=progress,
+            source=source,
+            target=target,
+            data_dir=data_dir,
+            source_train_size=scale.source_train,
+            target_train_size=scale.target_train,
+            source_test_size=scale.source_test,
+            target_test_size=scale.target_test,
+            norm=norm,
+            epochs=scale.epochs,
+            batch_size=scale.batch_size,
+            depth=scale.depth,
+            lr=scale.lr,
+            bn_momentum=scale.bn_momentum,
+            grad_every=scale.grad_every,
+            seed=seed,
+            device=device,
+            amp=amp,
+            threads=threads,
+            out=str(run),
+            resume=True,
+            progress=progress,
         )
         history = train_adamatch(config, source_data, target_data)
         return history, json.loads((run / "inference.json").read_text())["rules"]
@@ -618,6 +762,11 @@ def reproduce_adamatch(
     inference = {label: [done[norm, s][1] for s in seeds if (norm, s) in done] for label, norm in norms}
     failures = {label: failed[norm, s] for label, norm in norms for s in seeds if (norm, s) in failed}
     rows = []
+    target_acc = {
+        norm: {s: 100 * done[norm, s][0][-1]["target_acc"] for s in seeds if (norm, s) in done and done[norm, s][0]}
+        for _, norm in norms
+    }
+    base_norm = norms[0][1]
     for label, norm in norms:
         finals = [h[-1] for h in histories.get(label, []) if h]
         final = {f"{d}_{k}": [row[f"{d}_{k}"] for row in finals] for d in ("source", "target") for k in _SCORES}
@@ -627,10 +776,38 @@ def reproduce_adamatch(
                 scores = per_rule.setdefault(rule["rule"], {})
                 for key in ("source_acc", "source_f1", "target_acc", "target_f1"):
                     scores.setdefault(key, []).append(rule[key])
-        rows.append({"label": label, "norm": norm, "seeds": list(seeds), "final": final, "rules": per_rule,
-                     "status": f"failed: {failures[label]}" if label in failures else "ok"})
-    results = {"experiment": "adamatch", "source": source, "target": target, "scale": dataclasses.asdict(scale),
-               "seeds": list(seeds), "command": command, "device": str(resolve_device(device)), "rows": rows,
-               "train_seconds": sum(r["seconds"] for hs in histories.values() for h in hs for r in h)}
-    return write_results(root, _adamatch_table(source, target, scale, results), results,
-                         lambda: adamatch_figures(root, histories, source, target, scale.name), failed)
+        common = sorted(set(target_acc[norm]) & set(target_acc[base_norm]))
+        versus = (
+            None
+            if norm == base_norm
+            else comparison([target_acc[norm][s] for s in common], [target_acc[base_norm][s] for s in common])
+        )
+        rows.append(
+            {
+                "label": label,
+                "norm": norm,
+                "seeds": [s for s in seeds if (norm, s) in done],
+                "final": final,
+                "rules": per_rule,
+                "target_difference": versus,
+                "status": f"failed: {failures[label]}" if label in failures else "ok",
+            }
+        )
+    results = {
+        "experiment": "adamatch",
+        "source": source,
+        "target": target,
+        "scale": dataclasses.asdict(scale),
+        "seeds": list(seeds),
+        "command": command,
+        "device": str(resolve_device(device)),
+        "rows": rows,
+        "train_seconds": sum(r["seconds"] for hs in histories.values() for h in hs for r in h),
+    }
+    return write_results(
+        root,
+        _adamatch_table(source, target, scale, results),
+        results,
+        lambda: adamatch_figures(root, histories, source, target, scale.name),
+        failed,
+    )

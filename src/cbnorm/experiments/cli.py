@@ -159,19 +159,21 @@ def _parser() -> argparse.ArgumentParser:
                         "present, else cifar10; superclass: cifar100 (vit) or oxford-pet (oxford_cnn) when present, "
                         "else cifar10")
     p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
-    p.add_argument("--model", choices=["vit", "oxford_cnn"], default="vit",
-                   help="superclass: the ViT of Table VII or the OxfordCNN of Table VIII (default: vit)")
+    p.add_argument("--model", choices=["vit", "oxford_cnn", "oxford_cnn_controls"], default="vit",
+                   help="superclass: the ViT of Table VII, the OxfordCNN of Table VIII, or OxfordCNN with the "
+                        "controls of issue 14 (default: vit)")
     p.add_argument("--fid-features", choices=["auto", "inception", "random-conv"], default="auto",
                    help="dcgan: FID features (default: auto, the Inception weights when installed)")
     p.add_argument("--source", default="mnist", type=str.lower,
                    help="adamatch: labelled source data set (default: mnist)")
     p.add_argument("--target", type=str.lower,
                    help="adamatch: unlabelled target data set (default: svhn when present, else digits)")
-    p.add_argument("--scale", choices=["smoke", "small", "paper"], default="smoke",
+    p.add_argument("--scale", choices=["smoke", "small", "paper", "converge"], default="smoke",
                    help="how much of the protocol runs: smoke (CI's, minutes on CPU), small (data subsets and few "
-                        "epochs, about an hour on 2 CPU cores), paper (the paper's protocol, for a GPU) "
-                        "(default: smoke)")
+                        "epochs, about an hour on 2 CPU cores), paper (the paper's protocol, for a GPU), converge "
+                        "(table5's lr-0.005 layers to a plateau on a fixed subset, 3 seeds, best-val) (default: smoke)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the scale's seeds")
+    p.add_argument("--norms", nargs="+", help="adamatch: run only these of its layers (none, scb, dsbn, scb_base, ucb)")
     p.add_argument("--out", default=".", help="writes OUT/results/EXPERIMENT-DATASET/SCALE/ (default: .)")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
@@ -263,18 +265,24 @@ def _run(args) -> None:
 
         train_adamatch(_train_config(_given(args), AdaMatchConfig))
     elif args.command == "reproduce" and args.experiment == "adamatch":
-        from .adamatch import adamatch_target, reproduce_adamatch
+        from .adamatch import ADAMATCH_NORMS, adamatch_target, reproduce_adamatch
 
+        unknown = set(args.norms or ()) - {norm for _, norm in ADAMATCH_NORMS}
+        if unknown:
+            raise ValueError(f"--norms: expected layers of the AdaMatch experiment "
+                             f"{[norm for _, norm in ADAMATCH_NORMS]}, got {sorted(unknown)}")
+        norms = [(label, norm) for label, norm in ADAMATCH_NORMS if not args.norms or norm in args.norms]
         reproduce_adamatch(args.source, args.target or adamatch_target(args.data_dir), args.scale, out=args.out,
                            data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                           threads=args.threads, progress=args.progress, command=args.command_line)
+                           threads=args.threads, progress=args.progress, command=args.command_line, norms=norms)
     elif args.command == "reproduce" and args.experiment == "dcgan":
         from .gan import reproduce_dcgan
         from .reproduce import densenet_dataset
 
         reproduce_dcgan(args.dataset or densenet_dataset(args.data_dir), args.scale, out=args.out,
                         data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                        threads=args.threads, progress=args.progress, fid_features=args.fid_features, command=args.command_line)
+                        threads=args.threads, progress=args.progress, fid_features=args.fid_features,
+                        command=args.command_line)
     elif args.command == "reproduce":
         from .reproduce import densenet_dataset, reproduce
 
@@ -282,18 +290,40 @@ def _run(args) -> None:
             name, dataset = "table5", args.dataset or "cifar10"
         else:
             name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
-        speed_settings = {k: getattr(args, k) for k in ("bf16", "channels_last", "cudnn_benchmark", "compile")
-                          if hasattr(args, k)}
-        reproduce(name, dataset, args.scale, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
-                  device=args.device, amp=args.amp, threads=args.threads, progress=args.progress,
-                  command=args.command_line, parallel=args.parallel, time_budget=args.time_budget, epochs=args.epochs,
-                  speed_settings=speed_settings)
+        speed_settings = {
+            k: getattr(args, k) for k in ("bf16", "channels_last", "cudnn_benchmark", "compile") if hasattr(args, k)
+        }
+        reproduce(
+            name,
+            dataset,
+            args.scale,
+            out=args.out,
+            data_dir=args.data_dir,
+            seeds=args.seeds,
+            device=args.device,
+            amp=args.amp,
+            threads=args.threads,
+            progress=args.progress,
+            command=args.command_line,
+            parallel=args.parallel,
+            time_budget=args.time_budget,
+            epochs=args.epochs,
+            speed_settings=speed_settings,
+        )
     elif args.command == "plot":
         from .plots import plot_runs
 
         out = args.out or args.runs[0]
-        for path in plot_runs(args.runs, out, metrics=args.metric, activations=args.activations, tsne=args.tsne,
-                              layer=args.layer, points=args.points, data_dir=args.data_dir):
+        for path in plot_runs(
+            args.runs,
+            out,
+            metrics=args.metric,
+            activations=args.activations,
+            tsne=args.tsne,
+            layer=args.layer,
+            points=args.points,
+            data_dir=args.data_dir,
+        ):
             print(path)
     elif args.command == "data":
         _data(args)
@@ -359,8 +389,11 @@ def _missing_module(args, error: ModuleNotFoundError) -> int:
     module = (error.name or "").split(".")[0]
     if module not in OPTIONAL:
         raise error
-    print(f"cbnorm {args.command}: error: this command needs {OPTIONAL[module]} (no module named {module!r}); "
-          f"install the experiments' dependencies with: pip install 'cbnorm[experiments]'", file=sys.stderr)
+    print(
+        f"cbnorm {args.command}: error: this command needs {OPTIONAL[module]} (no module named {module!r}); "
+        f"install the experiments' dependencies with: pip install 'cbnorm[experiments]'",
+        file=sys.stderr,
+    )
     return 1
 
 

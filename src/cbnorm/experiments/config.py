@@ -11,11 +11,14 @@ from typing import Iterable, Optional
 
 from .speed import SpeedSettings
 
-__all__ = ["DATASET_NAMES", "RUN_CONTROL", "AdaMatchConfig", "GANConfig", "RunSettings", "TrainConfig",
-           "check_fields", "option"]
+__all__ = ["DATASET_NAMES", "RUN_CONTROL", "SELECTIONS", "AdaMatchConfig", "GANConfig", "RunSettings",
+           "TrainConfig", "check_fields", "option"]
 
 # The keys of cbnorm.experiments.data.DATASETS (a test keeps the two equal).
 DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "svhn", "tiny-imagenet", "oxford-pet", "digits")
+
+# Which epoch's test accuracy a table reports (TrainConfig.select).
+SELECTIONS = ("last", "best-val")
 
 # Config fields that may change when a run is resumed: they do not change what is computed.
 RUN_CONTROL = frozenset({"data_dir", "device", "threads", "out", "resume", "overwrite", "progress", "eval_batch_size"})
@@ -63,8 +66,8 @@ class TrainConfig(SpeedSettings):
                       default="batchnorm")
     num_clusters: int = option("K: mixture components of UCB/MN, clusters of the dataset mixture for SCB", default=3)
     norm_kwargs: dict = option("more arguments of the layer, e.g. unknown=map,affine=True", default_factory=dict)
-    clusters: str = option("SCB prior clusters: mixture (of the whole data set, fitted with seed 0), superclass, "
-                          "or an ids file from `cbnorm clusters`", default="mixture")
+    clusters: str = option("SCB prior clusters: mixture (fitted on the training images, seed 0), superclass, "
+                           "shuffled-superclass (a control), or an ids file from `cbnorm clusters`", default="mixture")
     cluster_method: str = option("the dataset mixture: gmm or kmeans", default="gmm")
     test_clusters: bool = option("give SCB layers the test images' cluster ids (else their unknown-cluster rule)",
                                 default=True)
@@ -77,6 +80,10 @@ class TrainConfig(SpeedSettings):
     epochs: int = option("epochs", default=100)
     batch_size: int = option("training batch size; under torchrun the global batch, shared by the ranks", default=256)
     eval_batch_size: int = option("evaluation batch size (global, as --batch-size)", default=1000)
+    select: str = option("which epoch's test accuracy a table reports: last, or best-val (the authors' notebooks: "
+                         "also the epoch of the best accuracy on --val-fraction of the training images, held out)",
+                         default="last")
+    val_fraction: float = option("with --select best-val, the fraction of the training images held out", default=0.1)
     # the run
     seed: int = option("seed of the initialisation, data order and augmentation", default=0)
     device: str = option("auto (CUDA when present), cpu, cuda, cuda:1, ...", default="auto")
@@ -100,6 +107,8 @@ class TrainConfig(SpeedSettings):
             ("lr", self.lr > 0, "a positive float"),
             ("num_clusters", self.num_clusters >= 1, "a positive int"),
             ("snapshots", 0 <= self.snapshots <= self.epochs, f"between 0 and epochs={self.epochs}"),
+            ("select", self.select in SELECTIONS, " or ".join(SELECTIONS)),
+            ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
         ]
         check_fields(self, checks)
 

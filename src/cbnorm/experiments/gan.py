@@ -43,14 +43,23 @@ from torch import Tensor, nn
 
 from cbnorm import _cache
 
+from .config import RUN_CONTROL, GANConfig
 from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
-from .config import RUN_CONTROL, GANConfig
-from .runs import (RunFolder, autocast, command_line, keyed_generator, resolve_device, results_folder, run_each,
-                   write_results)
+from .runs import (
+    RunFolder,
+    autocast,
+    command_line,
+    keyed_generator,
+    resolve_device,
+    results_folder,
+    run_each,
+    write_results,
+)
+from .stats import Interval, comparison, interval
 from .train import _subset, norm_kwargs
 
 __all__ = ["GANConfig", "GAN_SCALES", "GANScale", "reproduce_dcgan", "train_gan"]
@@ -92,8 +101,17 @@ def feature_stats(extractor: nn.Module, batches, device: torch.device) -> Featur
     return stats
 
 
-def reference_stats(extractor: nn.Module, features: str, split: Split, size: int, name: str, cache: Path,
-                    batch_size: int, device: torch.device, with_sqrt: bool = True) -> tuple[FeatureStats, Optional[Tensor]]:
+def reference_stats(
+    extractor: nn.Module,
+    features: str,
+    split: Split,
+    size: int,
+    name: str,
+    cache: Path,
+    batch_size: int,
+    device: torch.device,
+    with_sqrt: bool = True,
+) -> tuple[FeatureStats, Optional[Tensor]]:
     """Feature statistics of a fixed random subset (seed 0) of ``size`` images of ``split`` (0: all) and,
     with ``with_sqrt``, the square root of their covariance (:func:`~cbnorm.experiments.fid.psd_sqrt`);
     cached in ``cache/<name>-<size>-<features>-<digest>.pt``, the digest that of the images themselves, so that
@@ -103,7 +121,11 @@ def reference_stats(extractor: nn.Module, features: str, split: Split, size: int
     digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
     path = cache / f"{name}-{len(index)}-{features}-{digest}.pt"
     state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
-    if "stats" in state and int(state["stats"]["count"]) == len(index) and (state.get("sqrt") is not None or not with_sqrt):
+    if (
+        "stats" in state
+        and int(state["stats"]["count"]) == len(index)
+        and (state.get("sqrt") is not None or not with_sqrt)
+    ):
         return FeatureStats.from_state_dict(state["stats"]), state.get("sqrt")
     stats = feature_stats(extractor, images.split(batch_size), device)
     sqrt = psd_sqrt(stats.mean_cov()[1]) if with_sqrt else None
@@ -120,7 +142,7 @@ def save_grid(images: Tensor, path: Union[str, os.PathLike], columns: int = 8, p
     canvas = torch.full((3, rows * (h + pad) + pad, columns * (w + pad) + pad), 255, dtype=torch.uint8)
     for i, image in enumerate(images.expand(-1, 3, -1, -1) if c == 1 else images):
         r, k = divmod(i, columns)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = image
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = image
     array = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
     path = Path(path)
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
@@ -182,9 +204,13 @@ def _train_epoch(generator, discriminator, loader: Loader, epoch: int, opt_g, op
         loss_g.backward()
         opt_g.step()
         if not (math.isfinite(loss_d.item()) and math.isfinite(loss_g.item())):
-            raise FloatingPointError(f"epoch {epoch}: the GAN losses became non-finite (D {loss_d.item()}, G {loss_g.item()})")
-        sums += torch.tensor([loss_d.item(), loss_g.item(), real_logits.sigmoid().mean().item(),
-                              fake_logits.sigmoid().mean().item()], dtype=torch.float64)
+            raise FloatingPointError(
+                f"epoch {epoch}: the GAN losses became non-finite (D {loss_d.item()}, G {loss_g.item()})"
+            )
+        sums += torch.tensor(
+            [loss_d.item(), loss_g.item(), real_logits.sigmoid().mean().item(), fake_logits.sigmoid().mean().item()],
+            dtype=torch.float64,
+        )
         steps += 1
         bar.update(1)
         bar.set_postfix_str(f"D {loss_d.item():.3f} G {loss_g.item():.3f}")
@@ -206,8 +232,15 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
     config = _resolved(config)
     metric = FEATURES[config.fid_features]
     out = Path(config.out)
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, overwrite=config.overwrite,
-                       run_control=RUN_CONTROL, columns=_columns(metric.key), table=_table(metric.key, metric.label))
+    folder = RunFolder(
+        out,
+        dataclasses.asdict(config),
+        resume=config.resume,
+        overwrite=config.overwrite,
+        run_control=RUN_CONTROL,
+        columns=_columns(metric.key),
+        table=_table(metric.key, metric.label),
+    )
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -228,25 +261,41 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
         f"{config.dataset} ({len(train_split)} train) | DCGAN, generator norms: {norm} | Adam lr {config.lr:g} "
         f"betas {betas} | {config.epochs} epochs x {len(loader)} batches of {config.batch_size} | "
         f"{metric.label} of {config.fid_samples} samples vs {config.fid_reference or len(data.train)} training images "
-        f"every {config.fid_every} epochs | seed {config.seed} | {device} | {out}")
+        f"every {config.fid_every} epochs | seed {config.seed} | {device} | {out}"
+    )
 
     evaluated = fid_epochs(config)
     extractor, reference, reference_sqrt = None, None, None
     grid_noise_tag = 2**31 - 1  # the grid's noise: the same at every epoch
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
-        with tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, disable=None if config.progress else True) as bar:
-            row = {"epoch": epoch, **_train_epoch(generator, discriminator, loader, epoch, opt_g, opt_d, config, device, bar)}
+        with tqdm(
+            total=len(loader), desc=f"epoch {epoch}", leave=False, disable=None if config.progress else True
+        ) as bar:
+            row = {
+                "epoch": epoch,
+                **_train_epoch(generator, discriminator, loader, epoch, opt_g, opt_d, config, device, bar),
+            }
         row.update(lr=config.lr, seconds=time.perf_counter() - start)
         if epoch in evaluated:
             start = time.perf_counter()
             if extractor is None:
                 extractor = feature_extractor(config.fid_features).to(device)
                 reference, reference_sqrt = reference_stats(
-                    extractor, config.fid_features, data.train, config.fid_reference, f"{config.dataset}-train",
-                    _cache.cache_dir("fid"), config.eval_batch_size, device)
-            samples = feature_stats(extractor, generate(generator, config.fid_samples, config.seed, epoch,
-                                                        config.eval_batch_size, device), device)
+                    extractor,
+                    config.fid_features,
+                    data.train,
+                    config.fid_reference,
+                    f"{config.dataset}-train",
+                    _cache.cache_dir("fid"),
+                    config.eval_batch_size,
+                    device,
+                )
+            samples = feature_stats(
+                extractor,
+                generate(generator, config.fid_samples, config.seed, epoch, config.eval_batch_size, device),
+                device,
+            )
             row[metric.key] = frechet_distance(*reference.mean_cov(), *samples.mean_cov(), cov1_sqrt=reference_sqrt)
             grid = torch.cat(list(generate(generator, 64, config.seed, grid_noise_tag, 64, device)))
             save_grid(grid, out / "samples" / f"epoch-{epoch:04d}.png")
@@ -289,8 +338,12 @@ def dcgan_figures(root: Path, histories: dict, metric, grids: dict, setting: str
 
     panel = {label: [[r for r in h if metric.key in r] for h in hs] for label, hs in histories.items() if hs}
     if panel:
-        curves_figure({f"{metric.label}, lower is better": panel}, root / "figure10.png", (metric.key,),
-                      title=f"Figure 10: {metric.label} per epoch, {setting}")
+        curves_figure(
+            {f"{metric.label}, lower is better": panel},
+            root / "figure10.png",
+            (metric.key,),
+            title=f"Figure 10: {metric.label} per epoch, {setting}",
+        )
     grids = {label: path for label, path in grids.items() if Path(path).is_file()}
     if grids:
         samples_figure(grids, root / "figure11.png", title=f"Figure 11: samples after the last epoch, {setting}")
@@ -330,44 +383,102 @@ def reproduce_dcgan(
     def start(key):
         norm, seed = key
         config = GANConfig(
-            dataset=dataset, data_dir=data_dir, train_size=scale.train_size, norm=norm, epochs=scale.epochs,
-            fid_every=scale.fid_every, fid_samples=scale.fid_samples, fid_reference=scale.fid_reference,
-            fid_features=features, seed=seed, device=device, amp=amp, threads=threads,
-            out=str(root / "runs" / f"{norm}-seed{seed}"), resume=True, progress=progress,
+            dataset=dataset,
+            data_dir=data_dir,
+            train_size=scale.train_size,
+            norm=norm,
+            epochs=scale.epochs,
+            fid_every=scale.fid_every,
+            fid_samples=scale.fid_samples,
+            fid_reference=scale.fid_reference,
+            fid_features=features,
+            seed=seed,
+            device=device,
+            amp=amp,
+            threads=threads,
+            out=str(root / "runs" / f"{norm}-seed{seed}"),
+            resume=True,
+            progress=progress,
         )
         return train_gan(config, data)
 
     done, failed = run_each([((norm, seed), f"{label}, seed {seed}") for label, norm in norms for seed in seeds], start)
     histories = {label: [done[norm, s] for s in seeds if (norm, s) in done] for label, norm in norms}
     failures = {label: failed[norm, s] for label, norm in norms for s in seeds if (norm, s) in failed}
-    grids = {label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{scale.epochs:04d}.png"
-             for label, norm in norms for s in reversed(seeds) if (norm, s) in done}  # the first finished seed's
+    grids = {
+        label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{scale.epochs:04d}.png"
+        for label, norm in norms
+        for s in reversed(seeds)
+        if (norm, s) in done
+    }  # the first finished seed's
 
     # FID of real test images against the same reference, at the generated sample size: the floor
     # that the finite sample size alone puts under every FID of the table.
     device_ = resolve_device(device)
     extractor = feature_extractor(features).to(device_)
     cache = _cache.cache_dir("fid")  # where the runs keep theirs
-    reference, reference_sqrt = reference_stats(extractor, features, data.train, scale.fid_reference,
-                                                f"{dataset}-train", cache, 100, device_)
-    test, _ = reference_stats(extractor, features, data.test, scale.fid_samples, f"{dataset}-test", cache, 100, device_,
-                              with_sqrt=False)
+    reference, reference_sqrt = reference_stats(
+        extractor, features, data.train, scale.fid_reference, f"{dataset}-train", cache, 100, device_
+    )
+    test, _ = reference_stats(
+        extractor, features, data.test, scale.fid_samples, f"{dataset}-test", cache, 100, device_, with_sqrt=False
+    )
     floor = frechet_distance(*reference.mean_cov(), *test.mean_cov(), cov1_sqrt=reference_sqrt)
 
+    final = {
+        norm: {
+            s: done[norm, s][-1][metric.key]
+            for s in seeds
+            if (norm, s) in done and done[norm, s] and metric.key in done[norm, s][-1]
+        }
+        for _, norm in norms
+    }
     rows = []
     for label, norm in norms:
-        done = histories.get(label, [])
-        finals = [h[-1][metric.key] for h in done if h and metric.key in h[-1]]
-        bests = [min(r[metric.key] for r in h if metric.key in r) for h in done if any(metric.key in r for r in h)]
-        rows.append({"label": label, "norm": norm, "status": f"failed: {failures[label]}" if label in failures else "ok",
-                     "final": mean_std(finals), "best": mean_std(bests), "seeds": list(seeds)})
-    results = {"experiment": "dcgan", "dataset": dataset, "scale": dataclasses.asdict(scale), "seeds": list(seeds),
-               "command": command, "metric": dataclasses.asdict(metric), "real_test_floor": floor, "rows": rows,
-               "device": str(device_), "train_seconds": sum(r["seconds"] + r.get("fid_seconds", 0)
-                                                            for hs in histories.values() for h in hs for r in h)}
-    return write_results(root, _gan_table(dataset, scale, results), results,
-                         lambda: dcgan_figures(root, histories, metric, grids, f"{dataset}, {scale.name} scale"),
-                         failed)
+        runs = histories.get(label, [])
+        finals = list(final[norm].values())
+        bests = [min(r[metric.key] for r in h if metric.key in r) for h in runs if any(metric.key in r for r in h)]
+        base = norms[0][1]
+        common = sorted(set(final[norm]) & set(final[base]))
+        versus = (
+            None
+            if norm == base
+            else comparison([final[norm][s] for s in common], [final[base][s] for s in common], higher_is_better=False)
+        )
+        rows.append(
+            {
+                "label": label,
+                "norm": norm,
+                "status": f"failed: {failures[label]}" if label in failures else "ok",
+                "final": mean_std(finals),
+                "best": mean_std(bests),
+                "final_interval": interval(finals).to_dict(),
+                "best_interval": interval(bests).to_dict(),
+                "final_difference": versus,
+                "seeds": list(seeds),
+            }
+        )
+    results = {
+        "experiment": "dcgan",
+        "dataset": dataset,
+        "scale": dataclasses.asdict(scale),
+        "seeds": list(seeds),
+        "command": command,
+        "metric": dataclasses.asdict(metric),
+        "real_test_floor": floor,
+        "rows": rows,
+        "device": str(device_),
+        "train_seconds": sum(
+            r["seconds"] + r.get("fid_seconds", 0) for hs in histories.values() for h in hs for r in h
+        ),
+    }
+    return write_results(
+        root,
+        _gan_table(dataset, scale, results),
+        results,
+        lambda: dcgan_figures(root, histories, metric, grids, f"{dataset}, {scale.name} scale"),
+        failed,
+    )
 
 
 def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
@@ -375,7 +486,8 @@ def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
 
     metric = results["metric"]
     size = lambda n: "all" if n == 0 else f"{n:,}"  # noqa: E731
-    cell = lambda ms, n: "—" if not math.isfinite(ms[0]) else (f"{ms[0]:.1f} ± {ms[1]:.1f}" if n > 1 else f"{ms[0]:.1f}")  # noqa: E731
+    cell = lambda i: Interval(**{k: i[k] for k in ("mean", "std", "half_width", "n")}).cell(1)  # noqa: E731
+    base = results["rows"][0]["label"] if results["rows"] else "—"
     lines = [
         f"# Figure 10: DCGAN with BN, MN or UCB-Norm in the generator — {dataset}, scale `{scale.name}`",
         "",
@@ -389,16 +501,21 @@ def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
         f"{results['train_seconds'] / 60:.1f} min of training and FID, summed over the runs.",
         "",
         f"Our {metric['label']} (lower is better) at the last epoch and the best over the evaluated epochs "
-        f"(mean ± std over seeds). The paper (Figure 10, CIFAR-100, 200 epochs) gives curves only, no numbers: "
-        f"DCGAN-UCB-Norm converges faster and reaches a lower FID than DCGAN-MN and DCGAN-BN.",
+        f"(mean ± half-width of the 95% Student-t interval over seeds), and the last epoch's paired difference "
+        f"against {base} under the same seeds with its computed verdict. The paper (Figure 10, CIFAR-100, 200 "
+        f"epochs) gives curves only, no numbers: DCGAN-UCB-Norm converges faster and reaches a lower FID than "
+        f"DCGAN-MN and DCGAN-BN.",
         "",
-        "| model | ours, last epoch | ours, best | paper |",
-        "| --- | --- | --- | --- |",
+        f"| model | ours, last epoch | ours, best | last epoch vs {base} | paper |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for row in results["rows"]:
-        n = len(row["seeds"])
-        ours = [row["status"], ""] if row["status"] != "ok" else [cell(row["final"], n), cell(row["best"], n)]
-        lines.append(f"| {row['label']} | {ours[0]} | {ours[1]} | curve only |")
+        ours = (
+            [row["status"], ""] if row["status"] != "ok" else [cell(row["final_interval"]), cell(row["best_interval"])]
+        )
+        d = row["final_difference"]
+        versus = "" if d is None else f"{d['difference']['mean']:+.1f}: {d['verdict']}"
+        lines.append(f"| {row['label']} | {ours[0]} | {ours[1]} | {versus} | curve only |")
     lines += [
         "",
         f"Floor: the {metric['label']} of {size(scale.fid_samples)} real test images against the same reference is "

@@ -47,16 +47,25 @@ from .planner import plan_runs, time_epochs, timing_lines
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
 from .runs import command_line, has_checkpoint, results_folder, run_each, write_results
 from .speed import device_name
-from .train import TrainConfig, resolve_device, supervised_norm, train
+from .stats import Interval, comparison, interval
+from .train import TrainConfig, best_val_row, resolve_device, supervised_norm, train
 
-__all__ = ["EXPERIMENTS", "SCALES", "Experiment", "Scale", "reproduce"]
+__all__ = ["EXPERIMENTS", "SCALES", "Experiment", "Scale", "first_epoch_reaching", "reproduce", "variants"]
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# Table V to convergence (scale `converge`, issue 14): 5,000 CIFAR-10 training images (4,500 after the
+# validation hold-out, 18 steps of 256 per epoch), 40 epochs, 3 seeds of 4 layers. Not run yet: a step of
+# the shallow CNN at batch 256 took 10-13 s at --threads 1 on the shared 2-core machine, so the 12 runs
+# need about 12 x 40 x 18 x 11 s = 26 hours there (minutes on a GPU). figure5.png shows whether BN's test
+# accuracy has plateaued by the last epoch; if not, raise the epochs before reading the table.
+CONVERGE_TRAIN, CONVERGE_EPOCHS = 5000, 40
 
 
 @dataclass(frozen=True)
 class Scale:
-    """How much of the protocol runs: data subsets (0: all), epochs, seeds and figure sizes."""
+    """How much of the protocol runs: data subsets (0: all), epochs, seeds and figure sizes; a scale
+    may also run some of the experiment's layers (``norms``) and learning rates (``lrs``) only, and
+    report the best-validation epoch beside the last (``select="best-val"``)."""
 
     name: str
     train_size: int
@@ -64,6 +73,23 @@ class Scale:
     epochs: int
     seeds: tuple[int, ...]
     tsne_points: int = 0  # 0: no t-SNE figure
+    norms: tuple = ()  # (label, registry name[, TrainConfig overrides]); () for the experiment's
+    lrs: tuple[float, ...] = ()  # () for the experiment's
+    select: str = "last"
+
+
+def variants(norms) -> list[tuple[str, str, dict, str]]:
+    """``(label, norm, overrides, key)`` for each ``(label, norm)`` or ``(label, norm, overrides)``:
+    ``overrides`` are TrainConfig fields (e.g. ``{"norm_kwargs": {"update": "weight"}}``) and ``key``,
+    the norm followed by the overrides' values (``ucb-weight``), names the variant's runs."""
+    def leaves(value):
+        return [leaf for v in value.values() for leaf in leaves(v)] if isinstance(value, dict) else [str(value)]
+
+    out = []
+    for entry in norms:
+        label, norm, overrides = (*entry, {}) if len(entry) == 2 else entry
+        out.append((label, norm, overrides, "-".join([norm, *leaves(overrides)])))
+    return out
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,9 @@ class Experiment:
 
 
 _CB_NORMS = (("MN", "mn"), ("SCB-Norm-base", "scb_base"), ("SCB-Norm", "scb"), ("UCB-Norm", "ucb"))
+# Table V to convergence (issue 14): the paper's headline rate, its CB layers and both UCB-Norm updates.
+_CONVERGE_NORMS = (("BN", "batchnorm"), ("SCB-Norm", "scb"), ("UCB-Norm (moving_average)", "ucb"),
+                   ("UCB-Norm (weight)", "ucb", {"norm_kwargs": {"update": "weight"}}))
 TABLE5 = Experiment(
     "table5", "Table V: shallow CNN (Table IV), the third BN replaced by the layer under test", "shallow_cnn",
     (("BN", "batchnorm"),) + _CB_NORMS, (0.001, 0.005), 3, "adamw", "constant", 256, ("test_error",), "figure5",
@@ -110,6 +139,8 @@ SCALES: dict[str, dict[str, Scale]] = {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),
         "small": Scale("small", 2560, 1000, 4, (0, 1), tsne_points=500),
         "paper": Scale("paper", 0, 0, 100, (0,), tsne_points=1000),
+        "converge": Scale("converge", CONVERGE_TRAIN, 1000, CONVERGE_EPOCHS, (0, 1, 2), norms=_CONVERGE_NORMS,
+                          lrs=(0.005,), select="best-val"),
     },
     "densenet40": {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),
@@ -176,11 +207,67 @@ def _format(mean: float, std: float, runs: int) -> str:
     return f"{mean:.2f} ± {std:.2f}" if runs > 1 else f"{mean:.2f}"
 
 
+def _format(interval: Interval) -> str:
+    return interval.cell()
+
+
+def first_epoch_reaching(history: Sequence[dict], target: float, key: str = "test_acc") -> Optional[int]:
+    """The first epoch whose ``key`` is at least ``target`` (``None``: never)."""
+    return next((row["epoch"] for row in history if row[key] >= target), None)
+
+
+def _selected(history: Sequence[dict], select: str, metric: str) -> float:
+    """``metric`` at the last epoch, or (``best-val``) at the epoch of the best validation accuracy."""
+    if not history:
+        return math.nan
+    return (best_val_row(history) if select == "best-val" else history[-1])[metric]
+
+
+def _row_statistics(done: dict, baseline: Optional[dict], scale: Scale, metric: str) -> dict:
+    """The table's numbers for one (variant, lr): per-seed values at the fractions, the last epoch and (for
+    best-val scales) the best-validation epoch, with intervals, paired differences against ``baseline``
+    (the same seeds' histories of the baseline row; ``None`` for the baseline itself) and verdicts, and
+    the epoch at which each seed first reaches the baseline's mean final accuracy."""
+    higher = metric == "test_acc"
+    finished = {s: h for s, h in done.items() if len(h) >= scale.epochs}
+    selections = ("last", "best-val") if scale.select == "best-val" else ("last",)
+    row = {"fractions": [interval([100 * at_fraction(h, f, scale.epochs, metric) for h in done.values()]).to_dict()
+                         for f in FRACTIONS]}
+    for select in selections:
+        values = {s: 100 * _selected(h, select, metric) for s, h in finished.items()}
+        base = None
+        if baseline is not None:
+            base_values = {s: 100 * _selected(h, select, metric) for s, h in baseline.items() if len(h) >= scale.epochs}
+            common = sorted(set(values) & set(base_values))
+            base = [base_values[s] for s in common]
+            values = {s: values[s] for s in common}
+        row[select] = {"seeds": sorted(values), "values": [values[s] for s in sorted(values)],
+                       **comparison([values[s] for s in sorted(values)], base, higher)}
+    if metric == "test_acc":
+        reference = baseline if baseline is not None else done
+        target = interval([100 * h[-1][metric] for h in reference.values() if len(h) >= scale.epochs]).mean
+        if math.isfinite(target):
+            row["reach"] = {"target": target,
+                            "epochs": [first_epoch_reaching(h, target / 100, metric) for h in finished.values()]}
+    return row
+
+
+def _reach_cell(reach: Optional[dict]) -> str:
+    if not reach or not reach["epochs"]:
+        return "—"
+    reached = [e for e in reach["epochs"] if e is not None]
+    if not reached:
+        return f"never (0/{len(reach['epochs'])})"
+    mean = interval(reached).cell(1)
+    return mean if len(reached) == len(reach["epochs"]) else f"{mean} ({len(reached)}/{len(reach['epochs'])} seeds)"
+
+
 def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) -> str:
     what = "test accuracy" if experiment.metric == "test_acc" else "test error"
     paper_source = ("Table V, 100 epochs on the full data set" if experiment.name == "table5"
                     else "IV-C text, final error after 200 epochs on CIFAR-100")
     size = lambda n: "all" if n == 0 else str(n)  # noqa: E731
+    baseline = results["rows"][0]["label"] if results["rows"] else "—"
     lines = [
         f"# {experiment.title} — {dataset}, scale `{scale.name}`",
         "",
@@ -189,10 +276,11 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
         f"Scale: {size(scale.train_size)} train / {size(scale.test_size)} test images (fixed random subsets), "
         f"{scale.epochs} epochs, seeds {', '.join(map(str, results['seeds']))}. Protocol: {experiment.optimizer} "
         f"({experiment.schedule} schedule), batch {experiment.batch_size}, weight decay 1e-4, K = {experiment.k}; "
-        f"SCB clusters: a {experiment.k}-component Gaussian mixture of the data set (PCA features).",
+        f"SCB clusters: a {experiment.k}-component Gaussian mixture of PCA features, both fitted on the training "
+        "images (test images get the fitted mixture's prediction).",
         "",
-        f"Our {what} (%) at 25/50/75/100% of training (mean ± std over seeds), and the paper's ({paper_source}). "
-        f"Torch {torch.__version__}, {platform.machine()}, {results['device']}; "
+        f"Our {what} (%) at 25/50/75/100% of training: mean ± half-width of the 95% Student-t interval over "
+        f"seeds; the paper's ({paper_source}). Torch {torch.__version__}, {platform.machine()}, {results['device']}; "
         f"{results['train_seconds'] / 60:.1f} min of training and evaluation, summed over the runs.",
         "",
         "| model | lr | ours 25% | ours 50% | ours 75% | ours 100% | paper 25% | paper 50% | paper 75% | paper 100% |",
@@ -204,8 +292,32 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
         if row["status"] != "ok":
             ours = [row["status"]] + [""] * 3
         else:
-            ours = [_format(m, s, len(row["seeds"])) for m, s in row["ours"]]
+            ours = [_format(Interval(**{k: v[k] for k in ("mean", "std", "half_width", "n")}))
+                    for v in row["stats"]["fractions"]]
         lines.append(f"| {row['label']} | {row['lr']:g} | " + " | ".join(ours + paper_cells) + " |")
+    selections = ("last", "best-val") if scale.select == "best-val" else ("last",)
+    titles = {"last": "last epoch", "best-val": "epoch of the best validation accuracy"}
+    lines += ["", f"Against {baseline} under the same seeds (paired difference of the {what}, points; 95% Student-t "
+                  f"interval; the verdict is computed: `better`/`worse` when the interval excludes 0)."
+              + (f" Validation: {scale.select}, a fixed {results['val_fraction']:.0%} of the training subset held "
+                 "out, the test accuracy read at the epoch of the best validation accuracy (the authors' notebooks)."
+                 if scale.select == "best-val" else ""),
+              "", "| model | lr | selection | ours | difference | 95% interval | verdict | epoch reaching "
+                  f"{baseline}'s final mean |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in results["rows"]:
+        if row["status"] != "ok":
+            continue
+        for select in selections:
+            stats = row["stats"][select]
+            ours = Interval(**{k: stats["interval"][k] for k in ("mean", "std", "half_width", "n")})
+            if "difference" in stats:
+                d = stats["difference"]
+                diff, span, verdict_cell = f"{d['mean']:+.2f}", f"[{d['low']:+.2f}, {d['high']:+.2f}]", stats["verdict"]
+            else:
+                diff, span, verdict_cell = "(baseline)", "", ""
+            reach = _reach_cell(row["stats"].get("reach")) if select == "last" else ""
+            lines.append(f"| {row['label']} | {row['lr']:g} | {titles[select]} | {ours.cell()} | {diff} | {span} | "
+                         f"{verdict_cell} | {reach} |")
     if experiment.name != "table5" and dataset == "cifar100":
         lines += ["", "The paper gives one final error for the three cluster-based variants together."]
     if results.get("plan"):
@@ -247,18 +359,19 @@ def reproduce(
     scale = SCALES[experiment.name][scale] if isinstance(scale, str) else scale
     scale = dataclasses.replace(scale, epochs=epochs) if epochs else scale
     seeds = tuple(seeds) if seeds else (0, 1, 2) if time_budget else scale.seeds
+    norms, lrs = variants(scale.norms or experiment.norms), scale.lrs or experiment.lrs
     command = command_line(command)
     given = data  # what --parallel's processes share; else each loads the data set (no large shared memory)
     data = data if data is not None else load_dataset(dataset, data_dir)
     root = results_folder(out, f"{experiment.name}-{dataset}", scale.name)
     registered = set(norm_layer_names()) | {"none"}
 
-    clusters_file = root / f"clusters-{dataset}-gmm-k{experiment.k}.npz"
-    if any(supervised_norm(norm) for _, norm in experiment.norms if norm in registered) and not clusters_file.exists():
-        print(f"fitting the {experiment.k}-component mixture of {dataset} for SCB-Norm's clusters")
+    clusters_file = root / f"clusters-{dataset}-gmm-k{experiment.k}-train-fit.npz"
+    if any(supervised_norm(norm) for _, norm, _, _ in norms if norm in registered) and not clusters_file.exists():
+        print(f"fitting the {experiment.k}-component mixture of {dataset}'s training images for SCB-Norm's clusters")
         save_cluster_ids(clusters_file, mixture_clusters(data, experiment.k), dataset)
 
-    registered_norms = [norm for _, norm in experiment.norms if norm in registered]
+    registered_norms = [norm for _, norm, _, _ in norms if norm in registered]
     plan = None
     if time_budget:
         where = resolve_device(device)
@@ -269,80 +382,90 @@ def reproduce(
         print(plan.describe())
         seeds = tuple(sorted({seed for _, _, seed in plan.runs}))
 
-    def configure(key):
-        norm, lr, seed = key
-        config = TrainConfig(
+    def configure(key) -> TrainConfig:
+        label_key, lr, seed = key
+        norm, overrides = next((n, o) for _, n, o, k in norms if k == label_key)
+        fields = dict(
             dataset=dataset, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
             model=experiment.model, norm=norm, num_clusters=experiment.k, clusters=str(clusters_file),
             optimizer=experiment.optimizer, lr=lr, schedule=experiment.schedule, epochs=scale.epochs,
-            batch_size=experiment.batch_size, seed=seed, device=device, amp=amp, threads=threads,
-            out=str(root / "runs" / _run_name(norm, lr, seed)), resume=True,
+            batch_size=experiment.batch_size, select=scale.select, seed=seed, device=device, amp=amp,
+            threads=threads, out=str(root / "runs" / _run_name(label_key, lr, seed)), resume=True,
             snapshots=4 if scale.tsne_points and norm in ("scb", "ucb") and scale.epochs >= 4 else 0,
             progress=progress, **(speed_settings or {}),
         )
-        return config
+        return TrainConfig(**{**fields, **overrides})
 
-    runs = [((norm, lr, seed), f"{label}, lr {lr:g}, seed {seed}") for label, norm in experiment.norms
-            for lr in experiment.lrs for seed in seeds if norm in registered]
-    if plan is not None:
+    runs = [((key, lr, seed), f"{label}, lr {lr:g}, seed {seed}") for label, norm, _, key in norms
+            for lr in lrs for seed in seeds if norm in registered]
+    if plan is not None:  # the plan is made of registry names: a variant (key != norm) runs only without a budget
         runs = [(key, title) for key, title in runs if key in plan.runs]
     if parallel > 1:
         histories, failures = run_parallel(runs, configure, parallel, given)
     else:
         histories, failures = run_each(runs, lambda key: train(configure(key), data))
     rows = []
-    for label, norm in experiment.norms:
-        for lr in experiment.lrs:
-            done = [histories[(norm, lr, s)] for s in seeds if (norm, lr, s) in histories]
-            failed = [failures[(norm, lr, s)] for s in seeds if (norm, lr, s) in failures]
+    for label, norm, _, key in norms:
+        for lr in lrs:
+            done = {s: histories[(key, lr, s)] for s in seeds if (key, lr, s) in histories}
+            failed = [failures[(key, lr, s)] for s in seeds if (key, lr, s) in failures]
             if norm not in registered:
                 status = f"missing: no {norm!r} layer is registered"
-            elif plan is not None and not any((norm, lr, s) in plan.runs for s in seeds):
+            elif plan is not None and not any((key, lr, s) in plan.runs for s in seeds):
                 status = "not run: outside the --time-budget plan"
             elif failed:
                 status = f"failed: {failed[0]}"
             else:
                 status = "ok"
-            ours = [mean_std([100 * at_fraction(h, f, scale.epochs, experiment.metric) for h in done]) for f in FRACTIONS]
-            ran = [s for s in seeds if plan is None or (norm, lr, s) in plan.runs]
-            per_epoch = [sum(row["seconds"] for row in h) / len(h) for h in done if h]
-            rows.append({"label": label, "norm": norm, "lr": lr, "seeds": ran, "status": status,
-                         "ours": ours, "paper": _paper_numbers(experiment, dataset, norm, lr),
+            baseline_key = norms[0][3]
+            baseline = None if key == baseline_key else {s: histories[(baseline_key, lr, s)] for s in seeds
+                                                         if (baseline_key, lr, s) in histories}
+            per_epoch = [sum(row["seconds"] for row in h) / len(h) for h in done.values() if h]
+            rows.append({"label": label, "norm": norm, "key": key, "lr": lr,
+                         "seeds": [s for s in seeds if plan is None or (key, lr, s) in plan.runs], "status": status,
+                         "ours": [mean_std([100 * at_fraction(h, f, scale.epochs, experiment.metric)
+                                            for h in done.values()]) for f in FRACTIONS],
+                         "stats": _row_statistics(done, baseline, scale, experiment.metric),
+                         "paper": _paper_numbers(experiment, dataset, norm, lr) if key == norm else None,
                          "seconds_per_epoch": sum(per_epoch) / len(per_epoch) if per_epoch else None})
 
     results = {"experiment": experiment.name, "dataset": dataset, "scale": asdict(scale), "seeds": list(seeds),
-               "command": command, "device": str(resolve_device(device)),
+               "val_fraction": TrainConfig.val_fraction, "command": command, "device": str(resolve_device(device)),
                "device_name": device_name(resolve_device(device)),
                "parallel": parallel, "plan": None if plan is None else {**plan.as_dict(), "text": plan.describe()},
-               "rows": rows,
-               "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
+               "rows": rows, "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
     return write_results(root, _table(experiment, dataset, scale, results), results,
-                         lambda: _figures(experiment, dataset, scale, seeds, root, histories, data), failures)
+                         lambda: _figures(experiment, dataset, scale, seeds, root, histories, data, norms, lrs),
+                         failures)
 
 
 def _setting(experiment: Experiment, dataset: str, scale: Scale) -> str:
     return f"{experiment.model}, {dataset}, {scale.name} scale"
 
 
-def curves_figures(experiment: Experiment, dataset: str, scale: Scale, seeds, root: Path, histories: dict) -> None:
-    """The experiment's curves (Figure 5 or 8) in ``root``, from ``histories[(norm, lr, seed)]``."""
+def curves_figures(experiment: Experiment, dataset: str, scale: Scale, seeds, root: Path, histories: dict,
+                   norms: Optional[list] = None, lrs: Optional[Sequence[float]] = None) -> None:
+    """The experiment's curves (Figure 5 or 8) in ``root``, from ``histories[(key, lr, seed)]`` of the
+    :func:`variants` ``norms`` (default: the scale's or the experiment's) at ``lrs``."""
+    norms = norms or variants(scale.norms or experiment.norms)
     panels = {}
-    for lr in experiment.lrs:
-        panel = {label: [histories[(norm, lr, s)] for s in seeds if (norm, lr, s) in histories]
-                 for label, norm in experiment.norms}
+    for lr in lrs or scale.lrs or experiment.lrs:
+        panel = {label: [histories[(key, lr, s)] for s in seeds if (key, lr, s) in histories]
+                 for label, _, _, key in norms}
         panels[f"lr = {lr:g}"] = {label: h for label, h in panel.items() if h}
     if any(panels.values()):
         name = experiment.figure.replace("figure", "Figure ")
-        curves_figure(panels, root / f"{experiment.figure}.png", experiment.curves,
+        curves = experiment.curves + (("val_acc",) if scale.select == "best-val" else ())
+        curves_figure(panels, root / f"{experiment.figure}.png", curves,
                       title=f"{name}: {_setting(experiment, dataset, scale)}")
 
 
 def _figures(experiment: Experiment, dataset: str, scale: Scale, seeds, root: Path, histories: dict,
-             data: Dataset) -> None:
-    curves_figures(experiment, dataset, scale, seeds, root, histories)
-    first = (experiment.lrs[0], seeds[0])
-    finished = [(label, norm) for label, norm in experiment.norms if (norm, *first) in histories
-                and has_checkpoint(root / "runs" / _run_name(norm, *first))]  # a reused run without one keeps its figure
+             data: Dataset, norms: list, lrs: Sequence[float]) -> None:
+    curves_figures(experiment, dataset, scale, seeds, root, histories, norms, lrs)
+    first = (lrs[0], seeds[0])
+    finished = [(label, key) for label, _, _, key in norms if (key, *first) in histories
+                and has_checkpoint(root / "runs" / _run_name(key, *first))]  # a reused run without one keeps its figure
     setting = f"{_setting(experiment, dataset, scale)}, lr {first[0]:g}, seed {first[1]}"
     if finished:
         activations = {label: run_activations(root / "runs" / _run_name(norm, *first), data=data)

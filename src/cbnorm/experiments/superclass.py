@@ -29,6 +29,7 @@ again resumes unfinished runs and reuses finished ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -41,11 +42,11 @@ import torch
 import cbnorm
 
 from .data import Dataset, Loader, available, load_dataset
-from .metrics import mean_std
 from .plots import _load_run, curves_figure, pca_figure
-from .reproduce import Scale, _run_name
+from .reproduce import Scale, _run_name, variants
 from .runs import clustered, command_line, resolve_device, results_folder, run_each, write_results
-from .train import TrainConfig, evaluate, train
+from .stats import comparison, interval
+from .train import TrainConfig, evaluate, supervised_norm, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "SuperclassExperiment", "default_dataset", "evaluate_unknown",
            "reproduce_superclass", "run_outputs"]
@@ -61,7 +62,7 @@ class SuperclassExperiment:
     name: str
     title: str
     model: str
-    norms: tuple[tuple[str, str], ...]  # (label, registry name); "none": the plain network
+    norms: tuple  # (label, registry name[, TrainConfig overrides]); "none": the plain network
     optimizer: str
     lr: float
     weight_decay: float
@@ -93,11 +94,23 @@ OXFORD_CNN = SuperclassExperiment(
     "Oxford-IIIT Pet, 37 breeds in 2 superclasses, epochs 80 and 113 of 200", ("curves", "pca"),
     "Oxford-IIIT Pet's test split has about as many images of every breed, so its macro recall is about the accuracy",
 )
-EXPERIMENTS = {"vit": VIT, "oxford_cnn": OXFORD_CNN}
+# Issue 14's controls on OxfordCNN: what does SCB-Norm gain from its superclass beyond the label
+# information the superclass carries? The same final weights are also evaluated with the superclass
+# withheld (every unknown-cluster rule); a learned bias per superclass before the last layer hands the
+# plain network the same information ("label injection"); shuffled ids keep the cluster sizes only.
+OXFORD_CNN_CONTROLS = dataclasses.replace(
+    OXFORD_CNN, name="superclass-controls-oxford_cnn",
+    title="Superclass controls: OxfordCNN with SCB-Norm before the final linear layer, and what explains its gain",
+    norms=(("OxfordCNN base", "none"), ("OxfordCNN+SCB-Norm", "scb"),
+           ("OxfordCNN+SCB-Norm, shuffled superclasses", "scb", {"clusters": "shuffled-superclass"}),
+           ("OxfordCNN + superclass bias (label injection)", "cluster_bias")),
+)
+EXPERIMENTS = {"vit": VIT, "oxford_cnn": OXFORD_CNN, "oxford_cnn_controls": OXFORD_CNN_CONTROLS}
 
 # `small` is sized from epochs timed with --threads 1 on 2 shared CPU cores (ViT: 65 s for 5,000 + 1,000
 # images; OxfordCNN: 55 s for 20,000 + 10,000) to take about 20-25 minutes for all its runs (docs/reproducing.md,
 # "Superclasses as prior clusters"); `smoke` is CI's; `paper` is the paper's protocol.
+CONTROLS_TRAIN, CONTROLS_TEST, CONTROLS_EPOCHS = 4000, 2000, 4  # sized on 2 shared CPU cores, see results/FINDINGS.md
 SCALES: dict[str, dict[str, Scale]] = {
     "vit": {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),
@@ -108,6 +121,10 @@ SCALES: dict[str, dict[str, Scale]] = {
         "smoke": Scale("smoke", 128, 128, 2, (0,)),
         "small": Scale("small", 8000, 4000, 6, (0, 1)),
         "paper": Scale("paper", 0, 0, 200, (0,)),
+    },
+    "oxford_cnn_controls": {
+        "smoke": Scale("smoke", 128, 128, 2, (0,)),
+        "small": Scale("small", CONTROLS_TRAIN, CONTROLS_TEST, CONTROLS_EPOCHS, (0, 1, 2)),
     },
 }
 
@@ -170,12 +187,6 @@ def _report_epochs(experiment: SuperclassExperiment, epochs: int) -> list[tuple[
     return rows if any(ours == epochs for ours, _ in rows) else rows + [(epochs, "last")]
 
 
-def _fmt(mean: float, std: float, runs: int = 1) -> str:
-    if not math.isfinite(mean):
-        return "—"
-    return f"{mean:.2f} ± {std:.2f}" if runs > 1 else f"{mean:.2f}"
-
-
 def _paper_notes(experiment: SuperclassExperiment) -> str:
     """What the paper's numbers themselves say about how they were averaged."""
     gaps = [recall - accuracy for accuracy, _, recall, _ in experiment.paper.values()]
@@ -193,6 +204,7 @@ def _table(experiment: SuperclassExperiment, data: Dataset, scale: Scale, result
     coarse = data.coarse_classes
     coarse = ", ".join(coarse) if len(coarse) <= 4 else f"{len(coarse)} superclasses"
     decay = f", weight decay {experiment.weight_decay:g}" if experiment.weight_decay else ""
+    baseline = results["rows"][0]["label"] if results["rows"] else "—"
     lines = [
         f"# {experiment.title} — {data.name}, scale `{scale.name}`",
         "",
@@ -205,23 +217,33 @@ def _table(experiment: SuperclassExperiment, data: Dataset, scale: Scale, result
         f"Torch {torch.__version__}, {platform.machine()}, {results['device']}; "
         f"{results['train_seconds'] / 60:.1f} min of training and evaluation, summed over the runs.",
         "",
-        "Ours: test accuracy and macro-averaged precision, recall and F1 (%), mean ± std over seeds, at fixed "
-        "epochs (no early stopping). *Test superclass*: what SCB layers get for a test image: *given*, its "
-        "true superclass (the paper's setting as we read it; this hands the model part of the label), or "
-        "*unknown*, the same final weights with the superclass withheld and the layer's unknown-cluster rule. "
+        "Ours: test accuracy and macro-averaged precision, recall and F1 (%), mean ± half-width of the 95% "
+        "Student-t interval over seeds, at fixed epochs (no early stopping). *Test superclass*: what the layer "
+        "gets for a test image: *given*, its true superclass (the paper's setting as we read it; this hands the "
+        "model part of the label), *shuffled*, superclass ids permuted across images (the same cluster sizes, "
+        "in training and test), or *unknown*, the same final weights with the superclass withheld and the "
+        f"layer's unknown-cluster rule. Last column: the paired difference in accuracy against {baseline} under "
+        "the same seeds (last epoch), its 95% interval and the computed verdict. "
         f"Paper: {experiment.paper_data} (copied from the paper; a different data set where ours is not the same).",
         "",
         "| model | epoch | test superclass | accuracy | precision | recall | F1 | paper epoch | paper accuracy | "
-        "paper precision | paper recall | paper F1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"paper precision | paper recall | paper F1 | accuracy vs {baseline} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["rows"]:
-        ours = [_fmt(m, s, row["runs"]) for m, s in row["ours"]] if row["status"] == "ok" else [row["status"], "", "", ""]
+        if row["status"] == "ok":
+            ours = [interval(row["values"][key]).cell() for key in SCORES]
+        else:
+            ours = [row["status"], "", "", ""]
         paper = row["paper"] or (math.nan,) * 4
         paper_cells = ["—" if not math.isfinite(p) else f"{p:.2f}" for p in paper]
         paper_epoch = {None: "final", "last": "—"}.get(row["paper_epoch"], str(row["paper_epoch"]))
+        versus = ""
+        if "difference" in row:
+            d = row["difference"]
+            versus = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]: {row['verdict']}"
         lines.append(f"| {row['label']} | {row['epoch']} | {row['superclass']} | " + " | ".join(ours) +
-                     f" | {paper_epoch} | " + " | ".join(paper_cells) + " |")
+                     f" | {paper_epoch} | " + " | ".join(paper_cells) + f" | {versus} |")
     lines += ["", _paper_notes(experiment)]
     return "\n".join(lines) + "\n"
 
@@ -241,57 +263,74 @@ def reproduce_superclass(
     command: Optional[str] = None,
     data: Optional[Dataset] = None,
 ) -> Path:
-    """Run (or resume) every run of the superclass experiment of ``model`` at ``scale`` and write its
-    table and figures. Returns the results directory."""
+    """Run (or resume) every run of the superclass experiment ``model`` (a key of :data:`EXPERIMENTS`) at
+    ``scale`` and write its table and figures. Returns the results directory."""
     experiment = EXPERIMENTS[model] if isinstance(model, str) else model
-    scale = SCALES[experiment.model][scale] if isinstance(scale, str) else scale
+    scale = SCALES[model if isinstance(model, str) else experiment.model][scale] if isinstance(scale, str) else scale
     seeds = tuple(seeds) if seeds else scale.seeds
+    norms = variants(experiment.norms)
     command = command_line(command)
     data = data if data is not None else load_dataset(dataset, data_dir)
     if data.train.coarse_labels is None:
         raise ValueError(f"the superclass experiment needs a data set with superclasses (cifar100, cifar10, "
                          f"oxford-pet), got {data.name}")
     root = results_folder(out, f"{experiment.name}-{data.name}", scale.name)
+    run_dir = lambda key, seed: root / "runs" / _run_name(key, experiment.lr, seed)  # noqa: E731
 
-    def start(key):
-        norm, seed = key
-        config = TrainConfig(
+    def start(run):
+        key, seed = run
+        norm, overrides = next((n, o) for _, n, o, k in norms if k == key)
+        fields = dict(
             dataset=data.name, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
-            model=experiment.model, norm=norm, clusters="superclass", optimizer=experiment.optimizer, lr=experiment.lr,
-            weight_decay=experiment.weight_decay, epochs=scale.epochs, batch_size=experiment.batch_size, seed=seed,
-            device=device, amp=amp, threads=threads, out=str(root / "runs" / _run_name(norm, experiment.lr, seed)),
-            resume=True, progress=progress,
+            model=experiment.model, norm=norm, num_clusters=len(data.coarse_classes), clusters="superclass",
+            optimizer=experiment.optimizer, lr=experiment.lr, weight_decay=experiment.weight_decay,
+            epochs=scale.epochs, batch_size=experiment.batch_size, seed=seed, device=device, amp=amp,
+            threads=threads, out=str(run_dir(key, seed)), resume=True, progress=progress,
         )
+        config = TrainConfig(**{**fields, **overrides})
         return train(config, data)
 
-    runs = [((norm, seed), f"{label}, seed {seed}") for label, norm in experiment.norms for seed in seeds]
+    runs = [((key, seed), f"{label}, seed {seed}") for label, _, _, key in norms for seed in seeds]
     histories, failures = run_each(runs, start)
 
+    def scores_row(label, norm, epoch, superclass, per_seed, status, paper_epoch, paper, baseline):
+        """A table row from ``per_seed`` ({seed: metrics}); against ``baseline`` ({seed: accuracy}) when given."""
+        row = {"label": label, "norm": norm, "epoch": epoch, "superclass": superclass, "status": status,
+               "seeds": sorted(per_seed),
+               "values": {k: [100 * per_seed[s][k] for s in sorted(per_seed)] for k in SCORES},
+               "paper_epoch": paper_epoch, "paper": paper}
+        if baseline is not None and status == "ok":
+            common = sorted(set(per_seed) & set(baseline))
+            row.update(comparison([100 * per_seed[s]["test_acc"] for s in common], [baseline[s] for s in common]))
+        return row
+
+    base_key = norms[0][3]
+    base_final = {s: 100 * histories[(base_key, s)][-1]["test_acc"] for s in seeds
+                  if (base_key, s) in histories and len(histories[(base_key, s)]) == scale.epochs}
     rows = []
-    for label, norm in experiment.norms:
-        done = [histories[(norm, s)] for s in seeds if (norm, s) in histories]
-        failed = [failures[(norm, s)] for s in seeds if (norm, s) in failures]
+    for label, norm, overrides, key in norms:
+        done = {s: histories[(key, s)] for s in seeds if (key, s) in histories}
+        failed = [failures[(key, s)] for s in seeds if (key, s) in failures]
         status = f"failed: {failed[0]}" if failed else "ok"
-        given = "given" if norm in UNKNOWN_RULES else "—"
+        given = ("shuffled" if overrides.get("clusters") == "shuffled-superclass" else "given") if supervised_norm(
+            norm) else "—"
+        vs = None if key == base_key else base_final
         for epoch, paper_epoch in _report_epochs(experiment, scale.epochs):
-            ours = [mean_std([100 * h[epoch - 1][key] for h in done if len(h) >= epoch]) for key in SCORES]
-            rows.append({"label": label, "norm": norm, "epoch": epoch, "superclass": given, "status": status,
-                         "runs": len(done), "ours": ours, "paper_epoch": paper_epoch,
-                         "paper": experiment.paper.get((norm, paper_epoch))})
+            per_seed = {s: h[epoch - 1] for s, h in done.items() if len(h) >= epoch}
+            rows.append(scores_row(label, norm, epoch, given, per_seed, status, paper_epoch,
+                                   experiment.paper.get((norm, paper_epoch)) if not overrides else None,
+                                   vs if epoch == scale.epochs else None))
+        if failed or overrides:
+            continue
         for rule_label, rule in UNKNOWN_RULES.get(norm, ()):
-            if failed:
-                continue
-            scores = [evaluate_unknown(root / "runs" / _run_name(norm, experiment.lr, s), rule, data, device)
-                      for s in seeds]
-            rows.append({"label": label, "norm": norm, "epoch": scale.epochs, "superclass": rule_label, "status": "ok",
-                         "runs": len(scores), "ours": [mean_std([100 * s[key] for s in scores]) for key in SCORES],
-                         "paper_epoch": "last", "paper": None})
+            per_seed = {s: evaluate_unknown(run_dir(key, s), rule, data, device) for s in done}
+            rows.append(scores_row(label, norm, scale.epochs, rule_label, per_seed, "ok", "last", None, vs))
 
     results = {"experiment": experiment.name, "dataset": data.name, "scale": asdict(scale), "seeds": list(seeds),
                "command": command, "device": str(resolve_device(device)), "rows": rows,
                "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
     return write_results(root, _table(experiment, data, scale, results), results,
-                         lambda: _figures(experiment, scale.name, seeds, root, histories, data), failures)
+                         lambda: _figures(experiment, scale.name, seeds, root, histories, data, norms), failures)
 
 
 def superclass_curves(experiment: SuperclassExperiment, dataset: str, scale: str, root: Path, lines: dict) -> None:
@@ -304,12 +343,13 @@ def superclass_curves(experiment: SuperclassExperiment, dataset: str, scale: str
                       title=f"{name}: {experiment.model}, {dataset}, {scale} scale")
 
 
-def _figures(experiment: SuperclassExperiment, scale: str, seeds, root: Path, histories: dict, data: Dataset) -> None:
+def _figures(experiment: SuperclassExperiment, scale: str, seeds, root: Path, histories: dict, data: Dataset,
+             norms: list) -> None:
     pca = experiment.figures[1]
     superclass_curves(experiment, data.name, scale, root, {
-        label: [histories[(norm, s)] for s in seeds if (norm, s) in histories] for label, norm in experiment.norms})
-    for label, norm in experiment.norms:
-        if (norm, seeds[0]) in histories:
-            outputs, superclasses = run_outputs(root / "runs" / _run_name(norm, experiment.lr, seeds[0]), data=data)
-            pca_figure(outputs, superclasses, data.coarse_classes, root / f"{pca}-{norm}.png",
+        label: [histories[(key, s)] for s in seeds if (key, s) in histories] for label, _, _, key in norms})
+    for label, _, _, key in norms:
+        if (key, seeds[0]) in histories:
+            outputs, superclasses = run_outputs(root / "runs" / _run_name(key, experiment.lr, seeds[0]), data=data)
+            pca_figure(outputs, superclasses, data.coarse_classes, root / f"{pca}-{key}.png",
                        title=f"{label}: PCA of the outputs on {len(outputs)} test images, by superclass")

@@ -29,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,15 +40,15 @@ from cbnorm.factory import norm_layer_info
 
 from . import distributed, speed
 from .clusters import ClusterIds, prior_clusters
+from .config import RUN_CONTROL, SELECTIONS, TrainConfig
 from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
-from .metrics import confusion_matrix, macro_scores
+from .metrics import COLUMNS, confusion_matrix, macro_scores
 from .models import build_model
-from .config import RUN_CONTROL, TrainConfig
 from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
 from .speed import SPEED_FIELDS
 
-__all__ = ["Setup", "TrainConfig", "setup", "train"]
+__all__ = ["SELECTIONS", "Setup", "TrainConfig", "best_val_row", "setup", "train"]
 
 
 # -- what a run is made of -------------------------------------------------------------------------
@@ -63,6 +63,8 @@ class Setup:
     test: Split
     train_ids: Optional[Tensor]
     test_ids: Optional[Tensor]
+    val: Optional[Split]  # the held-out training images of --select best-val
+    val_ids: Optional[Tensor]
     clusters: Optional[ClusterIds]
     model: nn.Module
     mean: Tensor
@@ -74,6 +76,23 @@ def _subset(split: Split, size: int) -> Tensor:
     if not size or size >= len(split):
         return torch.arange(len(split))
     return torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:size].sort().values
+
+
+def _hold_out(index: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """``index`` split into training and validation indices (``round(fraction * N)`` of them, at least 1),
+    by a fixed draw (seed 0, whatever the run's seed), each sorted."""
+    count = min(max(1, round(fraction * len(index))), len(index) - 1)
+    if count < 1:
+        raise ValueError(f"--select best-val: expected at least 2 training images to hold some out, got {len(index)}")
+    order = torch.randperm(len(index), generator=torch.Generator().manual_seed(0))
+    return index[order[count:]].sort().values, index[order[:count]].sort().values
+
+
+def best_val_row(history: Sequence[dict]) -> dict:
+    """The first epoch's row with the highest ``val_acc`` (the checkpoint the authors report)."""
+    if not history or "val_acc" not in history[0]:
+        raise ValueError("best_val_row: expected a history with val_acc (a run with --select best-val)")
+    return max(history, key=lambda row: (row["val_acc"], -row["epoch"]))
 
 
 def norm_kwargs(norm: str, k: int, extra: dict) -> dict:
@@ -90,27 +109,42 @@ def supervised_norm(norm: str) -> bool:
 def setup(config: TrainConfig, data: Optional[Dataset] = None) -> Setup:
     """Load the data (or use ``data``), draw the subsets, get SCB's clusters and build the model.
 
-    The model is initialised from ``config.seed``. SCB layers take ``K`` from their clusters (20
-    for CIFAR-100's superclasses); other layers take ``config.num_clusters``.
+    The model is initialised from ``config.seed``. Layers take ``K = config.num_clusters``; for SCB
+    layers it must be the number of their clusters (20 for CIFAR-100's superclasses, 2 for CIFAR-10's).
     """
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
     train_index, test_index = _subset(data.train, config.train_size), _subset(data.test, config.test_size)
     clusters = None
     k = config.num_clusters
-    if supervised_norm(config.norm):  # a dataset mixture is cached where clusters.mixture_clusters says, never beside --out
+    # A dataset mixture is cached where clusters.mixture_clusters says, never beside --out.
+    if supervised_norm(config.norm):
         clusters = prior_clusters(data, config.clusters, config.num_clusters, config.cluster_method, 0)
-        k = clusters.k
+        if clusters.k != config.num_clusters:  # config.json must record the K that runs
+            raise ValueError(
+                f"TrainConfig: expected num_clusters={clusters.k}, the number of {clusters.source} "
+                f"clusters of {data.name} that the {config.norm} layer gets, got {config.num_clusters}"
+            )
     torch.manual_seed(config.seed)
     norm = None if config.norm == "none" else config.norm
-    model = build_model(config.model, data.num_classes, data.in_channels, norm,
-                        norm_kwargs(config.norm, k, config.norm_kwargs))
+    model = build_model(
+        config.model, data.num_classes, data.in_channels, norm, norm_kwargs(config.norm, k, config.norm_kwargs)
+    )
     mean, std = data.channel_stats()
+    val_index = None
+    if config.select == "best-val":
+        train_index, val_index = _hold_out(train_index, config.val_fraction)
+
+    def ids(index, split):
+        return None if clusters is None or index is None else getattr(clusters, split)[index]
+
     return Setup(
         data,
         data.train.subset(train_index),
         data.test.subset(test_index),
-        None if clusters is None else clusters.train[train_index],
-        None if clusters is None or not config.test_clusters else clusters.test[test_index],
+        ids(train_index, "train"),
+        ids(test_index, "test") if config.test_clusters else None,
+        None if val_index is None else data.train.subset(val_index),
+        ids(val_index, "train") if config.test_clusters else None,
         clusters,
         model,
         mean,
@@ -126,8 +160,9 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":  # L2 penalty added to the gradient, as torch.optim.Adam does
         return torch.optim.Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+    )
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -166,9 +201,11 @@ def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool = False,
-             dtype: Optional[torch.dtype] = None) -> dict:
-    """Mean cross-entropy, accuracy and macro precision, recall and F1 of ``model`` (in eval mode) on ``loader``'s split.
+def evaluate(
+    model: nn.Module, loader: Loader, device: torch.device, amp: bool = False, dtype: Optional[torch.dtype] = None
+) -> dict:
+    """Mean cross-entropy, accuracy and macro precision, recall and F1 of ``model`` (in eval mode) on ``loader``'s
+    split.
 
     A loader of one rank's share (``world_size > 1``) gives the metrics of the whole split: the sums are
     all-reduced over the ranks. ``dtype``: of the autocast (with ``amp``), by default :func:`~.runs.autocast`'s.
@@ -185,8 +222,14 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, amp: bool =
         loss_sum, confusion, seen = distributed.all_reduce_sum(loss_sum, confusion, torch.tensor(seen))
     loss_sum, seen = loss_sum.item(), int(seen)
     scores = macro_scores(confusion)
-    return {"test_loss": loss_sum / seen, "test_acc": scores["accuracy"], "test_error": 1 - scores["accuracy"],
-            "test_precision": scores["precision"], "test_recall": scores["recall"], "test_f1": scores["f1"]}
+    return {
+        "test_loss": loss_sum / seen,
+        "test_acc": scores["accuracy"],
+        "test_error": 1 - scores["accuracy"],
+        "test_precision": scores["precision"],
+        "test_recall": scores["recall"],
+        "test_f1": scores["f1"],
+    }
 
 
 def _epochs_fixed(config: TrainConfig) -> Optional[str]:
@@ -248,8 +291,17 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
     is_main = ranks.is_main
     out = Path(config.out)
     config = speed.resolve_speed(config, device)  # config.json records what the device uses
-    folder = RunFolder(out, dataclasses.asdict(config), resume=config.resume, overwrite=config.overwrite,
-                       run_control=RUN_CONTROL | SPEED_FIELDS, epochs_fixed=_epochs_fixed(config), ranks=ranks)
+    columns = COLUMNS + ["val_loss", "val_acc"] if config.select == "best-val" else COLUMNS
+    folder = RunFolder(
+        out,
+        dataclasses.asdict(config),
+        resume=config.resume,
+        overwrite=config.overwrite,
+        run_control=RUN_CONTROL | SPEED_FIELDS,
+        epochs_fixed=_epochs_fixed(config),
+        ranks=ranks,
+        columns=columns,
+    )
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -260,12 +312,24 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
     model = speed.prepare_model(run.model.to(device), config)
     shard = dict(rank=ranks.rank, world_size=ranks.world_size, device=device)
     shard.update(memory_format=speed.memory_format(config))
-    train_loader = DeviceLoader(run.train, config.batch_size, run.mean, run.std, train=True, cluster_ids=run.train_ids,
-                                flip=config.augment and DATASETS[config.dataset].flip,
-                                crop_padding=DATASETS[config.dataset].crop_padding if config.augment else 0,
-                                seed=config.seed, **shard)
-    test_loader = DeviceLoader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids,
-                               **shard)
+    train_loader = DeviceLoader(
+        run.train,
+        config.batch_size,
+        run.mean,
+        run.std,
+        train=True,
+        cluster_ids=run.train_ids,
+        flip=config.augment and DATASETS[config.dataset].flip,
+        crop_padding=DATASETS[config.dataset].crop_padding if config.augment else 0,
+        seed=config.seed,
+        **shard,
+    )
+    test_loader = DeviceLoader(run.test, config.eval_batch_size, run.mean, run.std, cluster_ids=run.test_ids, **shard)
+    val_loader = (
+        None
+        if run.val is None
+        else DeviceLoader(run.val, config.eval_batch_size, run.mean, run.std, cluster_ids=run.val_ids, **shard)
+    )
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
     scaler = grad_scaler(config.amp and device.type == "cuda")
@@ -278,11 +342,19 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        with tqdm(total=len(train_loader), desc=f"epoch {epoch}", leave=False, disable=None if config.progress and is_main else True) as bar:
+        with tqdm(
+            total=len(train_loader),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=None if config.progress and is_main else True,
+        ) as bar:
             row = {"epoch": epoch, **_train_epoch(trained, train_loader, epoch, optimizer, scaler, config, device, bar)}
         scheduler.step()
         dtype = speed.autocast_dtype(config, device)
         row.update(evaluate(model, test_loader, device, dtype is not None, dtype))
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device, dtype is not None, dtype)
+            row.update(val_loss=val["test_loss"], val_acc=val["test_acc"])
         row.update(lr=lr, seconds=time.perf_counter() - start)
         if is_main and epoch in snapshot_epochs:  # before the checkpoint: a checkpointed epoch has its snapshot
             atomic_write(out / "snapshots" / f"epoch-{epoch:04d}.pt", lambda f: torch.save(model.state_dict(), f))

@@ -10,14 +10,22 @@ from typing import Optional
 
 from torch import nn
 
-from cbnorm.factory import NormLayer
+from cbnorm.factory import NormLayer, register_norm_layer
 
+from .cluster_bias import ClusterBias
 from .densenet import DenseNet
+from .domain_batchnorm import DomainBatchNorm
 from .oxford_cnn import OxfordCNN
 from .shallow_cnn import ShallowCNN
 from .vit import ViT, ViTConfig
 
-__all__ = ["DenseNet", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig", "build_model"]
+__all__ = ["ClusterBias", "DenseNet", "DomainBatchNorm", "MODELS", "OxfordCNN", "ShallowCNN", "ViT", "ViTConfig",
+           "build_model"]
+
+# Controls of the experiments, not layers of the paper: domain-specific BatchNorm (AdaMatch) and a
+# learned bias per superclass (label injection, superclass experiment).
+register_norm_layer("dsbn", DomainBatchNorm, k_arg="num_domains", takes_clusters=True)
+register_norm_layer("cluster_bias", ClusterBias, k_arg="num_clusters", takes_clusters=True)
 
 MODELS = {
     "shallow_cnn": ShallowCNN,
@@ -34,4 +42,6 @@ def build_model(
     """Model ``name`` (a key of :data:`MODELS`) with ``norm_layer`` where that model puts the layer under test."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](num_classes=num_classes, norm_layer=norm_layer, in_channels=in_channels, norm_kwargs=norm_kwargs)
+    return MODELS[name](
+        num_classes=num_classes, norm_layer=norm_layer, in_channels=in_channels, norm_kwargs=norm_kwargs
+    )
