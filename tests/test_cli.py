@@ -30,8 +30,10 @@ def test_reproduce_table5_smoke(tmp_path, data_root, capsys):
     assert main(argv) == 0
     root = tmp_path / "results" / "table5-cifar10" / "smoke"
     table = (root / "table.md").read_text()
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table.splitlines()
-            if line.startswith("| ") and "---" not in line and "model" not in line}
+    rows = {}  # the first table's row of each (model, lr): the paired-difference table follows it
+    for line in table.splitlines():
+        if line.startswith("| ") and "---" not in line and "model" not in line:
+            rows.setdefault(tuple(cell.strip() for cell in line.split("|")[1:3]), line)
     assert len(rows) == 10
     assert rows[("UCB-Norm", "0.005")].rstrip(" |").endswith("86.04 | 86.04 | 87.49 | 87.49")  # the paper's
     summary = json.loads((root / "summary.json").read_text())
@@ -118,8 +120,11 @@ def test_clusters_command_feeds_training(tmp_path, capsys):
     with np.load(ids) as z:
         assert z["train"].shape == (1437,) and z["test"].shape == (360,) and int(z["k"]) == 4
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "digits", "--train-size", "64", "--test-size", "64", "--epochs", "1",
-                 "--norm", "scb", "--clusters", str(ids), "--out", str(run), "--no-progress"]) == 0
+    argv = ["train", "--dataset", "digits", "--train-size", "64", "--test-size", "64", "--epochs", "1",
+            "--norm", "scb", "--clusters", str(ids), "--out", str(run), "--no-progress"]
+    assert main(argv) == 2  # config.json must record the K that runs: the file's 4, not the default 3
+    assert "expected num_clusters=4, the number of kmeans k=4 seed=0 clusters" in capsys.readouterr().err
+    assert main([*argv, "--num-clusters", "4"]) == 0
     assert "scb (K=4 clusters: kmeans k=4 seed=0)" in capsys.readouterr().out
 
 
