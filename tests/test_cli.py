@@ -144,7 +144,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
 
 def test_python_dash_m_and_the_library_alone(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cbnorm", "reproduce", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "{smoke,small,paper}" in result.stdout
+    assert result.returncode == 0 and "{smoke,small,paper,converge}" in result.stdout
     alone = "import sys, cbnorm; assert not [m for m in sys.modules if m.startswith('cbnorm.experiments')]"
     assert subprocess.run([sys.executable, "-c", alone]).returncode == 0
 

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -223,3 +225,14 @@ class TestMixtureClusters:
         fresh = mixture_clusters(second, 3, cache_dir=tmp_path / "fresh")
         assert torch.equal(mixture_clusters(second, 3, cache_dir=tmp_path).test, fresh.test)
         assert len(list(tmp_path.glob("toy-*.pt"))) == 2
+
+
+def test_cached_ids_get_a_new_files_mode(tmp_path):
+    """Like any tool's output, the cache file's mode is 0o666 less the umask, not mkstemp's 0o600."""
+    old = os.umask(0o022)
+    try:
+        cbnorm.cached_cluster_ids(tmp_path, "blobs", 2, lambda: torch.randn(40, 3))
+    finally:
+        os.umask(old)
+    (path,) = tmp_path.glob("*.pt")
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -93,7 +93,8 @@ class TestTrain:
     def test_mixture_clusters_cached(self, tmp_path, digits):
         first = clusters.prior_clusters(digits, "mixture", 3, cache_dir=tmp_path)
         assert first.train.shape == (1437,) and set(first.train.unique().tolist()) == {0, 1, 2}
-        cached = cbnorm.cluster_cache_path(tmp_path, "digits", 3, method="gmm", seed=0)
+        name = f"digits-{clusters.data_fingerprint(digits)}"  # two data sets of one name never share ids
+        cached = cbnorm.cluster_cache_path(tmp_path, name, 3, method="gmm", seed=0)
         assert cached.exists() and torch.equal(clusters.prior_clusters(digits, "mixture", 3, cache_dir=tmp_path).test,
                                                first.test)
 
@@ -239,4 +240,4 @@ class TestRunFolderKeepsWork:
             monkeypatch.setenv(name, str(tmp_path / "cache"))
         train(tiny(tmp_path / "runs" / "scb", norm="scb", epochs=1), digits)
         assert [p.name for p in (tmp_path / "runs").iterdir()] == ["scb"]
-        assert list((tmp_path / "cache").rglob("digits-k3-gmm-seed0.pt"))
+        assert list((tmp_path / "cache").rglob("digits-*-k3-gmm-seed0.pt"))

@@ -233,6 +233,9 @@ def cached_cluster_ids(
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)  # read it (only os.umask can): the file gets a new file's mode, not mkstemp's 0o600
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as file:
             torch.save({**key, "ids": ids}, file)
             file.flush()
