@@ -119,6 +119,10 @@ def test_clusters_command_feeds_training(tmp_path, capsys):
     assert "4 clusters (kmeans k=4 seed=0) of digits" in capsys.readouterr().out
     with np.load(ids) as z:
         assert z["train"].shape == (1437,) and z["test"].shape == (360,) and int(z["k"]) == 4
+    assert main(["clusters", "digits", "--k", "2", "--out", str(ids)]) == 2  # never replaced unasked
+    assert f"{ids} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    with np.load(ids) as z:
+        assert int(z["k"]) == 4
     run = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--train-size", "64", "--test-size", "64", "--epochs", "1",
             "--norm", "scb", "--clusters", str(ids), "--out", str(run), "--no-progress"]

@@ -206,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["gmm", "kmeans"], default="gmm", help="(default: gmm)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--out", required=True, help="the .npz ids file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     return parser
 
@@ -331,6 +332,8 @@ def _run(args) -> None:
         from .clusters import mixture_clusters, save_cluster_ids
         from .data import load_dataset
 
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         data = load_dataset(args.dataset, args.data_dir)
         ids = mixture_clusters(data, args.k, args.method, args.seed)
         save_cluster_ids(args.out, ids, args.dataset)
