@@ -331,9 +331,11 @@ def test_one_cache_folder(tmp_path, monkeypatch):
 
 def test_cluster_ids_are_cached_in_the_cache_folder(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    from cbnorm.experiments.clusters import mixture_clusters
+    from cbnorm.experiments.clusters import data_fingerprint, mixture_clusters
     from cbnorm.experiments.data import load_dataset
 
     monkeypatch.setenv("CBNORM_CACHE_DIR", str(tmp_path))
-    mixture_clusters(load_dataset("digits"), 3)
-    assert [path.name for path in (tmp_path / "clusters").iterdir()] == ["digits-k3-gmm-seed0.pt"]
+    digits = load_dataset("digits")
+    mixture_clusters(digits, 3)
+    expected = f"digits-{data_fingerprint(digits)}-k3-gmm-seed0.pt"
+    assert [path.name for path in (tmp_path / "clusters").iterdir()] == [expected]
