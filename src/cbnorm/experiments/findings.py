@@ -77,7 +77,8 @@ MIN_SEEDS = 3
 SMALLER_REGIME = {
     "superclass-controls-oxford_cnn-cifar10/small": "CIFAR-10, 4 epochs, 45-48% accuracy; the paper: Oxford-IIIT Pet, "
                                                     "epoch 113 of 200",
-    "adamatch-mnist-digits/small-4seeds": "digits as target, 192 steps of WRN-10-2; the paper: SVHN, 10 epochs of WRN-28-2",
+    "adamatch-mnist-digits/small-4seeds": "digits as target, 192 steps of WRN-10-2; the paper: SVHN, 10 epochs of "
+                                          "WRN-28-2",
 }
 # Committed results that run too short to answer the paper's claim (issue 14): their verdicts are shown
 # for what they measured, never as an answer.
