@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice
+from ._files import atomic_write
 from .mixture import GaussianMixture, kmeans
 
 __all__ = ["FEATURE_DIM", "METHODS", "cached_cluster_ids", "cluster_cache_path", "cluster_dataset", "image_features"]
@@ -230,18 +230,5 @@ def cached_cluster_ids(
     ).cpu()
     if num_samples is not None and len(ids) != num_samples:
         raise ValueError(f"cached_cluster_ids: expected features of {num_samples} samples, got {len(ids)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)  # read it (only os.umask can): the file gets a new file's mode, not mkstemp's 0o600
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)
-        with os.fdopen(handle, "wb") as file:
-            torch.save({**key, "ids": ids}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: torch.save({**key, "ids": ids}, file))
     return ids
