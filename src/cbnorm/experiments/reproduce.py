@@ -53,12 +53,12 @@ from .train import TrainConfig, best_val_row, resolve_device, supervised_norm, t
 __all__ = ["EXPERIMENTS", "SCALES", "Experiment", "Scale", "first_epoch_reaching", "reproduce", "variants"]
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-# Table V to convergence (scale `converge`, issue 14): 5,000 CIFAR-10 training images (4,500 after the
-# validation hold-out, 18 steps of 256 per epoch), 40 epochs, 3 seeds of 4 layers. Not run yet: a step of
-# the shallow CNN at batch 256 took 10-13 s at --threads 1 on the shared 2-core machine, so the 12 runs
-# need about 12 x 40 x 18 x 11 s = 26 hours there (minutes on a GPU). figure5.png shows whether BN's test
-# accuracy has plateaued by the last epoch; if not, raise the epochs before reading the table.
-CONVERGE_TRAIN, CONVERGE_EPOCHS = 5000, 40
+# Table V to convergence (scale `converge`, issue 14): 2,500 CIFAR-10 training images (2,250 after the
+# validation hold-out, 9 steps of 256 per epoch), 30 epochs, 3 seeds of 4 layers. Sized for the 2-core CPU: a
+# step of the shallow CNN at batch 256 takes 1.75 s at --threads 1 on an idle core, so the 12 runs take about
+# 12 x 30 x 9 x 1.9 s = 1.7 core-hours. figure5.png shows whether BN's test accuracy has plateaued by the
+# last epoch; if not, raise the epochs before reading the table.
+CONVERGE_TRAIN, CONVERGE_EPOCHS = 2500, 30
 
 
 @dataclass(frozen=True)
