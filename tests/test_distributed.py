@@ -12,7 +12,9 @@ import datetime
 import os
 import re
 import socket
+import traceback
 from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +23,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import cbnorm
+from cbnorm import _base
 from cbnorm.distributed import SyncBatchNorm, convert_sync_cbnorm, gather_channel_samples
+from tests.utils import no_host_reads
 
 WORLD = 2
 BACKENDS = ("auto", "eager")  # CBNORM_KERNELS: native kernels, then the pure-PyTorch twins
@@ -210,6 +214,23 @@ def _samples(rank: int) -> dict:
     return out
 
 
+def _synchronised_steps_read_nothing_on_the_host(rank: int) -> dict:
+    """On the path CUDA takes, a synchronised training step after the first (whose k-means start gathers
+    the ranks' batch sizes on the host, once) reads no tensor value in Python, forward and backward."""
+    layers = {"ucb": cbnorm.UCBNorm(3, 3, affine=True), "mn": cbnorm.MixtureNorm(3, 3, affine=True)}
+    failures = {}
+    for name, layer in layers.items():
+        layer = convert_sync_cbnorm(layer)
+        layer(torch.randn(4, 3, 5))
+        try:
+            with mock.patch.object(_base, "_host_checks", lambda t: False), no_host_reads():
+                layer(torch.randn(4, 3, 5, requires_grad=True)).square().sum().backward()
+            failures[name] = None
+        except AssertionError as error:
+            failures[name] = "".join(traceback.format_exception(error))
+    return failures
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -223,6 +244,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["ddp"] = _ddp_training(rank, WORLD)
         results["errors"] = _errors_are_collective(rank)
         results["samples"] = _samples(rank)
+        results["host_reads"] = _synchronised_steps_read_nothing_on_the_host(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -334,6 +356,11 @@ def test_errors_are_raised_on_every_rank_and_leave_the_state(ranks):
     assert errors[0]["huge_later"].startswith("UCBNorm: the global training batch contains non-finite values (NaN or "
                                               "Inf) on some rank, or values whose statistics overflow torch.float32")
     assert all(errors[0][k] for k in errors[0] if k.endswith("_unchanged"))
+
+
+def test_synchronised_steps_read_nothing_on_the_host(ranks):
+    for r in ranks:
+        assert r["host_reads"] == {"ucb": None, "mn": None}
 
 
 def test_gathered_samples_are_those_of_the_whole_batch(ranks):

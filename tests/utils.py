@@ -1,10 +1,15 @@
 """Helpers shared by the test modules."""
 
+import contextlib
 import copy
 import io
 import pickle
+import sys
+from unittest import mock
 
 import torch
+
+import cbnorm
 
 
 def roundtrip(module):
@@ -61,3 +66,24 @@ def kill_and_resume(command, flags, run, reference, epochs, timeout=180):
     assert f"resumed after epoch {killed_at}" in resumed.stdout
     assert without_time(read_metrics(run)[1]) == without_time(reference)
     return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def device_path(monkeypatch):
+    """Make the layers take the path they take on CUDA: checks as device-side assertions, never read on the host."""
+    base = sys.modules[cbnorm.UCBNorm.__mro__[-3].__module__]  # the module of the layers' common base
+    assert hasattr(base, "_host_checks")
+    monkeypatch.setattr(base, "_host_checks", lambda t: False)
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any read of a tensor's value by Python (on CUDA, each waits for the device), and on the operators
+    that read one inside (multinomial's check, one_hot's range check)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a host-device synchronisation")
+
+    reads = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+    with mock.patch.multiple(torch.Tensor, **{name: forbidden for name in reads}), \
+            mock.patch.object(torch, "multinomial", forbidden), \
+            mock.patch.object(torch.nn.functional, "one_hot", forbidden):
+        yield

@@ -4,7 +4,7 @@ training batch, and the running mixture state of UCB-Norm and Mixture Normalizat
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -155,14 +155,18 @@ class _RunningMixtureNorm(_ClusterNorm):
     def _synchronised(self) -> bool:
         return distributed.sync_active(self.sync_statistics, self.training, self.process_group)
 
-    def _check_global_count(self, count: int, x: Tensor, least: int) -> None:
-        """The check of :meth:`_check_batch_size` on the global batch; every rank raises alike."""
-        if count < least:
-            raise ValueError(
-                f"{self._name}: expected at least {least} value{'s' * (least > 1)} per channel in the global batch "
-                f"when training, got {count} over the {distributed.world_size(self.process_group)} ranks "
-                f"(input of shape {tuple(x.shape)} on this rank)"
-            )
+    def _check_global_count(self, count: Union[int, Tensor], x: Tensor, least: int) -> Optional[Tensor]:
+        """The check of :meth:`_check_batch_size` on the global batch; every rank raises alike.
+
+        ``count`` (entries per channel) may be a tensor summed on the device: the check then follows
+        :meth:`_require`, so that a synchronised step never reads it on the host.
+        """
+        ranks = distributed.world_size(self.process_group)
+        what = f"{self._name}: expected at least {least} value{'s' * (least > 1)} per channel in the global batch " \
+               "when training, got"
+        where = f"over the {ranks} ranks (input of shape {tuple(x.shape)} on this rank)"
+        return self._require(torch.as_tensor(count >= least), f"{what} fewer {where}",
+                             lambda: f"{what} {int(count)} {where}")
 
     def _check_training_batch(self, x: Tensor, collective: bool, least: int) -> Optional[Tensor]:
         """Batch size and finiteness, before anything changes; see :meth:`_require` for the returned mask.
@@ -211,14 +215,16 @@ class _RunningMixtureNorm(_ClusterNorm):
         self._check_global_count(gathered.count, x, least)
         return distributed.broadcast_from_first_rank(list(fit(gathered.samples)), self.process_group)
 
-    def _batch_forward(self, x: Tensor, state: Mixture1d, synchronised: bool) -> tuple[Tensor, F.ComponentStats]:
-        """Eq. 7-9: posteriors from ``state``, statistics of the batch (the global batch when ``synchronised``)."""
-        sums = distributed.GlobalSums(x.numel() // x.shape[1], self.process_group) if synchronised else None
+    def _batch_forward(
+        self, x: Tensor, state: Mixture1d, synchronised: bool
+    ) -> tuple[Tensor, F.ComponentStats, Optional[Tensor]]:
+        """Eq. 7-9: posteriors from ``state``, statistics of the batch (the global batch when ``synchronised``),
+        and the mask of :meth:`_require` of the global batch's size check (``None``: checked, or none needed)."""
+        if not synchronised:
+            return (*F.ucb_norm_batch(x, *state, self.weight, self.bias, self.eps), None)
+        sums = distributed.GlobalSums(x.numel() // x.shape[1], self.process_group)
         y, stats = F.ucb_norm_batch(x, *state, self.weight, self.bias, self.eps, reduce_sums=sums)
-        if sums is not None:
-            self._check_global_count(sums.count, x, 2)
-            stats = stats._replace(count=sums.count)
-        return y, stats
+        return y, stats._replace(count=sums.count), self._check_global_count(sums.count, x, 2)
 
     def _register_running_state(
         self, num_components: int, factory_kwargs: dict, per_channel_prior: bool = False

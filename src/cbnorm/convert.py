@@ -115,15 +115,16 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         sums = GlobalSums(count, self.process_group)
         y, stats = F.ucb_norm_batch(input, center.new_ones(1), center[None], center.new_ones(1, channels),
                                     self.weight, self.bias, self.eps, reduce_sums=sums)
-        if sums.count <= 1:
+        global_count = round(float(sums.count))  # a CPU tensor: reading it costs nothing
+        if global_count <= 1:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel when training, got "
-                             f"{sums.count} in the global batch (input of shape {tuple(input.shape)} on this rank)")
+                             f"{global_count} in the global batch (input of shape {tuple(input.shape)} on this rank)")
         if tracking:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
             with torch.no_grad():
                 self.running_mean.lerp_(stats.mean[0].to(self.running_mean.dtype), factor)
-                unbiased = stats.var[0] * (sums.count / (sums.count - 1))
+                unbiased = stats.var[0] * (global_count / (global_count - 1))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         return y
 

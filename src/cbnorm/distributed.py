@@ -21,7 +21,10 @@ hangs nor changes the statistics. The running state stays identical on every ran
 
 Synchronisation is active only in training, with an initialised process group of more than one
 rank; otherwise the layers run their single-process path. SCB-Norm, SCB-Norm-base and UCB-Norm
-with ``update="weight"`` (after its first batch) take no batch statistics and need none.
+with ``update="weight"`` (after its first batch) take no batch statistics and need none. On CUDA no
+synchronised step reads a device value on the host, except the first batch's gathering of the ranks'
+batch sizes for the k-means start: the global batch size stays on the device (:class:`GlobalSums`)
+and is checked there.
 
 Collectives are plain ``torch.distributed`` calls, so any backend with ``all_reduce``,
 ``all_gather`` and ``broadcast`` works: gloo (CPU, tested) and NCCL (CUDA; not tested here, as the
@@ -90,7 +93,8 @@ class GlobalSums:
         process_group: the group to reduce over. Default: ``None`` (the default group)
 
     Attributes:
-        count: entries per channel of the global batch, set by the call.
+        count: entries per channel of the global batch, set by the call: a 0-d float64 tensor on the sums'
+            device, reduced with them, so that no step waits to read it on the host.
 
     Example::
 
@@ -102,12 +106,12 @@ class GlobalSums:
     def __init__(self, local_count: int, process_group=None) -> None:
         self.local_count = local_count
         self.process_group = process_group
-        self.count: Optional[int] = None
+        self.count: Optional[Tensor] = None
 
     def __call__(self, sums: Tensor) -> Tensor:
         count = sums.new_full((1,), float(self.local_count), dtype=torch.float64)
         packed = _AllReduceSum.apply(torch.cat([sums.reshape(-1).to(torch.float64), count]), self.process_group)
-        self.count = round(packed[-1].item())
+        self.count = packed[-1].detach()
         return packed[:-1].to(sums.dtype).view_as(sums)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -50,13 +50,14 @@ class ComponentStats(NamedTuple):
     """Posterior-weighted statistics of one batch (Eq. 8-9), all ``(K, C)`` except ``count``.
 
     ``mass`` is :math:`\\sum_{j \\in B_c} \\tau_k(x_j)`, ``mean`` is :math:`E_k`, ``var`` the biased
-    :math:`V_k`, and ``count`` is :math:`m`, the number of entries per channel.
+    :math:`V_k`, and ``count`` is :math:`m`, the number of entries per channel (a 0-d tensor when it is
+    summed over ranks on the device, :class:`cbnorm.distributed.GlobalSums`).
     """
 
     mass: Tensor
     mean: Tensor
     var: Tensor
-    count: int
+    count: Union[int, Tensor]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -428,7 +429,7 @@ def ucb_norm_batch(
     Args:
         reduce_sums: the distributed seam. A differentiable function applied to the ``(3, K, C)``
             sums :math:`S` before any statistic is formed; an all-reduce over the process group
-            (``torch.distributed.nn.functional.all_reduce``) makes every statistic that of the global
+            (:class:`cbnorm.distributed.GlobalSums`) makes every statistic that of the global
             batch, gradients included, as ``torch.nn.SyncBatchNorm`` does. ``stats.count`` stays the
             local :math:`m`. Default: ``None`` (this process's batch)
 

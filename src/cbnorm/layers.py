@@ -459,9 +459,9 @@ class UCBNorm(_RunningMixtureNorm):
         start = None if self._initialized else self._initial_state(xc, synchronised, least)
         if batch_statistics:
             state = self._running_state if start is None else start
-            y, stats = self._batch_forward(xc, state, synchronised)
+            y, stats, counted = self._batch_forward(xc, state, synchronised)
             checked = [*state, stats.mass, stats.mean, stats.var]
-            ok = _both(ok, self._check_statistics(xc, checked, synchronised))
+            ok = _both(_both(ok, counted), self._check_statistics(xc, checked, synchronised))
             self._commit_running(ok, self._running_update(state, stats))
             return self._restore_layout(y)
         if start is not None:

@@ -176,8 +176,9 @@ class MixtureNorm(_RunningMixtureNorm):
         synchronised = self._synchronised()
         ok = self._check_training_batch(xc, synchronised, 2)
         fit = self._refit(xc, synchronised)
-        y, stats = self._batch_forward(xc, fit, synchronised)
-        ok = _both(ok, self._check_statistics(xc, [*fit, stats.mass, stats.mean, stats.var], synchronised))
+        y, stats, counted = self._batch_forward(xc, fit, synchronised)
+        ok = _both(_both(ok, counted), self._check_statistics(xc, [*fit, stats.mass, stats.mean, stats.var],
+                                                             synchronised))
         fitted = {f"fit_{name}": t for name, t in fit._asdict().items()}
         self._commit_running(ok, self._running_update(self._running_state, stats), **fitted)
         return self._restore_layout(y)
