@@ -160,3 +160,32 @@ class TestFindings:
         self.runs(tmp_path / "superclass-oxford_cnn-cifar10" / "small", {"none": [0.5, 0.52], "scb": [0.6, 0.62]})
         (row,) = [f for f in findings(tmp_path) if f.gain is not None and f.gain.n]
         assert row.verdict.startswith("not testable here (2 seeds, fewer than 3); at this scale: ")
+
+    def test_table5_to_a_plateau(self, tmp_path):
+        """Best-validation and last-epoch gains, and the epochs each layer takes to reach BN's mean final accuracy."""
+        from cbnorm.experiments.findings import findings
+        from cbnorm.experiments.metrics import write_metrics
+
+        curves = {  # per seed: (val_acc, test_acc) of each epoch
+            "batchnorm": [[(0.3, 0.30), (0.5, 0.50), (0.4, 0.52)], [(0.3, 0.31), (0.5, 0.51), (0.4, 0.53)],
+                          [(0.3, 0.29), (0.5, 0.52), (0.4, 0.51)]],
+            "scb": [[(0.6, 0.55), (0.5, 0.54), (0.4, 0.56)], [(0.6, 0.56), (0.5, 0.55), (0.4, 0.57)],
+                    [(0.6, 0.54), (0.5, 0.56), (0.4, 0.55)]],
+        }
+        folder = tmp_path / "table5-cifar10" / "converge"
+        for key, seeds in curves.items():
+            for seed, epochs in enumerate(seeds):
+                history = [{"epoch": e + 1, "val_acc": v, "test_acc": t} for e, (v, t) in enumerate(epochs)]
+                write_metrics(folder / "runs" / f"{key}-lr0.005-seed{seed}", {}, history)
+        rows = {f.what: f for f in findings(tmp_path) if f.source}
+        best = rows["SCB-Norm vs BN, lr 0.005, test accuracy at the best-validation epoch"]
+        assert best.gain.mean == pytest.approx(100 * (0.55 - 0.51)) and best.gain.n == 3  # epoch 1 vs epoch 2
+        last = rows["SCB-Norm vs BN, lr 0.005, test accuracy at the last epoch"]
+        assert last.gain.mean == pytest.approx(100 * (0.56 - 0.52))
+        assert last.verdict.endswith("at this scale (2,500 CIFAR-10 training images, 30 epochs; the paper: all "
+                                     "50,000, 100 epochs)")
+        (reach,) = [f for what, f in rows.items() if what.startswith("SCB-Norm vs BN, epochs to reach BN's mean final "
+                                                                     "test accuracy (52.00%")]
+        assert reach.gain.mean == pytest.approx(5 / 3)  # BN reaches 52% at epochs 3, 3 and 2; SCB-Norm at 1, 1, 1
+        assert reach.verdict.startswith("confirmed at this scale")
+        assert not [f for f in findings(tmp_path) if "UCB-Norm (weight)" in f.what and f.gain.n]  # no such runs
