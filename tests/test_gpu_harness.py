@@ -148,6 +148,16 @@ class TestParallel:
                                                states[0].line()]
 
 
+    def test_long_titles_keep_one_column(self, tmp_path):
+        log = io.StringIO()
+        titles = ["BN, lr 0.005, seed 0", "UCB-Norm (moving_average), lr 0.005, seed 0"]
+        states = [RunState(t, t, _config(tmp_path / str(i), epochs=30)) for i, t in enumerate(titles)]
+        for state in states:
+            state.status, state.history = "running", [{"epoch": 1, "test_acc": 0.5, "seconds": 2.0}]
+        ProgressDisplay(log).update(states)
+        lines = log.getvalue().splitlines()
+        assert len({line.index("epoch") for line in lines}) == 1 and lines[1].startswith(titles[1] + " epoch")
+
 class TestTimeBudget:
     SECONDS = {"batchnorm": 1.0, "ucb": 2.0}  # per epoch
 

@@ -42,13 +42,14 @@ class RunState:
     history: list = field(default_factory=list)
     error: Optional[str] = None
 
-    def line(self) -> str:
+    def line(self, width: int = 32) -> str:
+        """The run's line, its title padded to ``width`` characters."""
         epochs = self.config.epochs
         if not self.history:
-            return f"{self.title:<32} {'':>13} {'':>15} {'':>12}  {self.status}"
+            return f"{self.title:<{width}} {'':>13} {'':>15} {'':>12}  {self.status}"
         last = self.history[-1]
         per_epoch = sum(row["seconds"] for row in self.history) / len(self.history)
-        return (f"{self.title:<32} epoch {last['epoch']:>3}/{epochs:<3} test acc {last['test_acc']:6.2%} "
+        return (f"{self.title:<{width}} epoch {last['epoch']:>3}/{epochs:<3} test acc {last['test_acc']:6.2%} "
                 f"{per_epoch:7.1f} s/epoch  {self.status}" + (f": {self.error}" if self.error else ""))
 
 
@@ -61,7 +62,8 @@ class ProgressDisplay:
 
     def update(self, states: Sequence[RunState]) -> None:
         counts = {s: sum(state.status == s for state in states) for s in ("running", "done", "failed", "waiting")}
-        lines = [", ".join(f"{n} {s}" for s, n in counts.items())] + [state.line() for state in states]
+        width = max([32, *(len(state.title) for state in states)])  # one column, whatever the titles
+        lines = [", ".join(f"{n} {s}" for s, n in counts.items())] + [state.line(width) for state in states]
         if lines == self.shown:
             return
         if not self.redraw:  # a log: the runs' lines that changed
