@@ -41,6 +41,7 @@ class RunState:
     connection: object = None
     history: list = field(default_factory=list)
     error: Optional[str] = None
+    headline: tuple[str, str, str] = ("test_acc", "test acc", "{:6.2%}")  # the metric shown: key, label, format
 
     def line(self, width: int = 32) -> str:
         """The run's line, its title padded to ``width`` characters."""
@@ -48,8 +49,11 @@ class RunState:
         if not self.history:
             return f"{self.title:<{width}} {'':>13} {'':>15} {'':>12}  {self.status}"
         last = self.history[-1]
+        key, label, form = self.headline
+        value = next((row[key] for row in reversed(self.history) if key in row), None)  # FID: only some epochs
+        shown = f"{label} {'—' if value is None else form.format(value)}"
         per_epoch = sum(row["seconds"] for row in self.history) / len(self.history)
-        return (f"{self.title:<{width}} epoch {last['epoch']:>3}/{epochs:<3} test acc {last['test_acc']:6.2%} "
+        return (f"{self.title:<{width}} epoch {last['epoch']:>3}/{epochs:<3} {shown} "
                 f"{per_epoch:7.1f} s/epoch  {self.status}" + (f": {self.error}" if self.error else ""))
 
 
@@ -76,13 +80,11 @@ class ProgressDisplay:
         self.shown = lines
 
 
-def _train_in_child(config, data, connection, log: str) -> None:
-    """A spawned process's work: train ``config``, send back ``("ok", history)`` or ``("failed", error)``."""
-    from .train import train
-
+def _train_in_child(trainer, config, data: tuple, connection, log: str) -> None:
+    """A spawned process's work: ``trainer(config, *data)``, then ``("ok", history)`` or ``("failed", error)`` sent."""
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
-            connection.send(("ok", train(config, data)))
+            connection.send(("ok", trainer(config, *data)))
         except BaseException as error:  # noqa: BLE001 - whatever stops the run is its failure, told to the parent
             traceback.print_exc()
             connection.send(("failed", f"{type(error).__name__}: {error}"))
@@ -112,21 +114,31 @@ def run_parallel(
     data=None,
     display: Optional[ProgressDisplay] = None,
     poll_seconds: float = 0.2,
+    trainer: Optional[Callable] = None,
+    headline: tuple[str, str, str] = RunState.headline,
 ) -> tuple[dict, dict]:
     """Train ``configure(key)`` for each ``(key, title)`` of ``runs``, ``workers`` processes at a time.
 
-    Returns ``(histories, failures)`` by key, as :func:`~cbnorm.experiments.runs.run_each` does. ``data``
-    (a :class:`~cbnorm.experiments.data.Dataset`) reaches every process through shared memory (``/dev/shm``,
-    often small in containers); without it each process loads the data set itself. An interrupt stops
-    every process (their checkpoints stay).
+    Returns ``(histories, failures)`` by key, as :func:`~cbnorm.experiments.runs.run_each` does. Each
+    process calls ``trainer(config, data)`` (default :func:`~cbnorm.experiments.train.train`), or
+    ``trainer(config, *data)`` when ``data`` is a tuple (AdaMatch's source and target); ``trainer`` must be
+    a module-level function, which a spawned process can import. ``data`` (e.g. a
+    :class:`~cbnorm.experiments.data.Dataset`) reaches every process through shared memory (``/dev/shm``,
+    often small in containers); without it (``None`` or ``()``) each process loads its data itself. The
+    display shows the ``headline`` metric ``(key, label, format)`` of each run. An interrupt stops every
+    process (their checkpoints stay).
     """
     import torch.multiprocessing as mp
 
+    if trainer is None:
+        from .train import train as trainer
+    data = data if isinstance(data, tuple) else () if data is None else (data,)
     if workers < 1:
         raise ValueError(f"expected a positive number of parallel runs, got {workers}")
     context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
     display = display or ProgressDisplay()
-    states = [RunState(key, title, dataclasses.replace(configure(key), progress=False)) for key, title in runs]
+    states = [RunState(key, title, dataclasses.replace(configure(key), progress=False), headline=headline)
+              for key, title in runs]
     waiting, histories, failures = deque(states), {}, {}
     running: list[RunState] = []
     try:
@@ -136,7 +148,8 @@ def run_parallel(
                 log = Path(state.config.out).parent.parent / "logs" / f"{Path(state.config.out).name}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 state.connection, child = context.Pipe(duplex=False)
-                state.process = context.Process(target=_train_in_child, args=(state.config, data, child, str(log)))
+                state.process = context.Process(target=_train_in_child,
+                                            args=(trainer, state.config, data, child, str(log)))
                 state.process.start()
                 child.close()
                 state.status = "running"

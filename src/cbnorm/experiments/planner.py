@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-__all__ = ["BudgetError", "Plan", "plan_runs", "time_epochs", "timing_lines"]
+__all__ = ["BudgetError", "Plan", "Protocol", "plan_lines", "plan_runs", "time_epochs", "timing_lines"]
 
 
 class BudgetError(ValueError):
@@ -53,16 +53,28 @@ class Plan:
                 "runs": [list(run) for run in self.runs], "considered": self.considered}
 
 
-def plan_runs(experiment, epoch_seconds: dict, budget_seconds: float, seeds: Sequence[int], epochs: int,
-              norms: Optional[Sequence[str]] = None) -> Plan:
-    """The runs of ``experiment`` (its ``norms`` or those given, its lrs, ``seeds``) that fit the budget.
+@dataclass(frozen=True)
+class Protocol:
+    """What :func:`time_epochs` times: a :func:`~cbnorm.experiments.models.build_model` model at a batch size,
+    its layers with ``k`` clusters (an :class:`~cbnorm.experiments.reproduce.Experiment` is one too)."""
 
-    ``epoch_seconds[norm]``: one epoch of that layer's run. Raises :class:`BudgetError` when no run fits.
+    model: str
+    batch_size: int
+    k: int
+
+
+def plan_runs(experiment, epoch_seconds: dict, budget_seconds: float, seeds: Sequence[int], epochs: int,
+              norms: Optional[Sequence[str]] = None, lrs: Optional[Sequence[float]] = None) -> Plan:
+    """The runs of ``experiment`` (its ``norms`` and ``lrs``, or those given, and ``seeds``) that fit the budget.
+
+    ``epoch_seconds[norm]``: one epoch of that layer's run (``norms`` may be any names of the layers, such as
+    the reproduction's variant keys). Raises :class:`BudgetError` when no run fits.
     """
     norms = list(norms if norms is not None else [norm for _, norm in experiment.norms])
+    lrs = list(lrs if lrs is not None else experiment.lrs)
     if budget_seconds <= 0:
         raise ValueError(f"expected a positive time budget, got {budget_seconds / 60:g} minutes")
-    rounds = [[(norm, lr, seed) for norm in norms] for seed in seeds for lr in experiment.lrs]
+    rounds = [[(norm, lr, seed) for norm in norms] for seed in seeds for lr in lrs]
     cost = {norm: epochs * epoch_seconds[norm] for norm in norms}
     chosen, spent = [], 0.0
     for runs in rounds:
@@ -88,7 +100,8 @@ def plan_runs(experiment, epoch_seconds: dict, budget_seconds: float, seeds: Seq
 def time_epochs(experiment, data, train_size: int, test_size: int, device, norms: Sequence[str],
                 speed_settings: Optional[dict] = None, steps: int = 3, warmup: int = 2) -> dict:
     """Seconds per epoch of each layer in ``norms``: ``steps`` timed training steps (after ``warmup``) of the
-    experiment's model at its batch size and one timed evaluation batch, on ``data``'s images on ``device``."""
+    experiment's model at its batch size and one timed evaluation batch, on ``data``'s images on ``device``.
+    ``experiment``: a :class:`Protocol`, or anything with its fields."""
     import torch
     from torch import nn
 
@@ -166,3 +179,8 @@ def timing_lines(rows: Sequence[dict], device_name: str) -> list[str]:
              if row.get("seconds_per_epoch") is not None]
     return ["", f"Time per run on {device_name}, seconds per epoch (training and evaluation, mean over the seeds): "
             + ("; ".join(timed) or "none ran") + "."]
+
+
+def plan_lines(plan: Optional[dict]) -> list[str]:
+    """What a table says of a ``--time-budget`` plan (as ``summary.json`` holds it): which subset ran."""
+    return ["", f"Only part of the protocol ran, as planned by --time-budget: {plan['text']}"] if plan else []

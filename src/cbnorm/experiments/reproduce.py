@@ -27,13 +27,12 @@ only ever measured.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -41,16 +40,16 @@ from cbnorm.factory import norm_layer_names
 
 from .clusters import mixture_clusters, save_cluster_ids
 from .data import Dataset, available, load_dataset
+from .driver import Finished, Scale, Spec, drive
 from .metrics import at_fraction, mean_std
-from .parallel import run_parallel
-from .planner import plan_runs, time_epochs, timing_lines
+from .planner import plan_lines, time_epochs, timing_lines
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
-from .runs import command_line, has_checkpoint, results_folder, run_each, write_results
-from .speed import device_name
+from .runs import has_checkpoint
 from .stats import Interval, comparison, interval
-from .train import TrainConfig, best_val_row, resolve_device, supervised_norm, train
+from .train import TrainConfig, best_val_row, supervised_norm, train
 
-__all__ = ["EXPERIMENTS", "SCALES", "Experiment", "Scale", "first_epoch_reaching", "reproduce", "variants"]
+__all__ = ["EXPERIMENTS", "SCALES", "Classification", "Experiment", "Scale", "first_epoch_reaching", "reproduce",
+           "variants"]
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # Table V to convergence (scale `converge`, issue 14): 2,500 CIFAR-10 training images (2,250 after the
@@ -59,23 +58,6 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # 12 x 30 x 9 x 1.9 s = 1.7 core-hours. figure5.png shows whether BN's test accuracy has plateaued by the
 # last epoch; if not, raise the epochs before reading the table.
 CONVERGE_TRAIN, CONVERGE_EPOCHS = 2500, 30
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How much of the protocol runs: data subsets (0: all), epochs, seeds and figure sizes; a scale
-    may also run some of the experiment's layers (``norms``) and learning rates (``lrs``) only, and
-    report the best-validation epoch beside the last (``select="best-val"``)."""
-
-    name: str
-    train_size: int
-    test_size: int
-    epochs: int
-    seeds: tuple[int, ...]
-    tsne_points: int = 0  # 0: no t-SNE figure
-    norms: tuple = ()  # (label, registry name[, TrainConfig overrides]); () for the experiment's
-    lrs: tuple[float, ...] = ()  # () for the experiment's
-    select: str = "last"
 
 
 def variants(norms) -> list[tuple[str, str, dict, str]]:
@@ -201,16 +183,6 @@ def _run_name(norm: str, lr: float, seed: int) -> str:
     return f"{norm}-lr{lr:g}-seed{seed}"
 
 
-def _format(mean: float, std: float, runs: int) -> str:
-    if not math.isfinite(mean):
-        return "—"
-    return f"{mean:.2f} ± {std:.2f}" if runs > 1 else f"{mean:.2f}"
-
-
-def _format(interval: Interval) -> str:
-    return interval.cell()
-
-
 def first_epoch_reaching(history: Sequence[dict], target: float, key: str = "test_acc") -> Optional[int]:
     """The first epoch whose ``key`` is at least ``target`` (``None``: never)."""
     return next((row["epoch"] for row in history if row[key] >= target), None)
@@ -292,8 +264,7 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
         if row["status"] != "ok":
             ours = [row["status"]] + [""] * 3
         else:
-            ours = [_format(Interval(**{k: v[k] for k in ("mean", "std", "half_width", "n")}))
-                    for v in row["stats"]["fractions"]]
+            ours = [Interval.from_dict(v).cell() for v in row["stats"]["fractions"]]
         lines.append(f"| {row['label']} | {row['lr']:g} | " + " | ".join(ours + paper_cells) + " |")
     selections = ("last", "best-val") if scale.select == "best-val" else ("last",)
     titles = {"last": "last epoch", "best-val": "epoch of the best validation accuracy"}
@@ -309,7 +280,7 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
             continue
         for select in selections:
             stats = row["stats"][select]
-            ours = Interval(**{k: stats["interval"][k] for k in ("mean", "std", "half_width", "n")})
+            ours = Interval.from_dict(stats["interval"])
             if "difference" in stats:
                 d = stats["difference"]
                 diff, span, verdict_cell = f"{d['mean']:+.2f}", f"[{d['low']:+.2f}, {d['high']:+.2f}]", stats["verdict"]
@@ -320,10 +291,111 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
                          f"{verdict_cell} | {reach} |")
     if experiment.name != "table5" and dataset == "cifar100":
         lines += ["", "The paper gives one final error for the three cluster-based variants together."]
-    if results.get("plan"):
-        lines += ["", f"Only part of the protocol ran, as planned by --time-budget: {results['plan']['text']}"]
-    lines += timing_lines(results["rows"], results["device_name"])
+    lines += plan_lines(results["plan"]) + timing_lines(results["rows"], results["device_name"])
     return "\n".join(lines) + "\n"
+
+
+@dataclass(kw_only=True)
+class Classification(Spec):
+    """Table V or a DenseNet experiment, for :func:`~cbnorm.experiments.driver.drive`: a run per
+    (variant, learning rate, seed), trained by :func:`~cbnorm.experiments.train.train`. ``timer``
+    times the layers for a time budget (default :func:`~cbnorm.experiments.planner.time_epochs`);
+    ``speed_settings``: the :class:`~cbnorm.experiments.speed.SpeedSettings` fields of every run."""
+
+    experiment: Experiment
+    dataset: str
+    speed_settings: Optional[dict] = None
+    timer: Optional[Callable] = None
+
+    @property
+    def folder(self) -> str:
+        return f"{self.experiment.name}-{self.dataset}"
+
+    @property
+    def trainer(self) -> Callable:
+        return train  # this module's, looked up when the runs start
+
+    def load(self) -> tuple:
+        return self.given or (load_dataset(self.dataset, self.data_dir),)
+
+    def variants(self, scale: Scale) -> list[tuple[str, str, dict, str]]:
+        return variants(scale.norms or self.experiment.norms)
+
+    def lrs(self, scale: Scale) -> Sequence[float]:
+        return scale.lrs or self.experiment.lrs
+
+    def layers(self, scale: Scale) -> list[tuple[str, str]]:
+        return [(key, norm) for _, norm, _, key in self.variants(scale) if _registered(norm)]
+
+    def clusters_file(self, root: Path) -> Path:
+        return root / f"clusters-{self.dataset}-gmm-k{self.experiment.k}-train-fit.npz"
+
+    def prepare(self, root: Path, scale: Scale, data: tuple) -> None:
+        """SCB-Norm's dataset clusters: the mixture of the training images, fitted once for every run."""
+        path, k = self.clusters_file(root), self.experiment.k
+        if any(supervised_norm(norm) for _, norm in self.layers(scale)) and not path.exists():
+            print(f"fitting the {k}-component mixture of {self.dataset}'s training images for SCB-Norm's clusters")
+            save_cluster_ids(path, mixture_clusters(data[0], k), self.dataset)
+
+    def epoch_seconds(self, scale: Scale, data: tuple, device, norms: Sequence[str]) -> dict:
+        return (self.timer or time_epochs)(self.experiment, data[0], scale.train_size, scale.test_size, device, norms,
+                                           self.speed_settings)
+
+    def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
+        return [((key, lr, seed), f"{label}, lr {lr:g}, seed {seed}") for label, norm, _, key in self.variants(scale)
+                for lr in self.lrs(scale) for seed in seeds if _registered(norm)]
+
+    def configure(self, key: tuple, scale: Scale, root: Path) -> TrainConfig:
+        label_key, lr, seed = key
+        norm, overrides = next((n, o) for _, n, o, k in self.variants(scale) if k == label_key)
+        experiment = self.experiment
+        fields = dict(
+            dataset=self.dataset, train_size=scale.train_size, test_size=scale.test_size, model=experiment.model,
+            norm=norm, num_clusters=experiment.k, clusters=str(self.clusters_file(root)),
+            optimizer=experiment.optimizer, lr=lr, schedule=experiment.schedule, epochs=scale.epochs,
+            batch_size=experiment.batch_size, select=scale.select, seed=seed,
+            out=str(root / "runs" / _run_name(label_key, lr, seed)),
+            snapshots=4 if scale.tsne_points and norm in ("scb", "ucb") and scale.epochs >= 4 else 0,
+            **self.run_settings(), **(self.speed_settings or {}),
+        )
+        return TrainConfig(**{**fields, **overrides})
+
+    def results(self, done: Finished) -> tuple[str, dict, Callable[[], None]]:
+        experiment, scale, seeds, histories = self.experiment, done.scale, done.seeds, done.histories
+        norms, lrs = self.variants(scale), self.lrs(scale)
+        baseline_key = norms[0][3]
+        rows = []
+        for label, norm, _, key in norms:
+            for lr in lrs:
+                finished = {s: histories[(key, lr, s)] for s in seeds if (key, lr, s) in histories}
+                failed = [done.failures[(key, lr, s)] for s in seeds if (key, lr, s) in done.failures]
+                if not _registered(norm):
+                    status = f"missing: no {norm!r} layer is registered"
+                elif not any(done.planned((key, lr, s)) for s in seeds):
+                    status = "not run: outside the --time-budget plan"
+                elif failed:
+                    status = f"failed: {failed[0]}"
+                else:
+                    status = "ok"
+                baseline = None if key == baseline_key else {s: histories[(baseline_key, lr, s)] for s in seeds
+                                                             if (baseline_key, lr, s) in histories}
+                per_epoch = [sum(row["seconds"] for row in h) / len(h) for h in finished.values() if h]
+                rows.append({"label": label, "norm": norm, "key": key, "lr": lr,
+                             "seeds": [s for s in seeds if done.planned((key, lr, s))], "status": status,
+                             "ours": [mean_std([100 * at_fraction(h, f, scale.epochs, experiment.metric)
+                                                for h in finished.values()]) for f in FRACTIONS],
+                             "stats": _row_statistics(finished, baseline, scale, experiment.metric),
+                             "paper": _paper_numbers(experiment, self.dataset, norm, lr) if key == norm else None,
+                             "seconds_per_epoch": sum(per_epoch) / len(per_epoch) if per_epoch else None})
+        results = done.summary(experiment=experiment.name, dataset=self.dataset, val_fraction=TrainConfig.val_fraction,
+                               rows=rows)
+        figures = lambda: _figures(experiment, self.dataset, scale, seeds, done.root, histories, done.data[0],  # noqa: E731
+                                   norms, lrs)
+        return _table(experiment, self.dataset, scale, results), results, figures
+
+
+def _registered(norm: str) -> bool:
+    return norm == "none" or norm in norm_layer_names()
 
 
 def reproduce(
@@ -357,86 +429,11 @@ def reproduce(
     """
     experiment = EXPERIMENTS[experiment] if isinstance(experiment, str) else experiment
     scale = SCALES[experiment.name][scale] if isinstance(scale, str) else scale
-    scale = dataclasses.replace(scale, epochs=epochs) if epochs else scale
-    seeds = tuple(seeds) if seeds else (0, 1, 2) if time_budget else scale.seeds
-    norms, lrs = variants(scale.norms or experiment.norms), scale.lrs or experiment.lrs
-    command = command_line(command)
-    given = data  # what --parallel's processes share; else each loads the data set (no large shared memory)
-    data = data if data is not None else load_dataset(dataset, data_dir)
-    root = results_folder(out, f"{experiment.name}-{dataset}", scale.name)
-    registered = set(norm_layer_names()) | {"none"}
-
-    clusters_file = root / f"clusters-{dataset}-gmm-k{experiment.k}-train-fit.npz"
-    if any(supervised_norm(norm) for _, norm, _, _ in norms if norm in registered) and not clusters_file.exists():
-        print(f"fitting the {experiment.k}-component mixture of {dataset}'s training images for SCB-Norm's clusters")
-        save_cluster_ids(clusters_file, mixture_clusters(data, experiment.k), dataset)
-
-    registered_norms = [norm for _, norm, _, _ in norms if norm in registered]
-    plan = None
-    if time_budget:
-        where = resolve_device(device)
-        print(f"timing {experiment.model} with each layer on {device_name(where)} for the --time-budget plan")
-        seconds = (timer or time_epochs)(experiment, data, scale.train_size, scale.test_size, where, registered_norms,
-                                         speed_settings)
-        plan = plan_runs(experiment, seconds, time_budget * 60, seeds, scale.epochs, registered_norms)
-        print(plan.describe())
-        seeds = tuple(sorted({seed for _, _, seed in plan.runs}))
-
-    def configure(key) -> TrainConfig:
-        label_key, lr, seed = key
-        norm, overrides = next((n, o) for _, n, o, k in norms if k == label_key)
-        fields = dict(
-            dataset=dataset, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
-            model=experiment.model, norm=norm, num_clusters=experiment.k, clusters=str(clusters_file),
-            optimizer=experiment.optimizer, lr=lr, schedule=experiment.schedule, epochs=scale.epochs,
-            batch_size=experiment.batch_size, select=scale.select, seed=seed, device=device, amp=amp,
-            threads=threads, out=str(root / "runs" / _run_name(label_key, lr, seed)), resume=True,
-            snapshots=4 if scale.tsne_points and norm in ("scb", "ucb") and scale.epochs >= 4 else 0,
-            progress=progress, **(speed_settings or {}),
-        )
-        return TrainConfig(**{**fields, **overrides})
-
-    runs = [((key, lr, seed), f"{label}, lr {lr:g}, seed {seed}") for label, norm, _, key in norms
-            for lr in lrs for seed in seeds if norm in registered]
-    if plan is not None:  # the plan is made of registry names: a variant (key != norm) runs only without a budget
-        runs = [(key, title) for key, title in runs if key in plan.runs]
-    if parallel > 1:
-        histories, failures = run_parallel(runs, configure, parallel, given)
-    else:
-        histories, failures = run_each(runs, lambda key: train(configure(key), data))
-    rows = []
-    for label, norm, _, key in norms:
-        for lr in lrs:
-            done = {s: histories[(key, lr, s)] for s in seeds if (key, lr, s) in histories}
-            failed = [failures[(key, lr, s)] for s in seeds if (key, lr, s) in failures]
-            if norm not in registered:
-                status = f"missing: no {norm!r} layer is registered"
-            elif plan is not None and not any((key, lr, s) in plan.runs for s in seeds):
-                status = "not run: outside the --time-budget plan"
-            elif failed:
-                status = f"failed: {failed[0]}"
-            else:
-                status = "ok"
-            baseline_key = norms[0][3]
-            baseline = None if key == baseline_key else {s: histories[(baseline_key, lr, s)] for s in seeds
-                                                         if (baseline_key, lr, s) in histories}
-            per_epoch = [sum(row["seconds"] for row in h) / len(h) for h in done.values() if h]
-            rows.append({"label": label, "norm": norm, "key": key, "lr": lr,
-                         "seeds": [s for s in seeds if plan is None or (key, lr, s) in plan.runs], "status": status,
-                         "ours": [mean_std([100 * at_fraction(h, f, scale.epochs, experiment.metric)
-                                            for h in done.values()]) for f in FRACTIONS],
-                         "stats": _row_statistics(done, baseline, scale, experiment.metric),
-                         "paper": _paper_numbers(experiment, dataset, norm, lr) if key == norm else None,
-                         "seconds_per_epoch": sum(per_epoch) / len(per_epoch) if per_epoch else None})
-
-    results = {"experiment": experiment.name, "dataset": dataset, "scale": asdict(scale), "seeds": list(seeds),
-               "val_fraction": TrainConfig.val_fraction, "command": command, "device": str(resolve_device(device)),
-               "device_name": device_name(resolve_device(device)),
-               "parallel": parallel, "plan": None if plan is None else {**plan.as_dict(), "text": plan.describe()},
-               "rows": rows, "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
-    return write_results(root, _table(experiment, dataset, scale, results), results,
-                         lambda: _figures(experiment, dataset, scale, seeds, root, histories, data, norms, lrs),
-                         failures)
+    spec = Classification(name=experiment.name, experiment=experiment, dataset=dataset, data_dir=data_dir,
+                          device=device, amp=amp, threads=threads, progress=progress,
+                          given=() if data is None else (data,), speed_settings=speed_settings, timer=timer)
+    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
+                 command=command)
 
 
 def _setting(experiment: Experiment, dataset: str, scale: Scale) -> str:

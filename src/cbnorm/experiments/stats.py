@@ -54,6 +54,11 @@ class Interval:
     def to_dict(self) -> dict:
         return {**asdict(self), "low": self.low, "high": self.high, "confidence": CONFIDENCE}
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> Interval:
+        """The interval of a :meth:`to_dict` (as ``summary.json`` holds it)."""
+        return cls(**{name: fields[name] for name in ("mean", "std", "half_width", "n")})
+
 
 def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
     """Mean, sample std and the Student-t half-width of the finite ``values``."""

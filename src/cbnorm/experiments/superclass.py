@@ -33,23 +33,25 @@ import dataclasses
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 import cbnorm
 
 from .data import Dataset, Loader, available, load_dataset
+from .driver import Finished, Scale, Spec, drive
+from .planner import Protocol, plan_lines, time_epochs
 from .plots import _load_run, curves_figure, pca_figure
-from .reproduce import Scale, _run_name, variants
-from .runs import clustered, command_line, resolve_device, results_folder, run_each, write_results
+from .reproduce import _run_name, variants
+from .runs import clustered, resolve_device
 from .stats import comparison, interval
 from .train import TrainConfig, evaluate, supervised_norm, train
 
-__all__ = ["EXPERIMENTS", "SCALES", "SuperclassExperiment", "default_dataset", "evaluate_unknown",
-           "reproduce_superclass", "run_outputs"]
+__all__ = ["EXPERIMENTS", "SCALES", "Scale", "SuperclassExperiment", "Superclasses", "default_dataset",
+           "evaluate_unknown", "reproduce_superclass", "run_outputs"]
 
 SCORES = ("test_acc", "test_precision", "test_recall", "test_f1")
 PCA_POINTS = 500  # test images in Figure 14 (a fixed random batch, the same for every model)
@@ -244,8 +246,118 @@ def _table(experiment: SuperclassExperiment, data: Dataset, scale: Scale, result
             versus = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]: {row['verdict']}"
         lines.append(f"| {row['label']} | {row['epoch']} | {row['superclass']} | " + " | ".join(ours) +
                      f" | {paper_epoch} | " + " | ".join(paper_cells) + f" | {versus} |")
-    lines += ["", _paper_notes(experiment)]
+    lines += ["", _paper_notes(experiment)] + plan_lines(results["plan"])
     return "\n".join(lines) + "\n"
+
+
+@dataclass(kw_only=True)
+class Superclasses(Spec):
+    """A superclass experiment for :func:`~cbnorm.experiments.driver.drive`: a run per (variant, seed) at the
+    experiment's learning rate, trained by :func:`~cbnorm.experiments.train.train`; its rows add the SCB
+    layers' final models with the superclass withheld."""
+
+    experiment: SuperclassExperiment
+    dataset: str
+    speed_settings: Optional[dict] = None
+    timer: Optional[Callable] = None
+    num_clusters: int = 0  # the data set's superclasses, set by prepare()
+
+    @property
+    def folder(self) -> str:
+        return f"{self.experiment.name}-{self.dataset}"
+
+    @property
+    def trainer(self) -> Callable:
+        return train
+
+    def load(self) -> tuple:
+        data = self.given[0] if self.given else load_dataset(self.dataset, self.data_dir)
+        if data.train.coarse_labels is None:
+            raise ValueError(f"the superclass experiment needs a data set with superclasses (cifar100, cifar10, "
+                             f"oxford-pet), got {data.name}")
+        return (data,)
+
+    def variants(self) -> list[tuple[str, str, dict, str]]:
+        return variants(self.experiment.norms)
+
+    def prepare(self, root: Path, scale: Scale, data: tuple) -> None:
+        self.num_clusters = len(data[0].coarse_classes)
+
+    def lrs(self, scale: Scale) -> Sequence[float]:
+        return (self.experiment.lr,)
+
+    def layers(self, scale: Scale) -> list[tuple[str, str]]:
+        return [(key, norm) for _, norm, _, key in self.variants()]
+
+    def epoch_seconds(self, scale: Scale, data: tuple, device, norms: Sequence[str]) -> dict:
+        protocol = Protocol(self.experiment.model, self.experiment.batch_size, len(data[0].coarse_classes))
+        return (self.timer or time_epochs)(protocol, data[0], scale.train_size, scale.test_size, device, norms,
+                                           self.speed_settings)
+
+    def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
+        lr = self.experiment.lr
+        return [((key, lr, seed), f"{label}, seed {seed}") for label, _, _, key in self.variants() for seed in seeds]
+
+    def configure(self, key: tuple, scale: Scale, root: Path) -> TrainConfig:
+        label_key, lr, seed = key
+        norm, overrides = next((n, o) for _, n, o, k in self.variants() if k == label_key)
+        experiment = self.experiment
+        fields = dict(
+            dataset=self.dataset, train_size=scale.train_size, test_size=scale.test_size, model=experiment.model,
+            norm=norm, num_clusters=self.num_clusters, clusters="superclass", optimizer=experiment.optimizer, lr=lr,
+            weight_decay=experiment.weight_decay, epochs=scale.epochs, batch_size=experiment.batch_size, seed=seed,
+            out=str(root / "runs" / _run_name(label_key, lr, seed)), **self.run_settings(),
+            **(self.speed_settings or {}),
+        )
+        return TrainConfig(**{**fields, **overrides})
+
+    def results(self, done: Finished) -> tuple[str, dict, Callable[[], None]]:
+        experiment, scale, seeds, (data,) = self.experiment, done.scale, done.seeds, done.data
+        norms, lr = self.variants(), experiment.lr
+        histories = {(key, s): h for (key, _, s), h in done.histories.items()}
+        failures = {(key, s): error for (key, _, s), error in done.failures.items()}
+        run_dir = lambda key, seed: done.root / "runs" / _run_name(key, lr, seed)  # noqa: E731
+
+        def scores_row(label, norm, epoch, superclass, per_seed, status, paper_epoch, paper, baseline):
+            """A table row from ``per_seed`` ({seed: metrics}); against ``baseline`` ({seed: accuracy}) when given."""
+            row = {"label": label, "norm": norm, "epoch": epoch, "superclass": superclass, "status": status,
+                   "seeds": sorted(per_seed),
+                   "values": {k: [100 * per_seed[s][k] for s in sorted(per_seed)] for k in SCORES},
+                   "paper_epoch": paper_epoch, "paper": paper}
+            if baseline is not None and status == "ok":
+                common = sorted(set(per_seed) & set(baseline))
+                row.update(comparison([100 * per_seed[s]["test_acc"] for s in common], [baseline[s] for s in common]))
+            return row
+
+        base_key = norms[0][3]
+        base_final = {s: 100 * histories[(base_key, s)][-1]["test_acc"] for s in seeds
+                      if (base_key, s) in histories and len(histories[(base_key, s)]) == scale.epochs}
+        rows = []
+        for label, norm, overrides, key in norms:
+            finished = {s: histories[(key, s)] for s in seeds if (key, s) in histories}
+            failed = [failures[(key, s)] for s in seeds if (key, s) in failures]
+            if not any(done.planned((key, lr, s)) for s in seeds):
+                rows.append(scores_row(label, norm, scale.epochs, "—", {}, "not run: outside the --time-budget plan",
+                                       "last", None, None))
+                continue
+            status = f"failed: {failed[0]}" if failed else "ok"
+            given = ("shuffled" if overrides.get("clusters") == "shuffled-superclass" else "given") if supervised_norm(
+                norm) else "—"
+            vs = None if key == base_key else base_final
+            for epoch, paper_epoch in _report_epochs(experiment, scale.epochs):
+                per_seed = {s: h[epoch - 1] for s, h in finished.items() if len(h) >= epoch}
+                rows.append(scores_row(label, norm, epoch, given, per_seed, status, paper_epoch,
+                                       experiment.paper.get((norm, paper_epoch)) if not overrides else None,
+                                       vs if epoch == scale.epochs else None))
+            if failed or overrides:
+                continue
+            for rule_label, rule in UNKNOWN_RULES.get(norm, ()):
+                per_seed = {s: evaluate_unknown(run_dir(key, s), rule, data, self.device) for s in finished}
+                rows.append(scores_row(label, norm, scale.epochs, rule_label, per_seed, "ok", "last", None, vs))
+
+        results = done.summary(experiment=experiment.name, dataset=data.name, rows=rows)
+        figures = lambda: _figures(experiment, scale.name, seeds, done.root, histories, data, norms)  # noqa: E731
+        return _table(experiment, data, scale, results), results, figures
 
 
 def reproduce_superclass(
@@ -262,75 +374,23 @@ def reproduce_superclass(
     progress: bool = True,
     command: Optional[str] = None,
     data: Optional[Dataset] = None,
+    parallel: int = 1,
+    time_budget: Optional[float] = None,
+    epochs: Optional[int] = None,
+    speed_settings: Optional[dict] = None,
+    timer=None,
 ) -> Path:
     """Run (or resume) every run of the superclass experiment ``model`` (a key of :data:`EXPERIMENTS`) at
-    ``scale`` and write its table and figures. Returns the results directory."""
+    ``scale`` and write its table and figures. Returns the results directory. ``parallel``,
+    ``time_budget``, ``epochs``, ``speed_settings`` and ``timer`` as for
+    :func:`~cbnorm.experiments.reproduce.reproduce`."""
     experiment = EXPERIMENTS[model] if isinstance(model, str) else model
     scale = SCALES[model if isinstance(model, str) else experiment.model][scale] if isinstance(scale, str) else scale
-    seeds = tuple(seeds) if seeds else scale.seeds
-    norms = variants(experiment.norms)
-    command = command_line(command)
-    data = data if data is not None else load_dataset(dataset, data_dir)
-    if data.train.coarse_labels is None:
-        raise ValueError(f"the superclass experiment needs a data set with superclasses (cifar100, cifar10, "
-                         f"oxford-pet), got {data.name}")
-    root = results_folder(out, f"{experiment.name}-{data.name}", scale.name)
-    run_dir = lambda key, seed: root / "runs" / _run_name(key, experiment.lr, seed)  # noqa: E731
-
-    def start(run):
-        key, seed = run
-        norm, overrides = next((n, o) for _, n, o, k in norms if k == key)
-        fields = dict(
-            dataset=data.name, data_dir=data_dir, train_size=scale.train_size, test_size=scale.test_size,
-            model=experiment.model, norm=norm, num_clusters=len(data.coarse_classes), clusters="superclass",
-            optimizer=experiment.optimizer, lr=experiment.lr, weight_decay=experiment.weight_decay,
-            epochs=scale.epochs, batch_size=experiment.batch_size, seed=seed, device=device, amp=amp,
-            threads=threads, out=str(run_dir(key, seed)), resume=True, progress=progress,
-        )
-        config = TrainConfig(**{**fields, **overrides})
-        return train(config, data)
-
-    runs = [((key, seed), f"{label}, seed {seed}") for label, _, _, key in norms for seed in seeds]
-    histories, failures = run_each(runs, start)
-
-    def scores_row(label, norm, epoch, superclass, per_seed, status, paper_epoch, paper, baseline):
-        """A table row from ``per_seed`` ({seed: metrics}); against ``baseline`` ({seed: accuracy}) when given."""
-        row = {"label": label, "norm": norm, "epoch": epoch, "superclass": superclass, "status": status,
-               "seeds": sorted(per_seed),
-               "values": {k: [100 * per_seed[s][k] for s in sorted(per_seed)] for k in SCORES},
-               "paper_epoch": paper_epoch, "paper": paper}
-        if baseline is not None and status == "ok":
-            common = sorted(set(per_seed) & set(baseline))
-            row.update(comparison([100 * per_seed[s]["test_acc"] for s in common], [baseline[s] for s in common]))
-        return row
-
-    base_key = norms[0][3]
-    base_final = {s: 100 * histories[(base_key, s)][-1]["test_acc"] for s in seeds
-                  if (base_key, s) in histories and len(histories[(base_key, s)]) == scale.epochs}
-    rows = []
-    for label, norm, overrides, key in norms:
-        done = {s: histories[(key, s)] for s in seeds if (key, s) in histories}
-        failed = [failures[(key, s)] for s in seeds if (key, s) in failures]
-        status = f"failed: {failed[0]}" if failed else "ok"
-        given = ("shuffled" if overrides.get("clusters") == "shuffled-superclass" else "given") if supervised_norm(
-            norm) else "—"
-        vs = None if key == base_key else base_final
-        for epoch, paper_epoch in _report_epochs(experiment, scale.epochs):
-            per_seed = {s: h[epoch - 1] for s, h in done.items() if len(h) >= epoch}
-            rows.append(scores_row(label, norm, epoch, given, per_seed, status, paper_epoch,
-                                   experiment.paper.get((norm, paper_epoch)) if not overrides else None,
-                                   vs if epoch == scale.epochs else None))
-        if failed or overrides:
-            continue
-        for rule_label, rule in UNKNOWN_RULES.get(norm, ()):
-            per_seed = {s: evaluate_unknown(run_dir(key, s), rule, data, device) for s in done}
-            rows.append(scores_row(label, norm, scale.epochs, rule_label, per_seed, "ok", "last", None, vs))
-
-    results = {"experiment": experiment.name, "dataset": data.name, "scale": asdict(scale), "seeds": list(seeds),
-               "command": command, "device": str(resolve_device(device)), "rows": rows,
-               "train_seconds": sum(row["seconds"] for h in histories.values() for row in h)}
-    return write_results(root, _table(experiment, data, scale, results), results,
-                         lambda: _figures(experiment, scale.name, seeds, root, histories, data, norms), failures)
+    spec = Superclasses(name="superclass", experiment=experiment, dataset=data.name if data is not None else dataset,
+                        data_dir=data_dir, device=device, amp=amp, threads=threads, progress=progress,
+                        given=() if data is None else (data,), speed_settings=speed_settings, timer=timer)
+    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
+                 command=command)
 
 
 def superclass_curves(experiment: SuperclassExperiment, dataset: str, scale: str, root: Path, lines: dict) -> None:
