@@ -234,8 +234,10 @@ def test_reproduce_adamatch_smoke(tmp_path, data_root):
     config, history = read_metrics(root / "runs" / "scb-seed0")
     smoke, paper = adamatch.ADAMATCH_SCALES["smoke"], adamatch.ADAMATCH_SCALES["paper"]
     assert (config["depth"], config["width"], config["lr"], config["bn_momentum"]) == (10, 2, 1e-3, 0.1)
-    assert len(history) == 2 and f"Protocol: {smoke.protocol()}" in table
-    assert paper.protocol().startswith("WRN-28-2, Adam lr 0.03 with cosine decay to 25%, BatchNorm momentum 0.01")
+    assert len(history) == 2 and f"Protocol: {adamatch.protocol(smoke)}" in table
+    assert adamatch.protocol(paper).startswith(
+        "WRN-28-2, Adam lr 0.03 with cosine decay to 25%, BatchNorm momentum 0.01"
+    )
     for name in ("figure12.png", "curves.png"):
         assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

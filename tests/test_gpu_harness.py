@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
+from cbnorm.experiments import gan, speed
 from cbnorm.experiments import reproduce as rep
-from cbnorm.experiments import speed
 from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.parallel import ProgressDisplay, RunState, run_parallel
@@ -78,6 +78,23 @@ class TestParallel:
         assert summary["parallel"] == 2 and summary["device_name"]
         assert all(row["seconds_per_epoch"] > 0 for row in summary["rows"])
         assert "UCB-Norm at lr 0.005: " in (two / "table.md").read_text().split("Time per run on")[1]
+        assert (two / "logs" / f"{names[0]}.log").read_text()
+
+    def test_parallel_dcgan_runs_give_the_sequential_metrics(self, tmp_path, digits, monkeypatch):
+        """Another trainer (train_gan) in the spawned processes: the same per-run metrics, FID included."""
+        monkeypatch.setenv("CBNORM_CACHE_DIR", str(tmp_path / "cache"))  # the children inherit it
+        kwargs = dict(seeds=(0,), progress=False, command="test", threads=1, data=digits, fid_features="random-conv",
+                      norms=gan.GAN_NORMS[:2])
+        scale = gan.GANScale("tiny", 64, 2, 1, 16, 24)
+        one = gan.reproduce_dcgan("digits", scale, out=tmp_path / "one", **kwargs)
+        two = gan.reproduce_dcgan("digits", scale, out=tmp_path / "two", parallel=2, **kwargs)
+        names = sorted(p.name for p in (one / "runs").iterdir())
+        assert names == sorted(p.name for p in (two / "runs").iterdir()) == ["batchnorm-seed0", "mn-seed0"]
+        for name in names:
+            sequential, parallel = (read_metrics(root / "runs" / name)[1] for root in (one, two))
+            assert without_time(sequential) == without_time(parallel) and "fid_star" in parallel[-1]
+        summary = json.loads((two / "summary.json").read_text())
+        assert summary["parallel"] == 2 and summary["scale"]["fid_samples"] == 16
         assert (two / "logs" / f"{names[0]}.log").read_text()
 
     def test_a_failed_run_is_recorded_and_the_others_go_on(self, tmp_path, digits):
@@ -207,6 +224,20 @@ class TestTimeBudget:
         assert summary["plan"]["runs"] == [["batchnorm", 0.001, 0]] and summary["scale"]["epochs"] == 1
         assert [row["status"] for row in summary["rows"]][:2] == ["ok", "not run: outside the --time-budget plan"]
         assert summary["parallel"] == 2
+
+    @pytest.mark.parametrize("experiment", ["dcgan", "adamatch"])
+    def test_experiments_that_cannot_be_timed_refuse_it(self, tmp_path, capsys, experiment):
+        from cbnorm.experiments.cli import main
+
+        argv = ["reproduce", experiment, "--scale", "smoke", "--out", str(tmp_path), "--no-progress"]
+        assert main(argv + ["--time-budget", "5"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"cbnorm reproduce: error: --time-budget: the {experiment} experiment cannot time its runs; "
+                       "run it without --time-budget (choose --scale, --seeds and --epochs instead)")
+        assert not (tmp_path / "results").exists()
+        assert main(argv + ["--bf16"]) == 2
+        assert f"--bf16: the speed settings apply to table5, densenet and superclass, not {experiment}" in (
+            capsys.readouterr().err)
 
     def test_timing_on_this_device(self, digits):
         from cbnorm.experiments.planner import time_epochs

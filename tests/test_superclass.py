@@ -388,6 +388,26 @@ def test_reproduce_superclass_oxford_cnn_protocol(tmp_path, cifar10, monkeypatch
     assert is_png(root / "curves.png") and is_png(root / "pca-scb.png") and is_png(root / "pca-none.png")
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_superclass_runs_what_fits_a_time_budget(tmp_path, cifar10):
+    """--time-budget plans the superclass experiment too: a mocked epoch of 1 s, runs of 2 epochs, 5 s."""
+    timed = []
+
+    def timer(protocol, data, train_size, test_size, device, norms, speed_settings):
+        timed.append((protocol.model, protocol.batch_size, protocol.k, tuple(norms)))
+        return {norm: 1.0 for norm in norms}
+
+    root = sc.reproduce_superclass("oxford_cnn", "cifar10", sc.Scale("tiny", 64, 64, 2, (0,)), out=tmp_path,
+                                   data=cifar10, progress=False, command="test", time_budget=5 / 60, timer=timer)
+    assert timed == [("oxford_cnn", 32, 2, ("none", "scb_base", "scb"))]
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["none-lr0.0001-seed0", "scb_base-lr0.0001-seed0"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["plan"]["runs"] == [["none", 1e-4, 0], ["scb_base", 1e-4, 0]]
+    assert summary["rows"][-1]["status"] == "not run: outside the --time-budget plan"
+    assert "Only part of the protocol ran, as planned by --time-budget: time budget 0.0833333 min: 2 of 9 runs" in (
+        root / "table.md").read_text()
+
+
 def test_superclass_data_sets(tmp_path):
     with pytest.raises(ValueError, match="expected an unknown-cluster rule in .*'uniform'.*, got 'guess'"):
         sc.evaluate_unknown(tmp_path, "guess")

@@ -88,24 +88,15 @@ from . import augment
 from .config import RUN_CONTROL, AdaMatchConfig
 from .data import Dataset, Split, atomic_write, available, load_dataset
 from .device_data import images_on
+from .driver import Finished, Scale, Spec, drive
 from .metrics import confusion_matrix, macro_scores
 from .models.wide_resnet import WideResNet
-from .runs import (
-    RunFolder,
-    autocast,
-    clustered,
-    command_line,
-    keyed_generator,
-    resolve_device,
-    results_folder,
-    run_each,
-    write_results,
-)
+from .runs import RunFolder, autocast, clustered, keyed_generator, resolve_device
 from .stats import comparison, interval
 from .train import _subset, norm_kwargs, supervised_norm
 
-__all__ = ["ADAMATCH_SCALES", "AdaMatchConfig", "AdaMatchScale", "adamatch_objective", "backward",
-           "reproduce_adamatch", "train_adamatch", "warmup"]
+__all__ = ["ADAMATCH_SCALES", "AdaMatch", "AdaMatchConfig", "AdaMatchScale", "adamatch_objective", "backward",
+           "protocol", "reproduce_adamatch", "train_adamatch", "warmup"]
 
 SOURCE, TARGET = 0, 1  # the domains' cluster ids
 
@@ -510,29 +501,24 @@ def train_adamatch(
 # -- the reproduction --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AdaMatchScale:
-    """How much of the protocol runs: subsets of each split (0: all), epochs, source batch, seeds, and
-    the settings that a short run must change (WRN depth, learning rate, BN momentum)."""
+def AdaMatchScale(name: str, source_train: int, target_train: int, source_test: int, target_test: int, epochs: int,
+                  batch_size: int, seeds: Sequence[int] = (0,), depth: int = 28, lr: float = 0.03,
+                  bn_momentum: float = 0.01, grad_every: int = 1) -> Scale:
+    """An AdaMatch :class:`~cbnorm.experiments.driver.Scale`: the source subsets are its ``train_size`` and
+    ``test_size`` (0: all); the target's, the source batch and the settings that a short run must change (WRN
+    depth, learning rate, BN momentum, and the gradient-variance probe of Figure 12 on every ``grad_every``
+    steps, which costs about 1.6 steps) are its extras."""
+    return Scale(name, source_train, source_test, epochs, tuple(seeds), extra=dict(
+        target_train=target_train, target_test=target_test, batch_size=batch_size, depth=depth, lr=lr,
+        bn_momentum=bn_momentum, grad_every=grad_every))
 
-    name: str
-    source_train: int
-    target_train: int
-    source_test: int
-    target_test: int
-    epochs: int
-    batch_size: int
-    seeds: tuple[int, ...] = (0,)
-    depth: int = 28
-    lr: float = 0.03
-    bn_momentum: float = 0.01
-    grad_every: int = 1  # the gradient-variance probe (Figure 12) on every this many steps; it costs about 1.6 steps
 
-    def protocol(self) -> str:
-        return (
-            f"WRN-{self.depth}-2, Adam lr {self.lr:g} with cosine decay to 25%, BatchNorm momentum "
-            f"{self.bn_momentum:g}, tau 0.9, gradient variance probed every {self.grad_every} step(s)"
-        )
+def protocol(scale: Scale) -> str:
+    """The training settings of an AdaMatch scale, for its table."""
+    return (
+        f"WRN-{scale.depth}-2, Adam lr {scale.lr:g} with cosine decay to 25%, BatchNorm momentum "
+        f"{scale.bn_momentum:g}, tau 0.9, gradient variance probed every {scale.grad_every} step(s)"
+    )
 
 
 # In the order they run: the baseline, the paper's best layer and its control first.
@@ -587,7 +573,7 @@ def _cell(values: Sequence[float]) -> str:
     return interval([100 * v for v in values]).cell()
 
 
-def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dict) -> str:
+def _adamatch_table(source: str, target: str, scale: Scale, results: dict) -> str:
     import platform
 
     size = lambda n: "all" if n == 0 else f"{n:,}"  # noqa: E731
@@ -597,10 +583,10 @@ def _adamatch_table(source: str, target: str, scale: AdaMatchScale, results: dic
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Scale: {size(scale.source_train)} {source} + {size(scale.target_train)} {target} training images (the "
-        f"target's unlabelled), {size(scale.source_test)} / {size(scale.target_test)} test images (fixed random "
+        f"Scale: {size(scale.train_size)} {source} + {size(scale.target_train)} {target} training images (the "
+        f"target's unlabelled), {size(scale.test_size)} / {size(scale.target_test)} test images (fixed random "
         f"subsets), {scale.epochs} epochs, batch {scale.batch_size} source + {3 * scale.batch_size} target, seeds "
-        f"{', '.join(map(str, results['seeds']))}. Protocol: {scale.protocol()}, "
+        f"{', '.join(map(str, results['seeds']))}. Protocol: {protocol(scale)}, "
         f"32x32x3 images in [0, 1]; SCB clusters: the domains (K = 2), UCB-Norm K = 2.",
         f"Torch {torch.__version__}, {platform.machine()}, {results['device']}; "
         f"{results['train_seconds'] / 60:.1f} min of training and evaluation, summed over the runs.",
@@ -698,10 +684,76 @@ def adamatch_figures(root: Path, histories: dict, source: str, target: str, scal
     gradient_variance_figure(done, root / "figure12.png", title=f"Figure 12: gradient variance, {setting}")
 
 
+@dataclass(kw_only=True)
+class AdaMatch(Spec):
+    """The AdaMatch experiment for :func:`~cbnorm.experiments.driver.drive`: a run per (layer, seed), trained by
+    :func:`train_adamatch`; its rows add each run's ``inference.json`` (the SCB layers' inference rules)."""
+
+    source: str
+    target: str
+    norms: Sequence[tuple[str, str]] = ADAMATCH_NORMS
+    headline: tuple[str, str, str] = ("target_acc", "target acc", "{:6.2%}")
+
+    @property
+    def folder(self) -> str:
+        return f"adamatch-{self.source}-{self.target}"
+
+    @property
+    def trainer(self):
+        return train_adamatch
+
+    def load(self) -> tuple:
+        return self.given or (load_dataset(self.source, self.data_dir), load_dataset(self.target, self.data_dir))
+
+    def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
+        return [((norm, seed), f"{label}, seed {seed}") for label, norm in self.norms for seed in seeds]
+
+    def configure(self, key: tuple, scale: Scale, root: Path) -> AdaMatchConfig:
+        norm, seed = key
+        return AdaMatchConfig(
+            source=self.source, target=self.target, source_train_size=scale.train_size,
+            target_train_size=scale.target_train, source_test_size=scale.test_size,
+            target_test_size=scale.target_test, norm=norm, epochs=scale.epochs, batch_size=scale.batch_size,
+            depth=scale.depth, lr=scale.lr, bn_momentum=scale.bn_momentum, grad_every=scale.grad_every, seed=seed,
+            out=str(root / "runs" / f"{norm}-seed{seed}"), **self.run_settings(),
+        )
+
+    def results(self, done: Finished):
+        scale, seeds, root, norms, runs = done.scale, done.seeds, done.root, self.norms, done.histories
+        histories = {label: [runs[norm, s] for s in seeds if (norm, s) in runs] for label, norm in norms}
+        failures = {label: done.failures[norm, s] for label, norm in norms for s in seeds if (norm, s) in done.failures}
+        target_acc = {norm: {s: 100 * runs[norm, s][-1]["target_acc"] for s in seeds if runs.get((norm, s))}
+                      for _, norm in norms}
+        base_norm = norms[0][1]
+        rows = []
+        for label, norm in norms:
+            finals = [h[-1] for h in histories[label] if h]
+            final = {f"{d}_{k}": [row[f"{d}_{k}"] for row in finals] for d in ("source", "target") for k in _SCORES}
+            per_rule = {}
+            for seed in seeds:
+                if (norm, seed) not in runs:
+                    continue
+                inference = json.loads((root / "runs" / f"{norm}-seed{seed}" / "inference.json").read_text())
+                for rule in inference["rules"]:
+                    scores = per_rule.setdefault(rule["rule"], {})
+                    for key in ("source_acc", "source_f1", "target_acc", "target_f1"):
+                        scores.setdefault(key, []).append(rule[key])
+            common = sorted(set(target_acc[norm]) & set(target_acc[base_norm]))
+            versus = None if norm == base_norm else comparison([target_acc[norm][s] for s in common],
+                                                               [target_acc[base_norm][s] for s in common])
+            rows.append({"label": label, "norm": norm, "seeds": [s for s in seeds if (norm, s) in runs],
+                         "final": final, "rules": per_rule, "target_difference": versus,
+                         "status": f"failed: {failures[label]}" if label in failures else "ok"})
+        results = done.summary(experiment="adamatch", source=self.source, target=self.target, rows=rows)
+        results["scale"].update(source_train=scale.train_size, source_test=scale.test_size)  # the names of old
+        figures = lambda: adamatch_figures(root, histories, self.source, self.target, scale.name)  # noqa: E731
+        return _adamatch_table(self.source, self.target, scale, results), results, figures
+
+
 def reproduce_adamatch(
     source: str,
     target: str,
-    scale: Union[str, AdaMatchScale],
+    scale: Union[str, Scale],
     *,
     out: Union[str, os.PathLike] = ".",
     data_dir: Optional[str] = None,
@@ -712,6 +764,10 @@ def reproduce_adamatch(
     progress: bool = True,
     command: Optional[str] = None,
     norms: Sequence[tuple[str, str]] = ADAMATCH_NORMS,
+    data: Optional[tuple[Dataset, Dataset]] = None,
+    parallel: int = 1,
+    time_budget: Optional[float] = None,
+    epochs: Optional[int] = None,
 ) -> Path:
     """Train AdaMatch, its cluster-based variants and the DSBN control at ``scale``.
 
@@ -720,94 +776,12 @@ def reproduce_adamatch(
     That folder gets ``runs/<norm>-seed<seed>/`` (each a resumable run with ``inference.json``),
     ``table.md`` (Table VI beside the paper's, and the SCB inference rules), ``summary.json``,
     ``figure12.png`` (gradient variance) and ``curves.png``. Running the command again resumes
-    unfinished runs and reuses finished ones.
+    unfinished runs and reuses finished ones. ``data``: the source and target data sets, not loaded
+    again. ``parallel`` and ``epochs`` as for :func:`~cbnorm.experiments.reproduce.reproduce`; a
+    ``time_budget`` is refused (AdaMatch's step is not timed here).
     """
     scale = ADAMATCH_SCALES[scale] if isinstance(scale, str) else scale
-    seeds = tuple(seeds) if seeds else scale.seeds
-    command = command_line(command)
-    source_data, target_data = load_dataset(source, data_dir), load_dataset(target, data_dir)
-    root = results_folder(out, f"adamatch-{source}-{target}", scale.name)
-
-    def start(key):
-        norm, seed = key
-        run = root / "runs" / f"{norm}-seed{seed}"
-        config = AdaMatchConfig(
-            source=source,
-            target=target,
-            data_dir=data_dir,
-            source_train_size=scale.source_train,
-            target_train_size=scale.target_train,
-            source_test_size=scale.source_test,
-            target_test_size=scale.target_test,
-            norm=norm,
-            epochs=scale.epochs,
-            batch_size=scale.batch_size,
-            depth=scale.depth,
-            lr=scale.lr,
-            bn_momentum=scale.bn_momentum,
-            grad_every=scale.grad_every,
-            seed=seed,
-            device=device,
-            amp=amp,
-            threads=threads,
-            out=str(run),
-            resume=True,
-            progress=progress,
-        )
-        history = train_adamatch(config, source_data, target_data)
-        return history, json.loads((run / "inference.json").read_text())["rules"]
-
-    done, failed = run_each([((norm, seed), f"{label}, seed {seed}") for label, norm in norms for seed in seeds], start)
-    histories = {label: [done[norm, s][0] for s in seeds if (norm, s) in done] for label, norm in norms}
-    inference = {label: [done[norm, s][1] for s in seeds if (norm, s) in done] for label, norm in norms}
-    failures = {label: failed[norm, s] for label, norm in norms for s in seeds if (norm, s) in failed}
-    rows = []
-    target_acc = {
-        norm: {s: 100 * done[norm, s][0][-1]["target_acc"] for s in seeds if (norm, s) in done and done[norm, s][0]}
-        for _, norm in norms
-    }
-    base_norm = norms[0][1]
-    for label, norm in norms:
-        finals = [h[-1] for h in histories.get(label, []) if h]
-        final = {f"{d}_{k}": [row[f"{d}_{k}"] for row in finals] for d in ("source", "target") for k in _SCORES}
-        per_rule = {}
-        for run_rules in inference.get(label, []):
-            for rule in run_rules:
-                scores = per_rule.setdefault(rule["rule"], {})
-                for key in ("source_acc", "source_f1", "target_acc", "target_f1"):
-                    scores.setdefault(key, []).append(rule[key])
-        common = sorted(set(target_acc[norm]) & set(target_acc[base_norm]))
-        versus = (
-            None
-            if norm == base_norm
-            else comparison([target_acc[norm][s] for s in common], [target_acc[base_norm][s] for s in common])
-        )
-        rows.append(
-            {
-                "label": label,
-                "norm": norm,
-                "seeds": [s for s in seeds if (norm, s) in done],
-                "final": final,
-                "rules": per_rule,
-                "target_difference": versus,
-                "status": f"failed: {failures[label]}" if label in failures else "ok",
-            }
-        )
-    results = {
-        "experiment": "adamatch",
-        "source": source,
-        "target": target,
-        "scale": dataclasses.asdict(scale),
-        "seeds": list(seeds),
-        "command": command,
-        "device": str(resolve_device(device)),
-        "rows": rows,
-        "train_seconds": sum(r["seconds"] for hs in histories.values() for h in hs for r in h),
-    }
-    return write_results(
-        root,
-        _adamatch_table(source, target, scale, results),
-        results,
-        lambda: adamatch_figures(root, histories, source, target, scale.name),
-        failed,
-    )
+    spec = AdaMatch(name="adamatch", source=source, target=target, norms=tuple(norms), data_dir=data_dir,
+                    device=device, amp=amp, threads=threads, progress=progress, given=tuple(data or ()))
+    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
+                 command=command)

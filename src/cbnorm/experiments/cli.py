@@ -46,6 +46,7 @@ def _kwargs(text: str) -> dict:
 # The optional dependencies (module -> package), all in the `experiments` extra.
 OPTIONAL = {"sklearn": "scikit-learn", "scipy": "scipy", "matplotlib": "matplotlib", "tqdm": "tqdm", "PIL": "pillow"}
 _CONFIGS = {"train": "TrainConfig", "gan": "GANConfig", "adamatch": "AdaMatchConfig"}
+_SPEED_FLAGS = ("bf16", "channels_last", "cudnn_benchmark", "compile")  # SpeedSettings' fields
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
@@ -108,15 +109,15 @@ layer), resumable at every epoch.
 
 
 def _add_gpu_harness_flags(parser: argparse.ArgumentParser) -> None:
-    """table5 and densenet: concurrent runs, a time budget, the epochs and the CUDA speed settings."""
+    """Concurrent runs, a time budget, the epochs and the CUDA speed settings of a reproduction."""
     from .speed import SpeedSettings
 
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
-                        help="table5, densenet: train up to N runs at once, each in its own process (default: 1)")
+                        help="train up to N runs at once, each in its own process (default: 1)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
-                        help="table5, densenet: time each model here, then run only what fits MINUTES (seeds 0-2 "
-                             "or --seeds); stops if not one run fits, unless --epochs is given")
-    parser.add_argument("--epochs", type=int, help="table5, densenet: epochs of every run (default: the scale's)")
+                        help="table5, densenet, superclass: time each model here, then run only what fits MINUTES "
+                             "(seeds 0-2 or --seeds); stops if not one run fits, unless --epochs is given")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (default: the scale's)")
     _add_config_flags(parser, SpeedSettings)
 
 
@@ -241,6 +242,49 @@ def _given(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "command_line", "argv")}
 
 
+def _reproduce(args) -> None:
+    """``cbnorm reproduce EXPERIMENT``: each experiment's driver function with the flags that apply to it."""
+    given = [name for name in _SPEED_FLAGS if hasattr(args, name)]
+    if given and args.experiment in ("dcgan", "adamatch"):
+        flag = "--" + given[0].replace("_", "-")
+        raise ValueError(f"{flag}: the speed settings apply to table5, densenet and superclass, not {args.experiment}")
+    if args.norms and args.experiment != "adamatch":
+        raise ValueError(f"--norms: only the adamatch experiment runs a subset of its layers, not {args.experiment}")
+    common = dict(out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
+                  threads=args.threads, progress=args.progress, command=args.command_line, parallel=args.parallel,
+                  time_budget=args.time_budget, epochs=args.epochs)
+    speed_settings = {name: getattr(args, name) for name in given}
+    if args.experiment == "superclass":
+        from .superclass import default_dataset, reproduce_superclass
+
+        reproduce_superclass(args.model, args.dataset or default_dataset(args.model, args.data_dir), args.scale,
+                             speed_settings=speed_settings, **common)
+    elif args.experiment == "adamatch":
+        from .adamatch import ADAMATCH_NORMS, adamatch_target, reproduce_adamatch
+
+        unknown = set(args.norms or ()) - {norm for _, norm in ADAMATCH_NORMS}
+        if unknown:
+            raise ValueError(f"--norms: expected layers of the AdaMatch experiment "
+                             f"{[norm for _, norm in ADAMATCH_NORMS]}, got {sorted(unknown)}")
+        norms = [(label, norm) for label, norm in ADAMATCH_NORMS if not args.norms or norm in args.norms]
+        reproduce_adamatch(args.source, args.target or adamatch_target(args.data_dir), args.scale, norms=norms,
+                           **common)
+    elif args.experiment == "dcgan":
+        from .gan import reproduce_dcgan
+        from .reproduce import densenet_dataset
+
+        reproduce_dcgan(args.dataset or densenet_dataset(args.data_dir), args.scale, fid_features=args.fid_features,
+                        **common)
+    else:
+        from .reproduce import densenet_dataset, reproduce
+
+        if args.experiment == "table5":
+            name, dataset = "table5", args.dataset or "cifar10"
+        else:
+            name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
+        reproduce(name, dataset, args.scale, speed_settings=speed_settings, **common)
+
+
 def _run(args) -> None:
     if args.command == "demo":
         from .demo import demo
@@ -251,12 +295,6 @@ def _run(args) -> None:
         from .train import TrainConfig, train
 
         train(_train_config(_given(args), TrainConfig))
-    elif args.command == "reproduce" and args.experiment == "superclass":
-        from .superclass import default_dataset, reproduce_superclass
-
-        reproduce_superclass(args.model, args.dataset or default_dataset(args.model, args.data_dir), args.scale,
-                             out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                             threads=args.threads, progress=args.progress, command=args.command_line)
     elif args.command == "gan":
         from .gan import GANConfig, train_gan
 
@@ -265,52 +303,8 @@ def _run(args) -> None:
         from .adamatch import AdaMatchConfig, train_adamatch
 
         train_adamatch(_train_config(_given(args), AdaMatchConfig))
-    elif args.command == "reproduce" and args.experiment == "adamatch":
-        from .adamatch import ADAMATCH_NORMS, adamatch_target, reproduce_adamatch
-
-        unknown = set(args.norms or ()) - {norm for _, norm in ADAMATCH_NORMS}
-        if unknown:
-            raise ValueError(f"--norms: expected layers of the AdaMatch experiment "
-                             f"{[norm for _, norm in ADAMATCH_NORMS]}, got {sorted(unknown)}")
-        norms = [(label, norm) for label, norm in ADAMATCH_NORMS if not args.norms or norm in args.norms]
-        reproduce_adamatch(args.source, args.target or adamatch_target(args.data_dir), args.scale, out=args.out,
-                           data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                           threads=args.threads, progress=args.progress, command=args.command_line, norms=norms)
-    elif args.command == "reproduce" and args.experiment == "dcgan":
-        from .gan import reproduce_dcgan
-        from .reproduce import densenet_dataset
-
-        reproduce_dcgan(args.dataset or densenet_dataset(args.data_dir), args.scale, out=args.out,
-                        data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
-                        threads=args.threads, progress=args.progress, fid_features=args.fid_features,
-                        command=args.command_line)
     elif args.command == "reproduce":
-        from .reproduce import densenet_dataset, reproduce
-
-        if args.experiment == "table5":
-            name, dataset = "table5", args.dataset or "cifar10"
-        else:
-            name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
-        speed_settings = {
-            k: getattr(args, k) for k in ("bf16", "channels_last", "cudnn_benchmark", "compile") if hasattr(args, k)
-        }
-        reproduce(
-            name,
-            dataset,
-            args.scale,
-            out=args.out,
-            data_dir=args.data_dir,
-            seeds=args.seeds,
-            device=args.device,
-            amp=args.amp,
-            threads=args.threads,
-            progress=args.progress,
-            command=args.command_line,
-            parallel=args.parallel,
-            time_budget=args.time_budget,
-            epochs=args.epochs,
-            speed_settings=speed_settings,
-        )
+        _reproduce(args)
     elif args.command == "plot":
         from .plots import plot_runs
 

@@ -46,23 +46,15 @@ from cbnorm import _cache
 from .config import RUN_CONTROL, GANConfig
 from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
+from .driver import Finished, Scale, Spec, drive
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
-from .runs import (
-    RunFolder,
-    autocast,
-    command_line,
-    keyed_generator,
-    resolve_device,
-    results_folder,
-    run_each,
-    write_results,
-)
+from .runs import RunFolder, autocast, keyed_generator, resolve_device
 from .stats import Interval, comparison, interval
 from .train import _subset, norm_kwargs
 
-__all__ = ["GANConfig", "GAN_SCALES", "GANScale", "reproduce_dcgan", "train_gan"]
+__all__ = ["DCGAN", "GANConfig", "GAN_SCALES", "GANScale", "reproduce_dcgan", "train_gan"]
 
 
 def build_gan(config: GANConfig, channels: int, image_size: int) -> tuple[Generator, Discriminator]:
@@ -307,17 +299,13 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
 # -- the reproduction ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GANScale:
-    """How much of the protocol runs: training images (0: all), epochs, FID schedule and sizes, seeds."""
-
-    name: str
-    train_size: int
-    epochs: int
-    fid_every: int
-    fid_samples: int
-    fid_reference: int
-    seeds: tuple[int, ...] = (0,)
+def GANScale(name: str, train_size: int, epochs: int, fid_every: int, fid_samples: int, fid_reference: int,
+             seeds: Sequence[int] = (0,)) -> Scale:
+    """A DCGAN :class:`~cbnorm.experiments.driver.Scale`: training images (0: all), epochs, the FID schedule
+    (every ``fid_every`` epochs, ``fid_samples`` generated images against ``fid_reference`` training images,
+    0: all) and the seeds."""
+    return Scale(name, train_size, 0, epochs, tuple(seeds),
+                 extra={"fid_every": fid_every, "fid_samples": fid_samples, "fid_reference": fid_reference})
 
 
 GAN_NORMS = (("DCGAN-BN", "batchnorm"), ("DCGAN-MN", "mn"), ("DCGAN-UCB-Norm", "ucb"))
@@ -349,9 +337,94 @@ def dcgan_figures(root: Path, histories: dict, metric, grids: dict, setting: str
         samples_figure(grids, root / "figure11.png", title=f"Figure 11: samples after the last epoch, {setting}")
 
 
+@dataclass(kw_only=True)
+class DCGAN(Spec):
+    """The DCGAN experiment for :func:`~cbnorm.experiments.driver.drive`: a run per (layer, seed), trained by
+    :func:`train_gan`; its table holds the FID of real test images as the floor of every FID."""
+
+    dataset: str
+    fid_features: str  # resolved: inception or random-conv
+    norms: Sequence[tuple[str, str]] = GAN_NORMS
+
+    def __post_init__(self) -> None:
+        metric = FEATURES[self.fid_features]
+        self.headline = (metric.key, metric.label.split(" ")[0], "{:7.1f}")
+
+    @property
+    def folder(self) -> str:
+        return f"dcgan-{self.dataset}"
+
+    @property
+    def trainer(self):
+        return train_gan
+
+    def load(self) -> tuple:
+        return self.given or (load_dataset(self.dataset, self.data_dir),)
+
+    def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
+        return [((norm, seed), f"{label}, seed {seed}") for label, norm in self.norms for seed in seeds]
+
+    def configure(self, key: tuple, scale: Scale, root: Path) -> GANConfig:
+        norm, seed = key
+        return GANConfig(dataset=self.dataset, train_size=scale.train_size, norm=norm, epochs=scale.epochs,
+                         fid_every=scale.fid_every, fid_samples=scale.fid_samples, fid_reference=scale.fid_reference,
+                         fid_features=self.fid_features, seed=seed, out=str(root / "runs" / f"{norm}-seed{seed}"),
+                         **self.run_settings())
+
+    def results(self, done: Finished):
+        scale, seeds, root, (data,), norms = done.scale, done.seeds, done.root, done.data, self.norms
+        metric = FEATURES[self.fid_features]
+        runs = done.histories
+        histories = {label: [runs[norm, s] for s in seeds if (norm, s) in runs] for label, norm in norms}
+        failures = {label: done.failures[norm, s] for label, norm in norms for s in seeds if (norm, s) in done.failures}
+        grids = {
+            label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{scale.epochs:04d}.png"
+            for label, norm in norms
+            for s in reversed(seeds)
+            if (norm, s) in runs
+        }  # the first finished seed's
+
+        # FID of real test images against the same reference, at the generated sample size: the floor
+        # that the finite sample size alone puts under every FID of the table.
+        device = resolve_device(self.device)
+        extractor = feature_extractor(self.fid_features).to(device)
+        cache = _cache.cache_dir("fid")  # where the runs keep theirs
+        reference, reference_sqrt = reference_stats(
+            extractor, self.fid_features, data.train, scale.fid_reference, f"{self.dataset}-train", cache, 100, device
+        )
+        test, _ = reference_stats(extractor, self.fid_features, data.test, scale.fid_samples, f"{self.dataset}-test",
+                                  cache, 100, device, with_sqrt=False)
+        floor = frechet_distance(*reference.mean_cov(), *test.mean_cov(), cov1_sqrt=reference_sqrt)
+
+        final = {
+            norm: {s: runs[norm, s][-1][metric.key] for s in seeds
+                   if (norm, s) in runs and runs[norm, s] and metric.key in runs[norm, s][-1]}
+            for _, norm in norms
+        }
+        base = norms[0][1]
+        rows = []
+        for label, norm in norms:
+            finals = list(final[norm].values())
+            bests = [min(r[metric.key] for r in h if metric.key in r) for h in histories[label]
+                     if any(metric.key in r for r in h)]
+            common = sorted(set(final[norm]) & set(final[base]))
+            versus = None if norm == base else comparison([final[norm][s] for s in common],
+                                                          [final[base][s] for s in common], higher_is_better=False)
+            rows.append({"label": label, "norm": norm,
+                         "status": f"failed: {failures[label]}" if label in failures else "ok",
+                         "final": mean_std(finals), "best": mean_std(bests),
+                         "final_interval": interval(finals).to_dict(), "best_interval": interval(bests).to_dict(),
+                         "final_difference": versus, "seeds": list(seeds)})
+        results = done.summary(experiment="dcgan", dataset=self.dataset, metric=dataclasses.asdict(metric),
+                               real_test_floor=floor, rows=rows)
+        setting = f"{self.dataset}, {scale.name} scale"
+        figures = lambda: dcgan_figures(root, histories, metric, grids, setting)  # noqa: E731
+        return _gan_table(self.dataset, scale, results), results, figures
+
+
 def reproduce_dcgan(
     dataset: str,
-    scale: Union[str, GANScale],
+    scale: Union[str, Scale],
     *,
     out: Union[str, os.PathLike] = ".",
     data_dir: Optional[str] = None,
@@ -364,129 +437,33 @@ def reproduce_dcgan(
     command: Optional[str] = None,
     data: Optional[Dataset] = None,
     norms: Sequence[tuple[str, str]] = GAN_NORMS,
+    parallel: int = 1,
+    time_budget: Optional[float] = None,
+    epochs: Optional[int] = None,
 ) -> Path:
     """Train DCGAN-BN, -MN and -UCB-Norm at ``scale``; write ``results/dcgan-<dataset>/<scale>/``.
 
     That folder gets ``runs/<norm>-seed<seed>/`` (each a resumable run), ``table.md`` (our FID beside
     the paper's claim, with the FID of real test images at the same sample size), ``summary.json``,
     ``figure10.png`` (FID curves) and ``figure11.png`` (final samples). Running the command again
-    resumes unfinished runs and reuses finished ones.
+    resumes unfinished runs and reuses finished ones. ``parallel`` and ``epochs`` as for
+    :func:`~cbnorm.experiments.reproduce.reproduce`; a ``time_budget`` is refused (a GAN's epoch is not
+    timed here).
     """
     scale = GAN_SCALES[scale] if isinstance(scale, str) else scale
-    seeds = tuple(seeds) if seeds else scale.seeds
-    command = command_line(command)
-    data = data if data is not None else load_dataset(dataset, data_dir)
-    root = results_folder(out, f"dcgan-{dataset}", scale.name)
-    features = resolve_features(fid_features)
-    metric = FEATURES[features]
-
-    def start(key):
-        norm, seed = key
-        config = GANConfig(
-            dataset=dataset,
-            data_dir=data_dir,
-            train_size=scale.train_size,
-            norm=norm,
-            epochs=scale.epochs,
-            fid_every=scale.fid_every,
-            fid_samples=scale.fid_samples,
-            fid_reference=scale.fid_reference,
-            fid_features=features,
-            seed=seed,
-            device=device,
-            amp=amp,
-            threads=threads,
-            out=str(root / "runs" / f"{norm}-seed{seed}"),
-            resume=True,
-            progress=progress,
-        )
-        return train_gan(config, data)
-
-    done, failed = run_each([((norm, seed), f"{label}, seed {seed}") for label, norm in norms for seed in seeds], start)
-    histories = {label: [done[norm, s] for s in seeds if (norm, s) in done] for label, norm in norms}
-    failures = {label: failed[norm, s] for label, norm in norms for s in seeds if (norm, s) in failed}
-    grids = {
-        label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{scale.epochs:04d}.png"
-        for label, norm in norms
-        for s in reversed(seeds)
-        if (norm, s) in done
-    }  # the first finished seed's
-
-    # FID of real test images against the same reference, at the generated sample size: the floor
-    # that the finite sample size alone puts under every FID of the table.
-    device_ = resolve_device(device)
-    extractor = feature_extractor(features).to(device_)
-    cache = _cache.cache_dir("fid")  # where the runs keep theirs
-    reference, reference_sqrt = reference_stats(
-        extractor, features, data.train, scale.fid_reference, f"{dataset}-train", cache, 100, device_
-    )
-    test, _ = reference_stats(
-        extractor, features, data.test, scale.fid_samples, f"{dataset}-test", cache, 100, device_, with_sqrt=False
-    )
-    floor = frechet_distance(*reference.mean_cov(), *test.mean_cov(), cov1_sqrt=reference_sqrt)
-
-    final = {
-        norm: {
-            s: done[norm, s][-1][metric.key]
-            for s in seeds
-            if (norm, s) in done and done[norm, s] and metric.key in done[norm, s][-1]
-        }
-        for _, norm in norms
-    }
-    rows = []
-    for label, norm in norms:
-        runs = histories.get(label, [])
-        finals = list(final[norm].values())
-        bests = [min(r[metric.key] for r in h if metric.key in r) for h in runs if any(metric.key in r for r in h)]
-        base = norms[0][1]
-        common = sorted(set(final[norm]) & set(final[base]))
-        versus = (
-            None
-            if norm == base
-            else comparison([final[norm][s] for s in common], [final[base][s] for s in common], higher_is_better=False)
-        )
-        rows.append(
-            {
-                "label": label,
-                "norm": norm,
-                "status": f"failed: {failures[label]}" if label in failures else "ok",
-                "final": mean_std(finals),
-                "best": mean_std(bests),
-                "final_interval": interval(finals).to_dict(),
-                "best_interval": interval(bests).to_dict(),
-                "final_difference": versus,
-                "seeds": list(seeds),
-            }
-        )
-    results = {
-        "experiment": "dcgan",
-        "dataset": dataset,
-        "scale": dataclasses.asdict(scale),
-        "seeds": list(seeds),
-        "command": command,
-        "metric": dataclasses.asdict(metric),
-        "real_test_floor": floor,
-        "rows": rows,
-        "device": str(device_),
-        "train_seconds": sum(
-            r["seconds"] + r.get("fid_seconds", 0) for hs in histories.values() for h in hs for r in h
-        ),
-    }
-    return write_results(
-        root,
-        _gan_table(dataset, scale, results),
-        results,
-        lambda: dcgan_figures(root, histories, metric, grids, f"{dataset}, {scale.name} scale"),
-        failed,
-    )
+    spec = DCGAN(name="dcgan", dataset=dataset, fid_features=resolve_features(fid_features), norms=tuple(norms),
+                 data_dir=data_dir, device=device, amp=amp, threads=threads, progress=progress,
+                 given=() if data is None else (data,))
+    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
+                 command=command)
 
 
-def _gan_table(dataset: str, scale: GANScale, results: dict) -> str:
+def _gan_table(dataset: str, scale: Scale, results: dict) -> str:
     import platform
 
     metric = results["metric"]
     size = lambda n: "all" if n == 0 else f"{n:,}"  # noqa: E731
-    cell = lambda i: Interval(**{k: i[k] for k in ("mean", "std", "half_width", "n")}).cell(1)  # noqa: E731
+    cell = lambda i: Interval.from_dict(i).cell(1)  # noqa: E731
     base = results["rows"][0]["label"] if results["rows"] else "—"
     lines = [
         f"# Figure 10: DCGAN with BN, MN or UCB-Norm in the generator — {dataset}, scale `{scale.name}`",
