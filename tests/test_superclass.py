@@ -413,6 +413,9 @@ def test_superclass_data_sets(tmp_path):
         sc.evaluate_unknown(tmp_path, "guess")
     with pytest.raises(ValueError, match="needs a data set with superclasses .*, got digits"):
         sc.reproduce_superclass("vit", "digits", "smoke", out=tmp_path, data=load_dataset("digits"))
+    with pytest.raises(ValueError, match="--scale converge: the superclass experiment has the scales smoke, small, "
+                                         "paper$"):
+        sc.reproduce_superclass("vit", "cifar10", "converge", out=tmp_path)
     assert sc.default_dataset("vit", str(tmp_path)) == "cifar10" == sc.default_dataset("oxford_cnn", str(tmp_path))
     (tmp_path / "cifar100").mkdir()  # an empty folder (a failed download's) is no data set
     assert sc.default_dataset("vit", str(tmp_path)) == "cifar10"

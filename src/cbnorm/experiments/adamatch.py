@@ -69,7 +69,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ from . import augment
 from .config import RUN_CONTROL, AdaMatchConfig
 from .data import Dataset, Split, atomic_write, available, load_dataset
 from .device_data import images_on
-from .driver import Finished, Scale, Spec, drive
+from .driver import Finished, LayerSeedSpec, Scale, drive_experiment
 from .metrics import confusion_matrix, macro_scores
 from .models.wide_resnet import WideResNet
 from .runs import RunFolder, autocast, clustered, keyed_generator, resolve_device
@@ -685,7 +684,7 @@ def adamatch_figures(root: Path, histories: dict, source: str, target: str, scal
 
 
 @dataclass(kw_only=True)
-class AdaMatch(Spec):
+class AdaMatch(LayerSeedSpec):
     """The AdaMatch experiment for :func:`~cbnorm.experiments.driver.drive`: a run per (layer, seed), trained by
     :func:`train_adamatch`; its rows add each run's ``inference.json`` (the SCB layers' inference rules)."""
 
@@ -705,9 +704,6 @@ class AdaMatch(Spec):
     def load(self) -> tuple:
         return self.given or (load_dataset(self.source, self.data_dir), load_dataset(self.target, self.data_dir))
 
-    def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
-        return [((norm, seed), f"{label}, seed {seed}") for label, norm in self.norms for seed in seeds]
-
     def configure(self, key: tuple, scale: Scale, root: Path) -> AdaMatchConfig:
         norm, seed = key
         return AdaMatchConfig(
@@ -715,13 +711,12 @@ class AdaMatch(Spec):
             target_train_size=scale.target_train, source_test_size=scale.test_size,
             target_test_size=scale.target_test, norm=norm, epochs=scale.epochs, batch_size=scale.batch_size,
             depth=scale.depth, lr=scale.lr, bn_momentum=scale.bn_momentum, grad_every=scale.grad_every, seed=seed,
-            out=str(root / "runs" / f"{norm}-seed{seed}"), **self.run_settings(),
+            out=str(self.run_dir(root, norm, seed)), **self.run_settings(),
         )
 
     def results(self, done: Finished):
         scale, seeds, root, norms, runs = done.scale, done.seeds, done.root, self.norms, done.histories
-        histories = {label: [runs[norm, s] for s in seeds if (norm, s) in runs] for label, norm in norms}
-        failures = {label: done.failures[norm, s] for label, norm in norms for s in seeds if (norm, s) in done.failures}
+        histories, failures = self.by_label(done)
         target_acc = {norm: {s: 100 * runs[norm, s][-1]["target_acc"] for s in seeds if runs.get((norm, s))}
                       for _, norm in norms}
         base_norm = norms[0][1]
@@ -733,7 +728,7 @@ class AdaMatch(Spec):
             for seed in seeds:
                 if (norm, seed) not in runs:
                     continue
-                inference = json.loads((root / "runs" / f"{norm}-seed{seed}" / "inference.json").read_text())
+                inference = json.loads((self.run_dir(root, norm, seed) / "inference.json").read_text())
                 for rule in inference["rules"]:
                     scores = per_rule.setdefault(rule["rule"], {})
                     for key in ("source_acc", "source_f1", "target_acc", "target_f1"):
@@ -750,25 +745,9 @@ class AdaMatch(Spec):
         return _adamatch_table(self.source, self.target, scale, results), results, figures
 
 
-def reproduce_adamatch(
-    source: str,
-    target: str,
-    scale: Union[str, Scale],
-    *,
-    out: Union[str, os.PathLike] = ".",
-    data_dir: Optional[str] = None,
-    seeds: Optional[Sequence[int]] = None,
-    device: str = "auto",
-    amp: bool = False,
-    threads: int = 0,
-    progress: bool = True,
-    command: Optional[str] = None,
-    norms: Sequence[tuple[str, str]] = ADAMATCH_NORMS,
-    data: Optional[tuple[Dataset, Dataset]] = None,
-    parallel: int = 1,
-    time_budget: Optional[float] = None,
-    epochs: Optional[int] = None,
-) -> Path:
+def reproduce_adamatch(source: str, target: str, scale: Union[str, Scale], *,
+                       norms: Sequence[tuple[str, str]] = ADAMATCH_NORMS,
+                       data: Optional[tuple[Dataset, Dataset]] = None, **options) -> Path:
     """Train AdaMatch, its cluster-based variants and the DSBN control at ``scale``.
 
     Writes ``results/adamatch-<source>-<target>/<scale>/``.
@@ -777,11 +756,9 @@ def reproduce_adamatch(
     ``table.md`` (Table VI beside the paper's, and the SCB inference rules), ``summary.json``,
     ``figure12.png`` (gradient variance) and ``curves.png``. Running the command again resumes
     unfinished runs and reuses finished ones. ``data``: the source and target data sets, not loaded
-    again. ``parallel`` and ``epochs`` as for :func:`~cbnorm.experiments.reproduce.reproduce`; a
-    ``time_budget`` is refused (AdaMatch's step is not timed here).
+    again; ``options`` are those of :func:`~cbnorm.experiments.reproduce.reproduce` but the speed
+    settings (``out``, ``seeds``, ``device``, ``parallel``, ``epochs``, ...); a ``time_budget`` is
+    refused: AdaMatch's step is not timed here.
     """
-    scale = ADAMATCH_SCALES[scale] if isinstance(scale, str) else scale
-    spec = AdaMatch(name="adamatch", source=source, target=target, norms=tuple(norms), data_dir=data_dir,
-                    device=device, amp=amp, threads=threads, progress=progress, given=tuple(data or ()))
-    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
-                 command=command)
+    return drive_experiment(AdaMatch, scale, ADAMATCH_SCALES, name="adamatch", source=source, target=target,
+                            norms=tuple(norms), data=data, **options)

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 
+from .parallel import RunState, run_parallel
 from .runs import command_line, resolve_device, results_folder, run_each, write_results
 
-__all__ = ["Finished", "Scale", "Spec", "drive"]
+__all__ = ["Finished", "LayerSeedSpec", "Scale", "Spec", "drive", "drive_experiment"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Spec:
     threads: int = 0
     progress: bool = True
     given: tuple = ()
-    headline: tuple[str, str, str] = ("test_acc", "test acc", "{:6.2%}")  # the --parallel display's metric
+    headline: tuple[str, str, str] = RunState.headline  # the --parallel display's metric: key, label, format
 
     @property
     def folder(self) -> str:
@@ -152,6 +153,29 @@ class Spec:
     def results(self, done: Finished) -> tuple[str, dict, Callable[[], None]]:
         """``(table.md, summary.json's content, a function drawing the figures)``."""
         raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class LayerSeedSpec(Spec):
+    """A spec with a run per (layer, seed) of its ``norms`` (``(label, registry name)``, the baseline first):
+    keys ``(norm, seed)``, run folders ``runs/<norm>-seed<seed>``."""
+
+    norms: Sequence[tuple[str, str]] = ()
+
+    def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
+        return [((norm, seed), f"{label}, seed {seed}") for label, norm in self.norms for seed in seeds]
+
+    @staticmethod
+    def run_dir(root: Path, norm: str, seed: int) -> Path:
+        return root / "runs" / f"{norm}-seed{seed}"
+
+    def by_label(self, done: Finished) -> tuple[dict, dict]:
+        """``(histories, failures)`` by label: each label's histories, one a seed that ran, and its first failure."""
+        histories = {label: [done.histories[norm, s] for s in done.seeds if (norm, s) in done.histories]
+                     for label, norm in self.norms}
+        failures = {label: done.failures[norm, s] for label, norm in self.norms for s in done.seeds
+                    if (norm, s) in done.failures}
+        return histories, failures
 
 
 def _plan(spec: Spec, scale: Scale, seeds: Sequence[int], data: tuple, minutes: float):
@@ -208,8 +232,6 @@ def drive(
         return spec.configure(key, scale, root)
 
     if parallel > 1:
-        from .parallel import run_parallel
-
         histories, failures = run_parallel(runs, configure, parallel, spec.given, trainer=spec.trainer,
                                            headline=spec.headline)
     else:
@@ -217,3 +239,23 @@ def drive(
     done = Finished(scale, seeds, root, data, command, histories, failures, plan, parallel, spec.device)
     table, results, figures = spec.results(done)
     return write_results(root, table, results, figures, failures)
+
+
+_DRIVE_OPTIONS = ("out", "seeds", "epochs", "parallel", "time_budget", "command")
+
+
+def drive_experiment(spec_class: type, scale: Union[str, Scale], scales: Mapping[str, Scale], *, data=None,
+                     **options) -> Path:
+    """:func:`drive` a ``spec_class`` built from ``options`` at ``scale`` (or the scale of that name in
+    ``scales``). The options of :func:`drive` (``out``, ``seeds``, ``epochs``, ``parallel``, ``time_budget``,
+    ``command``) go to it, the others are the spec's fields (``name``, ``data_dir``, ``device``, ``amp``,
+    ``threads``, ``progress`` and the experiment's own). ``data``: what the trainer takes after the config
+    (a data set, or a tuple of them), not loaded again."""
+    if isinstance(scale, str):
+        if scale not in scales:
+            raise ValueError(f"--scale {scale}: the {options.get('name')} experiment has the scales "
+                             f"{', '.join(scales)}")
+        scale = scales[scale]
+    driving = {name: options.pop(name) for name in _DRIVE_OPTIONS if name in options}
+    given = () if data is None else data if isinstance(data, tuple) else (data,)
+    return drive(spec_class(given=given, **options), scale, **driving)

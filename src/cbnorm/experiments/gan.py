@@ -46,7 +46,7 @@ from cbnorm import _cache
 from .config import RUN_CONTROL, GANConfig
 from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
-from .driver import Finished, Scale, Spec, drive
+from .driver import Finished, LayerSeedSpec, Scale, drive_experiment
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
@@ -338,7 +338,7 @@ def dcgan_figures(root: Path, histories: dict, metric, grids: dict, setting: str
 
 
 @dataclass(kw_only=True)
-class DCGAN(Spec):
+class DCGAN(LayerSeedSpec):
     """The DCGAN experiment for :func:`~cbnorm.experiments.driver.drive`: a run per (layer, seed), trained by
     :func:`train_gan`; its table holds the FID of real test images as the floor of every FID."""
 
@@ -361,22 +361,18 @@ class DCGAN(Spec):
     def load(self) -> tuple:
         return self.given or (load_dataset(self.dataset, self.data_dir),)
 
-    def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
-        return [((norm, seed), f"{label}, seed {seed}") for label, norm in self.norms for seed in seeds]
-
     def configure(self, key: tuple, scale: Scale, root: Path) -> GANConfig:
         norm, seed = key
         return GANConfig(dataset=self.dataset, train_size=scale.train_size, norm=norm, epochs=scale.epochs,
                          fid_every=scale.fid_every, fid_samples=scale.fid_samples, fid_reference=scale.fid_reference,
-                         fid_features=self.fid_features, seed=seed, out=str(root / "runs" / f"{norm}-seed{seed}"),
+                         fid_features=self.fid_features, seed=seed, out=str(self.run_dir(root, norm, seed)),
                          **self.run_settings())
 
     def results(self, done: Finished):
         scale, seeds, root, (data,), norms = done.scale, done.seeds, done.root, done.data, self.norms
         metric = FEATURES[self.fid_features]
         runs = done.histories
-        histories = {label: [runs[norm, s] for s in seeds if (norm, s) in runs] for label, norm in norms}
-        failures = {label: done.failures[norm, s] for label, norm in norms for s in seeds if (norm, s) in done.failures}
+        histories, failures = self.by_label(done)
         grids = {
             label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{scale.epochs:04d}.png"
             for label, norm in norms
@@ -422,40 +418,20 @@ class DCGAN(Spec):
         return _gan_table(self.dataset, scale, results), results, figures
 
 
-def reproduce_dcgan(
-    dataset: str,
-    scale: Union[str, Scale],
-    *,
-    out: Union[str, os.PathLike] = ".",
-    data_dir: Optional[str] = None,
-    seeds: Optional[Sequence[int]] = None,
-    device: str = "auto",
-    amp: bool = False,
-    threads: int = 0,
-    progress: bool = True,
-    fid_features: str = "auto",
-    command: Optional[str] = None,
-    data: Optional[Dataset] = None,
-    norms: Sequence[tuple[str, str]] = GAN_NORMS,
-    parallel: int = 1,
-    time_budget: Optional[float] = None,
-    epochs: Optional[int] = None,
-) -> Path:
+def reproduce_dcgan(dataset: str, scale: Union[str, Scale], *, fid_features: str = "auto",
+                    norms: Sequence[tuple[str, str]] = GAN_NORMS, data: Optional[Dataset] = None, **options) -> Path:
     """Train DCGAN-BN, -MN and -UCB-Norm at ``scale``; write ``results/dcgan-<dataset>/<scale>/``.
 
     That folder gets ``runs/<norm>-seed<seed>/`` (each a resumable run), ``table.md`` (our FID beside
     the paper's claim, with the FID of real test images at the same sample size), ``summary.json``,
     ``figure10.png`` (FID curves) and ``figure11.png`` (final samples). Running the command again
-    resumes unfinished runs and reuses finished ones. ``parallel`` and ``epochs`` as for
-    :func:`~cbnorm.experiments.reproduce.reproduce`; a ``time_budget`` is refused (a GAN's epoch is not
-    timed here).
+    resumes unfinished runs and reuses finished ones. ``data`` skips loading the data set; ``options``
+    are those of :func:`~cbnorm.experiments.reproduce.reproduce` but the speed settings (``out``,
+    ``seeds``, ``device``, ``parallel``, ``epochs``, ...); a ``time_budget`` is refused: a GAN's epoch
+    is not timed here.
     """
-    scale = GAN_SCALES[scale] if isinstance(scale, str) else scale
-    spec = DCGAN(name="dcgan", dataset=dataset, fid_features=resolve_features(fid_features), norms=tuple(norms),
-                 data_dir=data_dir, device=device, amp=amp, threads=threads, progress=progress,
-                 given=() if data is None else (data,))
-    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
-                 command=command)
+    return drive_experiment(DCGAN, scale, GAN_SCALES, name="dcgan", dataset=dataset, norms=tuple(norms),
+                            fid_features=resolve_features(fid_features), data=data, **options)
 
 
 def _gan_table(dataset: str, scale: Scale, results: dict) -> str:

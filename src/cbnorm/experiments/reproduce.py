@@ -40,7 +40,7 @@ from cbnorm.factory import norm_layer_names
 
 from .clusters import mixture_clusters, save_cluster_ids
 from .data import Dataset, available, load_dataset
-from .driver import Finished, Scale, Spec, drive
+from .driver import Finished, Scale, Spec, drive_experiment
 from .metrics import at_fraction, mean_std
 from .planner import plan_lines, time_epochs, timing_lines
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
@@ -428,12 +428,11 @@ def reproduce(
     :class:`~cbnorm.experiments.speed.SpeedSettings` fields of every run (e.g. ``{"compile": True}``).
     """
     experiment = EXPERIMENTS[experiment] if isinstance(experiment, str) else experiment
-    scale = SCALES[experiment.name][scale] if isinstance(scale, str) else scale
-    spec = Classification(name=experiment.name, experiment=experiment, dataset=dataset, data_dir=data_dir,
-                          device=device, amp=amp, threads=threads, progress=progress,
-                          given=() if data is None else (data,), speed_settings=speed_settings, timer=timer)
-    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
-                 command=command)
+    return drive_experiment(Classification, scale, SCALES[experiment.name], name=experiment.name,
+                            experiment=experiment, dataset=dataset, out=out, data_dir=data_dir, seeds=seeds,
+                            device=device, amp=amp, threads=threads, progress=progress, command=command, data=data,
+                            parallel=parallel, time_budget=time_budget, epochs=epochs, speed_settings=speed_settings,
+                            timer=timer)
 
 
 def _setting(experiment: Experiment, dataset: str, scale: Scale) -> str:

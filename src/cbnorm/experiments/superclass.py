@@ -42,7 +42,7 @@ import torch
 import cbnorm
 
 from .data import Dataset, Loader, available, load_dataset
-from .driver import Finished, Scale, Spec, drive
+from .driver import Finished, Scale, Spec, drive_experiment
 from .planner import Protocol, plan_lines, time_epochs
 from .plots import _load_run, curves_figure, pca_figure
 from .reproduce import _run_name, variants
@@ -360,37 +360,16 @@ class Superclasses(Spec):
         return _table(experiment, data, scale, results), results, figures
 
 
-def reproduce_superclass(
-    model: Union[str, SuperclassExperiment],
-    dataset: str,
-    scale: Union[str, Scale],
-    *,
-    out: Union[str, os.PathLike] = ".",
-    data_dir: Optional[str] = None,
-    seeds: Optional[Sequence[int]] = None,
-    device: str = "auto",
-    amp: bool = False,
-    threads: int = 0,
-    progress: bool = True,
-    command: Optional[str] = None,
-    data: Optional[Dataset] = None,
-    parallel: int = 1,
-    time_budget: Optional[float] = None,
-    epochs: Optional[int] = None,
-    speed_settings: Optional[dict] = None,
-    timer=None,
-) -> Path:
+def reproduce_superclass(model: Union[str, SuperclassExperiment], dataset: str, scale: Union[str, Scale], *,
+                         data: Optional[Dataset] = None, **options) -> Path:
     """Run (or resume) every run of the superclass experiment ``model`` (a key of :data:`EXPERIMENTS`) at
-    ``scale`` and write its table and figures. Returns the results directory. ``parallel``,
-    ``time_budget``, ``epochs``, ``speed_settings`` and ``timer`` as for
-    :func:`~cbnorm.experiments.reproduce.reproduce`."""
+    ``scale`` and write its table and figures. Returns the results directory. ``data`` skips loading the
+    data set; ``options`` are those of :func:`~cbnorm.experiments.reproduce.reproduce` (``out``, ``seeds``,
+    ``device``, ``parallel``, ``time_budget``, ``epochs``, ``speed_settings``, ...)."""
     experiment = EXPERIMENTS[model] if isinstance(model, str) else model
-    scale = SCALES[model if isinstance(model, str) else experiment.model][scale] if isinstance(scale, str) else scale
-    spec = Superclasses(name="superclass", experiment=experiment, dataset=data.name if data is not None else dataset,
-                        data_dir=data_dir, device=device, amp=amp, threads=threads, progress=progress,
-                        given=() if data is None else (data,), speed_settings=speed_settings, timer=timer)
-    return drive(spec, scale, out=out, seeds=seeds, epochs=epochs, parallel=parallel, time_budget=time_budget,
-                 command=command)
+    scales = SCALES[model if isinstance(model, str) else experiment.model]
+    return drive_experiment(Superclasses, scale, scales, name="superclass", experiment=experiment,
+                            dataset=data.name if data is not None else dataset, data=data, **options)
 
 
 def superclass_curves(experiment: SuperclassExperiment, dataset: str, scale: str, root: Path, lines: dict) -> None:
