@@ -238,6 +238,10 @@ class TestTimeBudget:
         assert main(argv + ["--bf16"]) == 2
         assert f"--bf16: the speed settings apply to table5, densenet and superclass, not {experiment}" in (
             capsys.readouterr().err)
+        if experiment == "dcgan":
+            assert main(argv + ["--norms", "ucb"]) == 2
+            assert "--norms: only the adamatch experiment runs a subset of its layers, not dcgan" in (
+                capsys.readouterr().err)
 
     def test_timing_on_this_device(self, digits):
         from cbnorm.experiments.planner import time_epochs

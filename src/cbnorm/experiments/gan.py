@@ -374,7 +374,7 @@ class DCGAN(LayerSeedSpec):
         runs = done.histories
         histories, failures = self.by_label(done)
         grids = {
-            label: root / "runs" / f"{norm}-seed{s}" / "samples" / f"epoch-{scale.epochs:04d}.png"
+            label: self.run_dir(root, norm, s) / "samples" / f"epoch-{scale.epochs:04d}.png"
             for label, norm in norms
             for s in reversed(seeds)
             if (norm, s) in runs
