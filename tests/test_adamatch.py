@@ -10,7 +10,7 @@ from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import Dataset, Split, load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.models.wide_resnet import WideResNet
-from tests.utils import kill_and_resume
+from tests.utils import kill_and_resume, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -240,6 +240,22 @@ def test_reproduce_adamatch_smoke(tmp_path, data_root):
     )
     for name in ("figure12.png", "curves.png"):
         assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parallel_runs_give_the_sequential_metrics(tmp_path, mnist_like, digits):
+    """--parallel 2 hands both domains to train_adamatch in spawned processes: the same metrics and inference rules."""
+    scale = adamatch.AdaMatchScale("tiny", 64, 64, 32, 32, 2, 16, depth=10, lr=1e-3, bn_momentum=0.1)
+    kwargs = dict(norms=adamatch.ADAMATCH_NORMS[:2], data=(mnist_like, digits), threads=1, progress=False,
+                  command="test")
+    one = adamatch.reproduce_adamatch("mnist", "digits", scale, out=tmp_path / "one", **kwargs)
+    two = adamatch.reproduce_adamatch("mnist", "digits", scale, out=tmp_path / "two", parallel=2, **kwargs)
+    for name in ("none-seed0", "scb-seed0"):
+        sequential, parallel = (read_metrics(root / "runs" / name)[1] for root in (one, two))
+        assert without_time(sequential) == without_time(parallel) and len(parallel) == 2
+        rules = [json.loads((root / "runs" / name / "inference.json").read_text()) for root in (one, two)]
+        assert rules[0] == rules[1]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["parallel"] == 2 and summary["scale"]["source_train"] == 64 == summary["scale"]["target_train"]
 
 
 def test_table_names_the_seeds_that_ran():
