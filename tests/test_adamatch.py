@@ -10,6 +10,7 @@ from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import Dataset, Split, load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.models.wide_resnet import WideResNet
+from cbnorm.experiments.planner import BudgetError
 from tests.utils import kill_and_resume, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,6 +267,42 @@ def test_table_names_the_seeds_that_ran():
         "device": "cpu",
         "rows": [],
         "train_seconds": 0.0,
+        "plan": None,
     }
     table = adamatch._adamatch_table("mnist", "digits", adamatch.ADAMATCH_SCALES["small"], results)
     assert "seeds 3, 4. Protocol: WRN-10-2, Adam lr 0.001" in table
+
+
+def test_time_budget_plans_the_layers_and_the_table_says_which_ran(tmp_path, mnist_like, digits):
+    """--time-budget with a mocked epoch (1 s, SCB-Norm 2 s): runs of 100 epochs do not fit 5 s; at --epochs 2 the
+    first round (seed 0) costs 8 s, so its layers that still fit run: AdaMatch and DSBN (4 s), not SCB-Norm."""
+    timed = []
+
+    def timer(config, source, target, device, norms):
+        timed.append((config.batch_size, config.epochs, config.grad_every, source.name, target.name, tuple(norms)))
+        return {norm: 2.0 if norm == "scb" else 1.0 for norm in norms}
+
+    scale = adamatch.AdaMatchScale("tiny", 64, 64, 32, 32, 100, 16, depth=10, lr=1e-3, bn_momentum=0.1, grad_every=4)
+    options = dict(norms=adamatch.ADAMATCH_NORMS[:3], data=(mnist_like, digits), threads=1, progress=False,
+                   command="test", out=tmp_path, time_budget=5 / 60, timer=timer)
+    with pytest.raises(BudgetError, match="the cheapest, none, takes about 1.7 min for 100 epochs .* or --epochs"):
+        adamatch.reproduce_adamatch("mnist", "digits", scale, **options)
+    root = adamatch.reproduce_adamatch("mnist", "digits", scale, epochs=2, **options)
+    assert timed[-1] == (16, 2, 4, "mnist-like", "digits", ("none", "scb", "dsbn"))
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["dsbn-seed0", "none-seed0"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["plan"]["runs"] == [["none", 0], ["dsbn", 0]] and summary["seeds"] == [0]
+    assert [(row["status"], row["seeds"]) for row in summary["rows"]] == [
+        ("ok", [0]), ("not run: outside the --time-budget plan", []), ("ok", [0])]
+    table = (root / "table.md").read_text()
+    assert ("Only part of the protocol ran, as planned by --time-budget: time budget 0.0833333 min: 2 of 9 runs at "
+            "2 epochs") in table and "runs (layer, seed): (none, 0), (dsbn, 0)" in table
+    assert "| AdaMatch+SCB-Norm | not run: outside the --time-budget plan |" in table
+
+
+def test_timing_an_epoch_on_this_device(mnist_like, digits):
+    """The planner's timing: AdaMatch's steps, probed and not, and its evaluations, for each initial layer."""
+    config = adamatch.AdaMatchConfig(source="mnist", target="digits", epochs=2, grad_every=2, device="cpu", **TINY)
+    seconds = adamatch.time_adamatch_epochs(config, mnist_like, digits, torch.device("cpu"), ["none", "scb"], steps=1,
+                                            warmup=1)
+    assert set(seconds) == {"none", "scb"} and all(s > 0 for s in seconds.values())

@@ -10,6 +10,7 @@ from cbnorm.experiments.cli import main
 from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import read_metrics
 from cbnorm.experiments.models.dcgan import Discriminator, Generator
+from cbnorm.experiments.planner import BudgetError
 from tests.utils import kill_and_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,3 +126,37 @@ def test_reproduce_dcgan_smoke(tmp_path, data_root):
     assert config["train_size"] == gan.GAN_SCALES["smoke"].train_size and len(history) == 2
     assert (root / "figure10.png").is_file() and (root / "figure11.png").is_file()
     assert "Command: `cbnorm reproduce dcgan" in (root / "table.md").read_text()
+
+
+def test_time_budget_plans_the_layers_and_the_table_says_which_ran(tmp_path, digits):
+    """--time-budget with a mocked epoch of 1 s: runs of 100 epochs do not fit 5 s, so it stops before training;
+    with --epochs 2, BN and MN of seed 0 fit (4 s), UCB-Norm does not."""
+    timed = []
+
+    def timer(config, data, device, norms):
+        timed.append((config.train_size, config.epochs, config.fid_samples, config.fid_features, tuple(norms)))
+        return {norm: 1.0 for norm in norms}
+
+    options = dict(out=tmp_path, progress=False, fid_features="random-conv", command="test", data=digits,
+                   time_budget=5 / 60, timer=timer)
+    with pytest.raises(BudgetError, match="the cheapest, batchnorm, takes about 1.7 min for 100 epochs .* or --epochs"):
+        gan.reproduce_dcgan("digits", gan.GANScale("tiny", 64, 100, 1, 16, 24), **options)
+    assert not (tmp_path / "results" / "dcgan-digits" / "tiny" / "runs").exists()
+    root = gan.reproduce_dcgan("digits", gan.GANScale("tiny", 64, 100, 1, 16, 24), epochs=2, **options)
+    assert timed[-1] == (64, 2, 16, "random-conv", ("batchnorm", "mn", "ucb"))
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["batchnorm-seed0", "mn-seed0"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["plan"]["runs"] == [["batchnorm", 0], ["mn", 0]] and summary["seeds"] == [0]
+    assert [(row["status"], row["seeds"]) for row in summary["rows"]] == [
+        ("ok", [0]), ("ok", [0]), ("not run: outside the --time-budget plan", [])]
+    table = (root / "table.md").read_text()
+    assert ("Only part of the protocol ran, as planned by --time-budget: time budget 0.0833333 min: 2 of 9 runs at "
+            "2 epochs") in table and "runs (layer, seed): (batchnorm, 0), (mn, 0)" in table
+    assert "| DCGAN-UCB-Norm | not run: outside the --time-budget plan |" in table
+
+
+def test_timing_an_epoch_on_this_device(digits):
+    """The planner's timing: GAN steps and the FID evaluations' share, for each generator layer."""
+    config = gan.GANConfig(**{**TINY, "epochs": 2, "fid_every": 2}, device="cpu")
+    seconds = gan.time_gan_epochs(config, digits, torch.device("cpu"), ["batchnorm", "ucb"], steps=1, warmup=1)
+    assert set(seconds) == {"batchnorm", "ucb"} and all(s > 0 for s in seconds.values())

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from cbnorm.experiments import gan, speed
+from cbnorm.experiments import adamatch, gan, speed
 from cbnorm.experiments import reproduce as rep
 from cbnorm.experiments.data import load_dataset
 from cbnorm.experiments.metrics import read_metrics
@@ -225,23 +225,44 @@ class TestTimeBudget:
         assert [row["status"] for row in summary["rows"]][:2] == ["ok", "not run: outside the --time-budget plan"]
         assert summary["parallel"] == 2
 
+    def test_runs_without_a_learning_rate_are_layer_and_seed(self):
+        plan = plan_runs(None, self.SECONDS, 70, seeds=(0, 1, 2), epochs=10, norms=["batchnorm", "ucb"], lrs=())
+        assert plan.runs == (("batchnorm", 0), ("ucb", 0), ("batchnorm", 1), ("ucb", 1), ("batchnorm", 2))
+        assert plan.considered == 6 and plan.seconds == 70
+        assert plan.describe().endswith("runs (layer, seed): (batchnorm, 0), (ucb, 0), (batchnorm, 1), (ucb, 1), "
+                                        "(batchnorm, 2)")
+
+    @pytest.mark.parametrize("experiment, module, timing, first", [
+        ("dcgan", gan, "time_gan_epochs", "batchnorm"), ("adamatch", adamatch, "time_adamatch_epochs", "none")])
+    def test_dcgan_and_adamatch_stop_or_run_what_fits(self, tmp_path, monkeypatch, capsys, experiment, module, timing,
+                                                      first):
+        from cbnorm.experiments.cli import main
+
+        monkeypatch.setattr(module, timing, lambda *args: {norm: 60.0 for norm in args[-1]})
+        data = ["--dataset", "digits", "--fid-features", "random-conv"] if experiment == "dcgan" else [
+            "--source", "digits", "--target", "digits"]
+        argv = ["reproduce", experiment, "--scale", "smoke", "--out", str(tmp_path), "--no-progress", "--threads", "1",
+                "--time-budget", "1.5", *data]
+        assert main(argv) == 2
+        assert (f"not even one run fits the time budget of 1.5 min: the cheapest, {first}, takes about 2.0 min for 2 "
+                "epochs") in capsys.readouterr().err
+        assert main(argv + ["--epochs", "1"]) == 0  # a minute a run: one fits
+        root = next((tmp_path / "results").iterdir()) / "smoke"
+        assert [p.name for p in (root / "runs").iterdir()] == [f"{first}-seed0"]
+        summary = json.loads((root / "summary.json").read_text())
+        assert summary["plan"]["runs"] == [[first, 0]] and summary["scale"]["epochs"] == 1
+        assert [row["status"] for row in summary["rows"]][:2] == ["ok", "not run: outside the --time-budget plan"]
+        assert f"runs (layer, seed): ({first}, 0)" in (root / "table.md").read_text()
+
     @pytest.mark.parametrize("experiment", ["dcgan", "adamatch"])
-    def test_experiments_that_cannot_be_timed_refuse_it(self, tmp_path, capsys, experiment):
+    def test_speed_settings_are_refused_where_they_do_not_apply(self, tmp_path, capsys, experiment):
         from cbnorm.experiments.cli import main
 
         argv = ["reproduce", experiment, "--scale", "smoke", "--out", str(tmp_path), "--no-progress"]
-        assert main(argv + ["--time-budget", "5"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err == (f"cbnorm reproduce: error: --time-budget: the {experiment} experiment cannot time its runs; "
-                       "run it without --time-budget (choose --scale, --seeds and --epochs instead)")
-        assert not (tmp_path / "results").exists()
         assert main(argv + ["--bf16"]) == 2
         assert f"--bf16: the speed settings apply to table5, densenet and superclass, not {experiment}" in (
             capsys.readouterr().err)
-        if experiment == "dcgan":
-            assert main(argv + ["--norms", "ucb"]) == 2
-            assert "--norms: only the adamatch experiment runs a subset of its layers, not dcgan" in (
-                capsys.readouterr().err)
+        assert not (tmp_path / "results").exists()
 
     def test_timing_on_this_device(self, digits):
         from cbnorm.experiments.planner import time_epochs

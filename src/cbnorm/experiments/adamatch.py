@@ -73,7 +73,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -90,12 +90,13 @@ from .device_data import images_on
 from .driver import Finished, LayerSeedSpec, Scale, drive_experiment
 from .metrics import confusion_matrix, macro_scores
 from .models.wide_resnet import WideResNet
+from .planner import EpochPart, plan_lines, time_layers
 from .runs import RunFolder, autocast, clustered, keyed_generator, resolve_device
 from .stats import comparison, interval
 from .train import _subset, norm_kwargs, supervised_norm
 
-__all__ = ["ADAMATCH_SCALES", "AdaMatch", "AdaMatchConfig", "AdaMatchScale", "adamatch_objective", "backward",
-           "protocol", "reproduce_adamatch", "train_adamatch", "warmup"]
+__all__ = ["ADAMATCH_SCALES", "AdaMatch", "AdaMatchConfig", "AdaMatchScale", "adamatch_objective", "adamatch_step",
+           "backward", "protocol", "reproduce_adamatch", "time_adamatch_epochs", "train_adamatch", "warmup"]
 
 SOURCE, TARGET = 0, 1  # the domains' cluster ids
 
@@ -230,6 +231,11 @@ def _steps_per_epoch(config: AdaMatchConfig, data: Domains) -> int:
     return max(1, len(data.source_train) // config.batch_size)
 
 
+def _probed(config: AdaMatchConfig, step: int) -> bool:
+    """Whether the epoch's step ``step`` (from 0) takes the gradient variance."""
+    return bool(config.grad_every) and step % config.grad_every == 0
+
+
 def _epoch_batches(config: AdaMatchConfig, data: Domains, epoch: int):
     """The epoch's ``(source images, labels, target images, labels)`` from generators keyed by ``(seed, epoch)``.
     The target labels are only ever used to monitor the pseudo-labels (``pseudo_acc``)."""
@@ -256,46 +262,51 @@ def _epoch_batches(config: AdaMatchConfig, data: Domains, epoch: int):
         )
 
 
+def adamatch_step(model, xs: Tensor, labels: Tensor, xt: Tensor, progress: float, augmentation: torch.Generator,
+                  optimizer, scheduler, config: AdaMatchConfig, device, probe: bool):
+    """One training step (the module docstring's 1 to 5) on source images ``xs`` with their ``labels`` (on
+    ``device``) and target images ``xt``, at ``progress = t / T``: both domains' weak and strong views drawn
+    from ``augmentation``, the joint and the source-only passes, the update (with the gradient-variance
+    probe when ``probe``) and the scheduler's step. Returns :func:`adamatch_objective`'s terms, the loss and
+    the probe's two variances (``None`` without it)."""
+    n_s, n_t = len(xs), len(xt)
+    supervised = supervised_norm(config.norm)
+    weak_s, strong_s = augment.weak(xs, augmentation), augment.strong(xs, augmentation)
+    weak_t, strong_t = augment.weak(xt, augmentation), augment.strong(xt, augmentation)
+    source_ids = _domain_ids(2 * n_s, SOURCE, device) if supervised else None
+    joint_ids = torch.cat([source_ids, _domain_ids(2 * n_t, TARGET, device)]) if supervised else None
+    with autocast(device, config.amp, torch.bfloat16):
+        with clustered(joint_ids):
+            joint = model(_to_input(torch.cat([weak_s, strong_s, weak_t, strong_t]), device))
+        with cbnorm.preserve_running_stats(model), clustered(source_ids):
+            source_only = model(_to_input(torch.cat([weak_s, strong_s]), device))
+    out = adamatch_objective(joint, source_only, labels, progress, config.tau)
+    loss = out["loss_source"] + out["mu"] * out["loss_target"]
+    optimizer.zero_grad(set_to_none=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    measured = backward(out["loss_source"], out["loss_target"], out["mu"], params, probe)
+    optimizer.step()
+    scheduler.step()
+    return out, loss, measured
+
+
 def _train_epoch(model, data: Domains, epoch: int, optimizer, scheduler, config: AdaMatchConfig, device, bar) -> dict:
     model.train()
     steps = _steps_per_epoch(config, data)
     total = steps * config.epochs
-    supervised = supervised_norm(config.norm)
-    params = [p for p in model.parameters() if p.requires_grad]
     augmentation = keyed_generator(config.seed, epoch, 2)
     sums = {k: 0.0 for k in ("loss", "loss_source", "loss_target", "mask", "threshold", "train_source_acc")}
     pseudo_right = pseudo_kept = 0
     variances = {"source": [], "target": []}
     mu = 0.0
     for step, (xs, ys, xt, yt) in enumerate(_epoch_batches(config, data, epoch)):
-        t = (epoch - 1) * steps + step
-        n_s, n_t = len(xs), len(xt)
-        weak_s, strong_s = augment.weak(xs, augmentation), augment.strong(xs, augmentation)
-        weak_t, strong_t = augment.weak(xt, augmentation), augment.strong(xt, augmentation)
         labels = ys.to(device)
-        source_ids = _domain_ids(2 * n_s, SOURCE, device) if supervised else None
-        joint_ids = torch.cat([source_ids, _domain_ids(2 * n_t, TARGET, device)]) if supervised else None
-        with autocast(device, config.amp, torch.bfloat16):
-            with clustered(joint_ids):
-                joint = model(_to_input(torch.cat([weak_s, strong_s, weak_t, strong_t]), device))
-            with cbnorm.preserve_running_stats(model), clustered(source_ids):
-                source_only = model(_to_input(torch.cat([weak_s, strong_s]), device))
-        out = adamatch_objective(joint, source_only, labels, t / total, config.tau)
+        out, loss, measured = adamatch_step(model, xs, labels, xt, ((epoch - 1) * steps + step) / total, augmentation,
+                                            optimizer, scheduler, config, device, _probed(config, step))
         mu = out["mu"]
-        loss = out["loss_source"] + mu * out["loss_target"]
-        optimizer.zero_grad(set_to_none=True)
-        measured = backward(
-            out["loss_source"],
-            out["loss_target"],
-            mu,
-            params,
-            probe=bool(config.grad_every) and step % config.grad_every == 0,
-        )
         if measured is not None:
             variances["source"].append(measured[0])
             variances["target"].append(measured[1])
-        optimizer.step()
-        scheduler.step()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(
                 f"epoch {epoch}, step {step + 1}: the AdaMatch loss became {loss.item()} "
@@ -432,6 +443,52 @@ def load_domains(config: AdaMatchConfig, source: Optional[Dataset] = None, targe
     return domains(config, source, target)
 
 
+def _setup(config: AdaMatchConfig, source: Optional[Dataset], target: Optional[Dataset],
+           device) -> tuple[Domains, dict]:
+    """A run's domains (the training images on ``device``, where the batches and their augmentation are made)
+    and its ``model``, ``optimizer`` and ``scheduler``."""
+    data = load_domains(config, source, target)
+    data = dataclasses.replace(data, source_train=images_on(data.source_train, device),
+                               target_train=images_on(data.target_train, device))
+    model = build_model(config, data.num_classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
+    scheduler = _scheduler(config, optimizer, _steps_per_epoch(config, data) * config.epochs)
+    return data, dict(model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def time_adamatch_epochs(config: AdaMatchConfig, source: Dataset, target: Dataset, device: torch.device,
+                         norms: Sequence[str], steps: int = 3, warmup: int = 2) -> dict:
+    """Seconds per epoch of a run like ``config`` with each initial layer in ``norms`` on ``device``, by
+    :func:`~cbnorm.experiments.planner.time_layers`. An epoch is its steps (:func:`adamatch_step` on the first
+    batch of both domains at ``config.batch_size`` source images, ``steps`` timed after ``warmup``; those that
+    probe the gradient variance, every ``grad_every``-th, timed apart), the evaluation of both test sets (one
+    batch timed, times their batches), and its share of the last epoch's evaluations under every inference rule
+    of the layer (``inference.json``, timed as the paper's rule). Not included: the checkpoint of each epoch."""
+    def epoch(norm: str) -> list[EpochPart]:
+        layer = dataclasses.replace(config, norm=norm)
+        data, stateful = _setup(layer, source, target, device)
+        model, optimizer, scheduler = stateful.values()
+        xs, ys, xt, _ = next(_epoch_batches(layer, data, 1))
+        labels, augmentation = ys.to(device), keyed_generator(config.seed, 1, 2)
+        per_epoch = _steps_per_epoch(layer, data)
+        probed = sum(_probed(layer, step) for step in range(per_epoch))
+        size = config.eval_batch_size
+        test = Split(data.source_test.images[:size], data.source_test.labels[:size])
+        batches = sum(math.ceil(len(split) / size) for split in (data.source_test, data.target_test))
+        paper_rule = rules(norm)[0]
+
+        def train_step(probe: bool):
+            model.train()
+            adamatch_step(model, xs, labels, xt, 0.5, augmentation, optimizer, scheduler, layer, device, probe)
+
+        return [EpochPart(lambda: train_step(False), per_epoch - probed, steps, warmup),
+                EpochPart(lambda: train_step(True), probed, steps, warmup),
+                EpochPart(lambda: evaluate(model, test, SOURCE, paper_rule, size, device, config.amp),
+                          batches * (1 + len(rules(norm)) / config.epochs), 1, 1)]
+
+    return time_layers(norms, epoch, device)
+
+
 def train_adamatch(
     config: AdaMatchConfig, source: Optional[Dataset] = None, target: Optional[Dataset] = None
 ) -> list[dict]:
@@ -458,17 +515,9 @@ def train_adamatch(
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    data = load_domains(config, source, target)
-    data = dataclasses.replace(
-        data,
-        source_train=images_on(data.source_train, device),  # batches and their
-        target_train=images_on(data.target_train, device),
-    )  # augmentation made on the device
-    model = build_model(config, data.num_classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
+    data, stateful = _setup(config, source, target, device)
+    model, optimizer, scheduler = stateful.values()
     steps = _steps_per_epoch(config, data)
-    scheduler = _scheduler(config, optimizer, steps * config.epochs)
-    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler)
     history = folder.restore(device, **stateful)
     norm = "none (plain WRN)" if config.norm == "none" else f"{config.norm} (K={config.num_clusters}) as initial layer"
     folder.start(
@@ -665,7 +714,7 @@ def _adamatch_table(source: str, target: str, scale: Scale, results: dict) -> st
             best = [rule for rule, value in target.items() if value == top]
             verdict = "all rules tie" if len(best) == len(target) else " = ".join(best)
             lines += [f"| {row['label']} | **best on the target: {verdict}** | | | | |"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + plan_lines(results["plan"])) + "\n"
 
 
 def adamatch_figures(root: Path, histories: dict, source: str, target: str, scale: str) -> None:
@@ -686,12 +735,14 @@ def adamatch_figures(root: Path, histories: dict, source: str, target: str, scal
 @dataclass(kw_only=True)
 class AdaMatch(LayerSeedSpec):
     """The AdaMatch experiment for :func:`~cbnorm.experiments.driver.drive`: a run per (layer, seed), trained by
-    :func:`train_adamatch`; its rows add each run's ``inference.json`` (the SCB layers' inference rules)."""
+    :func:`train_adamatch`; its rows add each run's ``inference.json`` (the SCB layers' inference rules).
+    ``timer`` times the layers for a time budget (default :func:`time_adamatch_epochs`)."""
 
     source: str
     target: str
     norms: Sequence[tuple[str, str]] = ADAMATCH_NORMS
     headline: tuple[str, str, str] = ("target_acc", "target acc", "{:6.2%}")
+    timer: Optional[Callable] = None
 
     @property
     def folder(self) -> str:
@@ -713,6 +764,10 @@ class AdaMatch(LayerSeedSpec):
             depth=scale.depth, lr=scale.lr, bn_momentum=scale.bn_momentum, grad_every=scale.grad_every, seed=seed,
             out=str(self.run_dir(root, norm, seed)), **self.run_settings(),
         )
+
+    def epoch_seconds(self, scale: Scale, data: tuple, device, norms: Sequence[str]) -> dict:
+        config = self.configure((norms[0], 0), scale, Path())  # the run's settings; its folder is not used
+        return (self.timer or time_adamatch_epochs)(config, *data, device, norms)
 
     def results(self, done: Finished):
         scale, seeds, root, norms, runs = done.scale, done.seeds, done.root, self.norms, done.histories
@@ -738,7 +793,7 @@ class AdaMatch(LayerSeedSpec):
                                                                [target_acc[base_norm][s] for s in common])
             rows.append({"label": label, "norm": norm, "seeds": [s for s in seeds if (norm, s) in runs],
                          "final": final, "rules": per_rule, "target_difference": versus,
-                         "status": f"failed: {failures[label]}" if label in failures else "ok"})
+                         "status": self.status(done, label, norm, failures)})
         results = done.summary(experiment="adamatch", source=self.source, target=self.target, rows=rows)
         results["scale"].update(source_train=scale.train_size, source_test=scale.test_size)  # the names of old
         figures = lambda: adamatch_figures(root, histories, self.source, self.target, scale.name)  # noqa: E731
@@ -757,8 +812,9 @@ def reproduce_adamatch(source: str, target: str, scale: Union[str, Scale], *,
     ``figure12.png`` (gradient variance) and ``curves.png``. Running the command again resumes
     unfinished runs and reuses finished ones. ``data``: the source and target data sets, not loaded
     again; ``options`` are those of :func:`~cbnorm.experiments.reproduce.reproduce` but the speed
-    settings (``out``, ``seeds``, ``device``, ``parallel``, ``epochs``, ...); a ``time_budget`` is
-    refused: AdaMatch's step is not timed here.
+    settings (``out``, ``seeds``, ``device``, ``parallel``, ``time_budget``, ``epochs``, ...);
+    ``timer``: what times the layers for ``time_budget`` (default :func:`time_adamatch_epochs`, which
+    says what an epoch includes).
     """
     return drive_experiment(AdaMatch, scale, ADAMATCH_SCALES, name="adamatch", source=source, target=target,
                             norms=tuple(norms), data=data, **options)

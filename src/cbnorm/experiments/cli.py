@@ -115,8 +115,8 @@ def _add_gpu_harness_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="train up to N runs at once, each in its own process (default: 1)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
-                        help="table5, densenet, superclass: time each model here, then run only what fits MINUTES "
-                             "(seeds 0-2 or --seeds); stops if not one run fits, unless --epochs is given")
+                        help="time each layer's model here, then run only what fits MINUTES (seeds 0-2 or --seeds); "
+                             "stops if not one run fits, unless --epochs is given")
     parser.add_argument("--epochs", type=int, help="epochs of every run (default: the scale's)")
     _add_config_flags(parser, SpeedSettings)
 

@@ -23,7 +23,9 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 from .parallel import RunState, run_parallel
 from .runs import command_line, resolve_device, results_folder, run_each, write_results
 
-__all__ = ["Finished", "LayerSeedSpec", "Scale", "Spec", "drive", "drive_experiment"]
+__all__ = ["Finished", "LayerSeedSpec", "NOT_PLANNED", "Scale", "Spec", "drive", "drive_experiment"]
+
+NOT_PLANNED = "not run: outside the --time-budget plan"  # a table row's status
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ class Spec:
         """What the runs need before any starts (e.g. SCB-Norm's clusters); nothing by default."""
 
     def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[Hashable, str]]:
-        """``(key, title)`` of every run, in order; with a time budget, a key is ``(layer key, lr, seed)``."""
+        """``(key, title)`` of every run, in order; with a time budget, a key is ``(layer key, lr, seed)``, or
+        ``(layer key, seed)`` when :meth:`lrs` is empty."""
         raise NotImplementedError
 
     def configure(self, key: Hashable, scale: Scale, root: Path) -> object:
@@ -143,7 +146,7 @@ class Spec:
                          f"--time-budget (choose --scale, --seeds and --epochs instead)")
 
     def lrs(self, scale: Scale) -> Sequence[float]:
-        """The learning rates a time budget plans."""
+        """The learning rates a time budget plans; ``()`` when the runs have none (keys ``(layer key, seed)``)."""
         raise NotImplementedError
 
     def epoch_seconds(self, scale: Scale, data: tuple, device, norms: Sequence[str]) -> dict:
@@ -158,12 +161,19 @@ class Spec:
 @dataclass(kw_only=True)
 class LayerSeedSpec(Spec):
     """A spec with a run per (layer, seed) of its ``norms`` (``(label, registry name)``, the baseline first):
-    keys ``(norm, seed)``, run folders ``runs/<norm>-seed<seed>``."""
+    keys ``(norm, seed)``, run folders ``runs/<norm>-seed<seed>``. A time budget plans its layers by registry
+    name, without a learning-rate axis; a subclass times them (:meth:`Spec.epoch_seconds`)."""
 
     norms: Sequence[tuple[str, str]] = ()
 
     def runs(self, scale: Scale, seeds: Sequence[int]) -> list[tuple[tuple, str]]:
         return [((norm, seed), f"{label}, seed {seed}") for label, norm in self.norms for seed in seeds]
+
+    def layers(self, scale: Scale) -> list[tuple[str, str]]:
+        return [(norm, norm) for _, norm in self.norms]
+
+    def lrs(self, scale: Scale) -> Sequence[float]:
+        return ()
 
     @staticmethod
     def run_dir(root: Path, norm: str, seed: int) -> Path:
@@ -176,6 +186,12 @@ class LayerSeedSpec(Spec):
         failures = {label: done.failures[norm, s] for label, norm in self.norms for s in done.seeds
                     if (norm, s) in done.failures}
         return histories, failures
+
+    def status(self, done: Finished, label: str, norm: str, failures: dict) -> str:
+        """A row's status: outside the time budget's plan, failed (``failures`` by label) or ok."""
+        if not any(done.planned((norm, seed)) for seed in done.seeds):
+            return NOT_PLANNED
+        return f"failed: {failures[label]}" if label in failures else "ok"
 
 
 def _plan(spec: Spec, scale: Scale, seeds: Sequence[int], data: tuple, minutes: float):

@@ -35,7 +35,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -50,11 +50,13 @@ from .driver import Finished, LayerSeedSpec, Scale, drive_experiment
 from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, psd_sqrt, resolve_features, to_uint8
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
+from .planner import EpochPart, plan_lines, time_layers
 from .runs import RunFolder, autocast, keyed_generator, resolve_device
 from .stats import Interval, comparison, interval
 from .train import _subset, norm_kwargs
 
-__all__ = ["DCGAN", "GANConfig", "GAN_SCALES", "GANScale", "reproduce_dcgan", "train_gan"]
+__all__ = ["DCGAN", "GANConfig", "GAN_SCALES", "GANScale", "gan_step", "reproduce_dcgan", "time_gan_epochs",
+           "train_gan"]
 
 
 def build_gan(config: GANConfig, channels: int, image_size: int) -> tuple[Generator, Discriminator]:
@@ -144,6 +146,19 @@ def save_grid(images: Tensor, path: Union[str, os.PathLike], columns: int = 8, p
 # -- the loop ------------------------------------------------------------------------------------------------
 
 
+def _setup(config: GANConfig, data: Dataset, device) -> tuple[DeviceLoader, dict]:
+    """The training batches of a run (images in ``[-1, 1]``) and its ``generator``, ``discriminator``, ``opt_g``
+    and ``opt_d``, on ``device``."""
+    train_split = data.train.subset(_subset(data.train, config.train_size))
+    generator, discriminator = (m.to(device) for m in build_gan(config, data.in_channels, data.train.images.shape[-1]))
+    betas = (config.beta1, config.beta2)
+    opt_g = torch.optim.Adam(generator.parameters(), config.lr, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), config.lr, betas=betas)
+    half = torch.full((data.in_channels,), 0.5)
+    loader = DeviceLoader(train_split, config.batch_size, half, half, train=True, seed=config.seed, device=device)
+    return loader, dict(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d)
+
+
 def _table(metric_key: str, metric_label: str) -> list[tuple]:
     return [
         ("epoch", "epoch", 5, "{:d}"),
@@ -175,37 +190,40 @@ def _resolved(config: GANConfig) -> GANConfig:
     return dataclasses.replace(config, fid_features=resolve_features("auto"))
 
 
+def gan_step(generator, discriminator, images: Tensor, opt_g, opt_d, config: GANConfig, device) -> list[float]:
+    """One discriminator step, then one generator step, on the real ``images`` (both networks in training mode):
+    ``[D loss, G loss, mean sigmoid D of the real images, of the generated ones]``."""
+    softplus = nn.functional.softplus
+    z = torch.randn(len(images), config.latent_dim, device=device)
+    with autocast(device, config.amp, torch.bfloat16):
+        fake = generator(z)
+        real_logits, fake_logits = discriminator(images).float(), discriminator(fake.detach()).float()
+        loss_d = softplus(-real_logits).mean() + softplus(fake_logits).mean()
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    with autocast(device, config.amp, torch.bfloat16):
+        loss_g = softplus(-discriminator(fake).float()).mean()
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    return [loss_d.item(), loss_g.item(), real_logits.sigmoid().mean().item(), fake_logits.sigmoid().mean().item()]
+
+
 def _train_epoch(generator, discriminator, loader: Loader, epoch: int, opt_g, opt_d, config: GANConfig, device, bar):
     generator.train()
     discriminator.train()
     sums = torch.zeros(4, dtype=torch.float64)
     steps = 0
-    softplus = nn.functional.softplus
     for images, _, _ in loader.epoch(epoch):
-        z = torch.randn(len(images), config.latent_dim, device=device)
-        with autocast(device, config.amp, torch.bfloat16):
-            fake = generator(z)
-            real_logits, fake_logits = discriminator(images).float(), discriminator(fake.detach()).float()
-            loss_d = softplus(-real_logits).mean() + softplus(fake_logits).mean()
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        with autocast(device, config.amp, torch.bfloat16):
-            loss_g = softplus(-discriminator(fake).float()).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        if not (math.isfinite(loss_d.item()) and math.isfinite(loss_g.item())):
-            raise FloatingPointError(
-                f"epoch {epoch}: the GAN losses became non-finite (D {loss_d.item()}, G {loss_g.item()})"
-            )
-        sums += torch.tensor(
-            [loss_d.item(), loss_g.item(), real_logits.sigmoid().mean().item(), fake_logits.sigmoid().mean().item()],
-            dtype=torch.float64,
-        )
+        values = gan_step(generator, discriminator, images, opt_g, opt_d, config, device)
+        loss_d, loss_g = values[:2]
+        if not (math.isfinite(loss_d) and math.isfinite(loss_g)):
+            raise FloatingPointError(f"epoch {epoch}: the GAN losses became non-finite (D {loss_d}, G {loss_g})")
+        sums += torch.tensor(values, dtype=torch.float64)
         steps += 1
         bar.update(1)
-        bar.set_postfix_str(f"D {loss_d.item():.3f} G {loss_g.item():.3f}")
+        bar.set_postfix_str(f"D {loss_d:.3f} G {loss_g:.3f}")
     loss_d, loss_g, d_real, d_fake = (sums / steps).tolist()
     return {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake}
 
@@ -238,19 +256,13 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
-    train_split = data.train.subset(_subset(data.train, config.train_size))
-    channels, size = data.in_channels, data.train.images.shape[-1]
-    generator, discriminator = (m.to(device) for m in build_gan(config, channels, size))
+    loader, stateful = _setup(config, data, device)
+    generator, discriminator, opt_g, opt_d = stateful.values()
     betas = (config.beta1, config.beta2)
-    opt_g = torch.optim.Adam(generator.parameters(), config.lr, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), config.lr, betas=betas)
-    half = torch.full((channels,), 0.5)
-    loader = DeviceLoader(train_split, config.batch_size, half, half, train=True, seed=config.seed, device=device)
-    stateful = dict(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d)
     history = folder.restore(device, **stateful)
     norm = config.norm if config.norm == "batchnorm" else f"{config.norm} (K={config.num_components}) x2 + batchnorm"
     folder.start(
-        f"{config.dataset} ({len(train_split)} train) | DCGAN, generator norms: {norm} | Adam lr {config.lr:g} "
+        f"{config.dataset} ({len(loader.labels)} train) | DCGAN, generator norms: {norm} | Adam lr {config.lr:g} "
         f"betas {betas} | {config.epochs} epochs x {len(loader)} batches of {config.batch_size} | "
         f"{metric.label} of {config.fid_samples} samples vs {config.fid_reference or len(data.train)} training images "
         f"every {config.fid_every} epochs | seed {config.seed} | {device} | {out}"
@@ -299,6 +311,39 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
 # -- the reproduction ------------------------------------------------------------------------------------------
 
 
+def time_gan_epochs(config: GANConfig, data: Dataset, device: torch.device, norms: Sequence[str], steps: int = 3,
+                    warmup: int = 2) -> dict:
+    """Seconds per epoch of a run like ``config`` (concrete ``fid_features``) with each generator layer in
+    ``norms`` on ``device``, by :func:`~cbnorm.experiments.planner.time_layers`. An epoch is its training steps
+    (:func:`gan_step` on a batch of real training images, ``steps`` timed after ``warmup``) and its share of the
+    FID evaluations (every ``fid_every`` epochs and at the last: a batch of generated images through the
+    feature extractor, times the batches of ``fid_samples`` images, and one Fréchet distance). Not included: the
+    feature extractor's loading and the reference statistics (once, cached for every run and the table), the
+    8 x 8 sample grid and the checkpoint of each epoch."""
+    extractor = feature_extractor(config.fid_features).to(device)
+    evaluations = len(fid_epochs(config)) / config.epochs
+    batch = min(config.eval_batch_size, config.fid_samples)
+
+    def epoch(norm: str) -> list[EpochPart]:
+        loader, stateful = _setup(dataclasses.replace(config, norm=norm), data, device)
+        images = next(loader.epoch(1))[0]
+        generator, discriminator, opt_g, opt_d = stateful.values()  # in training mode, as gan_step needs
+        features = FeatureStats(extractor.dim)
+        identity = torch.eye(extractor.dim, dtype=torch.float64)  # stands for the reference's square root
+
+        def fid_batch():
+            for fake in generate(generator, batch, config.seed, 1, batch, device):
+                features.update(extractor(fake.to(device)))
+
+        return [EpochPart(lambda: gan_step(generator, discriminator, images, opt_g, opt_d, config, device),
+                          len(loader), steps, warmup),
+                EpochPart(fid_batch, evaluations * math.ceil(config.fid_samples / batch), steps, warmup),
+                EpochPart(lambda: frechet_distance(*features.mean_cov(), *features.mean_cov(), cov1_sqrt=identity),
+                          evaluations, 1, 0)]
+
+    return time_layers(norms, epoch, device)
+
+
 def GANScale(name: str, train_size: int, epochs: int, fid_every: int, fid_samples: int, fid_reference: int,
              seeds: Sequence[int] = (0,)) -> Scale:
     """A DCGAN :class:`~cbnorm.experiments.driver.Scale`: training images (0: all), epochs, the FID schedule
@@ -340,11 +385,13 @@ def dcgan_figures(root: Path, histories: dict, metric, grids: dict, setting: str
 @dataclass(kw_only=True)
 class DCGAN(LayerSeedSpec):
     """The DCGAN experiment for :func:`~cbnorm.experiments.driver.drive`: a run per (layer, seed), trained by
-    :func:`train_gan`; its table holds the FID of real test images as the floor of every FID."""
+    :func:`train_gan`; its table holds the FID of real test images as the floor of every FID. ``timer`` times
+    the layers for a time budget (default :func:`time_gan_epochs`)."""
 
     dataset: str
     fid_features: str  # resolved: inception or random-conv
     norms: Sequence[tuple[str, str]] = GAN_NORMS
+    timer: Optional[Callable] = None
 
     def __post_init__(self) -> None:
         metric = FEATURES[self.fid_features]
@@ -367,6 +414,10 @@ class DCGAN(LayerSeedSpec):
                          fid_every=scale.fid_every, fid_samples=scale.fid_samples, fid_reference=scale.fid_reference,
                          fid_features=self.fid_features, seed=seed, out=str(self.run_dir(root, norm, seed)),
                          **self.run_settings())
+
+    def epoch_seconds(self, scale: Scale, data: tuple, device, norms: Sequence[str]) -> dict:
+        config = self.configure((norms[0], 0), scale, Path())  # the run's settings; its folder is not used
+        return (self.timer or time_gan_epochs)(config, data[0], device, norms)
 
     def results(self, done: Finished):
         scale, seeds, root, (data,), norms = done.scale, done.seeds, done.root, done.data, self.norms
@@ -406,11 +457,10 @@ class DCGAN(LayerSeedSpec):
             common = sorted(set(final[norm]) & set(final[base]))
             versus = None if norm == base else comparison([final[norm][s] for s in common],
                                                           [final[base][s] for s in common], higher_is_better=False)
-            rows.append({"label": label, "norm": norm,
-                         "status": f"failed: {failures[label]}" if label in failures else "ok",
+            rows.append({"label": label, "norm": norm, "status": self.status(done, label, norm, failures),
                          "final": mean_std(finals), "best": mean_std(bests),
                          "final_interval": interval(finals).to_dict(), "best_interval": interval(bests).to_dict(),
-                         "final_difference": versus, "seeds": list(seeds)})
+                         "final_difference": versus, "seeds": [s for s in seeds if done.planned((norm, s))]})
         results = done.summary(experiment="dcgan", dataset=self.dataset, metric=dataclasses.asdict(metric),
                                real_test_floor=floor, rows=rows)
         setting = f"{self.dataset}, {scale.name} scale"
@@ -427,8 +477,8 @@ def reproduce_dcgan(dataset: str, scale: Union[str, Scale], *, fid_features: str
     ``figure10.png`` (FID curves) and ``figure11.png`` (final samples). Running the command again
     resumes unfinished runs and reuses finished ones. ``data`` skips loading the data set; ``options``
     are those of :func:`~cbnorm.experiments.reproduce.reproduce` but the speed settings (``out``,
-    ``seeds``, ``device``, ``parallel``, ``epochs``, ...); a ``time_budget`` is refused: a GAN's epoch
-    is not timed here.
+    ``seeds``, ``device``, ``parallel``, ``time_budget``, ``epochs``, ...); ``timer``: what times the
+    layers for ``time_budget`` (default :func:`time_gan_epochs`, which says what an epoch includes).
     """
     return drive_experiment(DCGAN, scale, GAN_SCALES, name="dcgan", dataset=dataset, norms=tuple(norms),
                             fid_features=resolve_features(fid_features), data=data, **options)
@@ -474,4 +524,4 @@ def _gan_table(dataset: str, scale: Scale, results: dict) -> str:
         f"Floor: the {metric['label']} of {size(scale.fid_samples)} real test images against the same reference is "
         f"{results['real_test_floor']:.1f}; at this sample size no generator can be expected to score below it.",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + plan_lines(results["plan"])) + "\n"

@@ -7,11 +7,14 @@
 :func:`time_epochs` times a few training steps (forward, backward, optimiser) of the experiment's
 model with each layer under test at the protocol's batch size, and a few evaluation batches, on
 real images on the device, after warm-up steps; an epoch is its steps times the step time plus its
-evaluation. :func:`plan_runs` then takes whole rounds of runs (every layer at one learning rate and
-seed) while they fit: both learning rates at seed 0, then at seed 1, and so on; then, in a last
-round, as many layers as still fit. The plan assumes the runs go one after another: ``--parallel``
-can only finish it sooner. When not even one run fits at the protocol's epochs it raises
-:class:`BudgetError`, which says how long one run takes; ``--epochs`` plans at fewer epochs instead.
+evaluation. :func:`time_layers` does the same for any run made of such parts (the DCGAN's and
+AdaMatch's steps and evaluations). :func:`plan_runs` then takes whole rounds of runs (every layer
+at one learning rate and seed) while they fit: both learning rates at seed 0, then at seed 1, and
+so on; then, in a last round, as many layers as still fit. An experiment without a learning-rate
+axis (``lrs=()``: a run per layer and seed) plans runs ``(layer, seed)``, a round per seed. The
+plan assumes the runs go one after another: ``--parallel`` can only finish it sooner. When not
+even one run fits at the protocol's epochs it raises :class:`BudgetError`, which says how long one
+run takes; ``--epochs`` plans at fewer epochs instead.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
-__all__ = ["BudgetError", "Plan", "Protocol", "plan_lines", "plan_runs", "time_epochs", "timing_lines"]
+__all__ = ["BudgetError", "EpochPart", "Plan", "Protocol", "plan_lines", "plan_runs", "time_epochs", "time_layers",
+           "timing_lines"]
 
 
 class BudgetError(ValueError):
@@ -30,9 +34,10 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Plan:
-    """The runs ``(norm, lr, seed)`` that fit ``budget_seconds`` at ``epochs`` each, estimated to take ``seconds``."""
+    """The runs ``(norm, lr, seed)``, or ``(norm, seed)`` without a learning-rate axis, that fit ``budget_seconds``
+    at ``epochs`` each, estimated to take ``seconds``."""
 
-    runs: tuple[tuple[str, float, int], ...]
+    runs: tuple[tuple, ...]
     epochs: int
     seconds: float
     budget_seconds: float
@@ -40,12 +45,14 @@ class Plan:
     considered: int  # runs the protocol asks for at the seeds considered
 
     def describe(self) -> str:
-        layers = sorted({norm for norm, _, _ in self.runs}, key=[n for n, _, _ in self.runs].index)
+        layers = list(dict.fromkeys(run[0] for run in self.runs))
         per_epoch = ", ".join(f"{norm} {s:.2f} s" for norm, s in self.epoch_seconds.items())
+        axes = "(layer, lr, seed)" if len(self.runs[0]) == 3 else "(layer, seed)"
         return (f"time budget {self.budget_seconds / 60:g} min: {len(self.runs)} of {self.considered} runs at "
                 f"{self.epochs} epochs, estimated {self.seconds / 60:.1f} min one after another "
-                f"(an epoch: {per_epoch}). Layers {', '.join(layers)}; runs (layer, lr, seed): "
-                + ", ".join(f"({n}, {lr:g}, {s})" for n, lr, s in self.runs))
+                f"(an epoch: {per_epoch}). Layers {', '.join(layers)}; runs {axes}: "
+                + ", ".join("(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in run) + ")"
+                            for run in self.runs))
 
     def as_dict(self) -> dict:
         return {"budget_minutes": self.budget_seconds / 60, "epochs": self.epochs,
@@ -68,17 +75,19 @@ def plan_runs(experiment, epoch_seconds: dict, budget_seconds: float, seeds: Seq
     """The runs of ``experiment`` (its ``norms`` and ``lrs``, or those given, and ``seeds``) that fit the budget.
 
     ``epoch_seconds[norm]``: one epoch of that layer's run (``norms`` may be any names of the layers, such as
-    the reproduction's variant keys). Raises :class:`BudgetError` when no run fits.
+    the reproduction's variant keys). ``lrs=()``: the runs have no learning rate; they are ``(norm, seed)``.
+    Raises :class:`BudgetError` when no run fits.
     """
     norms = list(norms if norms is not None else [norm for _, norm in experiment.norms])
     lrs = list(lrs if lrs is not None else experiment.lrs)
     if budget_seconds <= 0:
         raise ValueError(f"expected a positive time budget, got {budget_seconds / 60:g} minutes")
-    rounds = [[(norm, lr, seed) for norm in norms] for seed in seeds for lr in lrs]
+    axis = [(lr,) for lr in lrs] or [()]  # no learning-rate axis: one round a seed
+    rounds = [[(norm, *lr, seed) for norm in norms] for seed in seeds for lr in axis]
     cost = {norm: epochs * epoch_seconds[norm] for norm in norms}
     chosen, spent = [], 0.0
     for runs in rounds:
-        round_cost = sum(cost[norm] for norm, _, _ in runs)
+        round_cost = sum(cost[run[0]] for run in runs)
         if spent + round_cost <= budget_seconds:
             chosen += runs
             spent += round_cost
@@ -97,6 +106,28 @@ def plan_runs(experiment, epoch_seconds: dict, budget_seconds: float, seeds: Seq
     return Plan(tuple(chosen), epochs, spent, budget_seconds, dict(epoch_seconds), len(norms) * len(rounds))
 
 
+class EpochPart(NamedTuple):
+    """A part of an epoch for :func:`time_layers`: ``step()`` called ``calls`` times an epoch (a mean, such as the
+    share of an evaluation made every few epochs, may be fractional), timed over ``timed`` calls after ``warmup``."""
+
+    step: Callable[[], object]
+    calls: float
+    timed: int = 3
+    warmup: int = 2
+
+
+def time_layers(norms: Sequence[str], epoch: Callable[[str], Sequence[EpochPart]], device) -> dict:
+    """Seconds per epoch of a run with each layer in ``norms``: ``epoch(norm)`` builds that layer's run on ``device``
+    and returns the parts of its epoch (training steps, evaluation batches, ...); each part is timed on its own
+    (the device synchronised around it) and counts its calls. Parts called 0 times are not timed."""
+    if device.type == "cpu":
+        from cbnorm import kernels
+
+        kernels.build()  # a first build takes about a minute: not in the warm-up steps' time, nor the timed ones
+    return {norm: sum(part.calls * _timed(part.step, part.timed, part.warmup, device)
+                      for part in epoch(norm) if part.calls) for norm in norms}
+
+
 def time_epochs(experiment, data, train_size: int, test_size: int, device, norms: Sequence[str],
                 speed_settings: Optional[dict] = None, steps: int = 3, warmup: int = 2) -> dict:
     """Seconds per epoch of each layer in ``norms``: ``steps`` timed training steps (after ``warmup``) of the
@@ -110,15 +141,12 @@ def time_epochs(experiment, data, train_size: int, test_size: int, device, norms
     from .runs import autocast, clustered
     from .train import TrainConfig, norm_kwargs, supervised_norm
 
-    if device.type == "cpu":
-        from cbnorm import kernels
-
-        kernels.build()  # a first build takes about a minute: not in the warm-up steps' time, nor the timed ones
     train_images = train_size or len(data.train)
     test_images = test_size or len(data.test)
     mean, std = data.channel_stats()
-    seconds, draws = {}, torch.Generator().manual_seed(0)
-    for norm in norms:
+    draws = torch.Generator().manual_seed(0)
+
+    def epoch(norm: str) -> list[EpochPart]:
         config = speed.resolve_speed(TrainConfig(model=experiment.model, norm=norm, **(speed_settings or {})), device)
         dtype = speed.autocast_dtype(config, device)
         model = build_model(experiment.model, data.num_classes, data.in_channels, None if norm == "none" else norm,
@@ -133,26 +161,28 @@ def time_epochs(experiment, data, train_size: int, test_size: int, device, norms
             ids = torch.randint(0, experiment.k, (size,), generator=draws).to(device) if supervised_norm(norm) else None
             return images, data.train.labels[index].to(device), ids
 
-        def train_step(images, labels, ids):
+        train_batch = batch(min(experiment.batch_size, train_images))
+        eval_batch = batch(min(1000, test_images))
+
+        def train_step():
+            images, labels, ids = train_batch
+            model.train()
             with autocast(device, dtype is not None, dtype), clustered(ids):
                 loss = nn.functional.cross_entropy(model(images).float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-        def eval_step(images, labels, ids):
+        def eval_step():
+            images, _, ids = eval_batch
+            model.eval()
             with torch.no_grad(), autocast(device, dtype is not None, dtype), clustered(ids):
                 model(images)
 
-        train_batch = batch(min(experiment.batch_size, train_images))
-        eval_batch = batch(min(1000, test_images))
-        model.train()
-        step = _timed(lambda: train_step(*train_batch), steps, warmup, device)
-        model.eval()
-        evaluation = _timed(lambda: eval_step(*eval_batch), 1, 1, device)
-        steps_per_epoch, eval_batches = math.ceil(train_images / experiment.batch_size), math.ceil(test_images / 1000)
-        seconds[norm] = steps_per_epoch * step + eval_batches * evaluation
-    return seconds
+        return [EpochPart(train_step, math.ceil(train_images / experiment.batch_size), steps, warmup),
+                EpochPart(eval_step, math.ceil(test_images / 1000), 1, 1)]
+
+    return time_layers(norms, epoch, device)
 
 
 def _timed(step, steps: int, warmup: int, device) -> float:

@@ -40,7 +40,7 @@ from cbnorm.factory import norm_layer_names
 
 from .clusters import mixture_clusters, save_cluster_ids
 from .data import Dataset, available, load_dataset
-from .driver import Finished, Scale, Spec, drive_experiment
+from .driver import NOT_PLANNED, Finished, Scale, Spec, drive_experiment
 from .metrics import at_fraction, mean_std
 from .planner import plan_lines, time_epochs, timing_lines
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
@@ -372,7 +372,7 @@ class Classification(Spec):
                 if not _registered(norm):
                     status = f"missing: no {norm!r} layer is registered"
                 elif not any(done.planned((key, lr, s)) for s in seeds):
-                    status = "not run: outside the --time-budget plan"
+                    status = NOT_PLANNED
                 elif failed:
                     status = f"failed: {failed[0]}"
                 else:

@@ -42,7 +42,7 @@ import torch
 import cbnorm
 
 from .data import Dataset, Loader, available, load_dataset
-from .driver import Finished, Scale, Spec, drive_experiment
+from .driver import NOT_PLANNED, Finished, Scale, Spec, drive_experiment
 from .planner import Protocol, plan_lines, time_epochs
 from .plots import _load_run, curves_figure, pca_figure
 from .reproduce import _run_name, variants
@@ -337,7 +337,7 @@ class Superclasses(Spec):
             finished = {s: histories[(key, s)] for s in seeds if (key, s) in histories}
             failed = [failures[(key, s)] for s in seeds if (key, s) in failures]
             if not any(done.planned((key, lr, s)) for s in seeds):
-                rows.append(scores_row(label, norm, scale.epochs, "—", {}, "not run: outside the --time-budget plan",
+                rows.append(scores_row(label, norm, scale.epochs, "—", {}, NOT_PLANNED,
                                        "last", None, None))
                 continue
             status = f"failed: {failed[0]}" if failed else "ok"
