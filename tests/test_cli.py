@@ -146,6 +146,46 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     assert len(err.splitlines()) == 1 and message.replace("{tmp}", str(tmp_path)) in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["dcgan", "--depth", "40"], "--depth: only the densenet experiment uses it, not dcgan"),
+    (["table5", "--model", "vit"], "--model: only the superclass experiment uses it, not table5"),
+    (["superclass", "--fid-features", "auto"], "--fid-features: only the dcgan experiment uses it, not superclass"),
+    (["densenet", "--source", "mnist"], "--source: only the adamatch experiment uses it, not densenet"),
+    (["table5", "--target", "digits"], "--target: only the adamatch experiment uses it, not table5"),
+    (["dcgan", "--norms", "ucb"], "--norms: only the adamatch experiment uses it, not dcgan"),
+    (["adamatch", "--dataset", "cifar10"],
+     "--dataset: only the table5, densenet, superclass and dcgan experiments use it, not adamatch"),
+    (["dcgan", "--bf16"], "--bf16: only the table5, densenet and superclass experiments use it, not dcgan"),
+    (["adamatch", "--no-compile"], "--compile: only the table5, densenet and superclass experiments use it, not "
+                                   "adamatch"),
+])
+def test_reproduce_refuses_an_option_its_experiment_does_not_use(tmp_path, capsys, argv, message):
+    """Each experiment's own options, given to another (even at their default value): one line, status 2, nothing
+    run."""
+    assert main(["reproduce", *argv, "--scale", "smoke", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cbnorm reproduce: error: {message}"
+    assert not (tmp_path / "results").exists()
+
+
+def test_reproduce_resolves_each_experiments_defaults(tmp_path, monkeypatch):
+    """Options not given take the default their help states, for the experiment that uses them."""
+    from cbnorm.experiments import adamatch, gan, superclass
+
+    calls = []
+    for module, name in ((rep, "reproduce"), (superclass, "reproduce_superclass"), (gan, "reproduce_dcgan"),
+                         (adamatch, "reproduce_adamatch")):
+        monkeypatch.setattr(module, name, lambda *args, _name=name, **kwargs: calls.append((_name, args, kwargs)))
+    for experiment in ("table5", "densenet", "superclass", "dcgan", "adamatch"):
+        assert main(["reproduce", experiment, "--out", str(tmp_path), "--data-dir", str(tmp_path)]) == 0
+    (_, table5, _), (_, densenet, _), (_, superclass_args, _), (_, dcgan, dcgan_options), (_, da, da_options) = calls
+    assert table5[:2] == ("table5", "cifar10") and densenet[:2] == ("densenet40", "cifar10")
+    assert superclass_args[:2] == ("vit", "cifar10") and dcgan[0] == "cifar10"
+    assert dcgan_options["fid_features"] == "auto" and da[:2] == ("mnist", "digits")
+    assert [label for label, _ in da_options["norms"]] == [label for label, _ in adamatch.ADAMATCH_NORMS]
+    assert "fid_features" not in da_options and "speed_settings" not in dcgan_options
+
+
 def test_python_dash_m_and_the_library_alone(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cbnorm", "reproduce", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "{smoke,small,paper,converge}" in result.stdout

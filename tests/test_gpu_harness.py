@@ -254,16 +254,6 @@ class TestTimeBudget:
         assert [row["status"] for row in summary["rows"]][:2] == ["ok", "not run: outside the --time-budget plan"]
         assert f"runs (layer, seed): ({first}, 0)" in (root / "table.md").read_text()
 
-    @pytest.mark.parametrize("experiment", ["dcgan", "adamatch"])
-    def test_speed_settings_are_refused_where_they_do_not_apply(self, tmp_path, capsys, experiment):
-        from cbnorm.experiments.cli import main
-
-        argv = ["reproduce", experiment, "--scale", "smoke", "--out", str(tmp_path), "--no-progress"]
-        assert main(argv + ["--bf16"]) == 2
-        assert f"--bf16: the speed settings apply to table5, densenet and superclass, not {experiment}" in (
-            capsys.readouterr().err)
-        assert not (tmp_path / "results").exists()
-
     def test_timing_on_this_device(self, digits):
         from cbnorm.experiments.planner import time_epochs
 

@@ -48,6 +48,20 @@ OPTIONAL = {"sklearn": "scikit-learn", "scipy": "scipy", "matplotlib": "matplotl
 _CONFIGS = {"train": "TrainConfig", "gan": "GANConfig", "adamatch": "AdaMatchConfig"}
 _SPEED_FLAGS = ("bf16", "channels_last", "cudnn_benchmark", "compile")  # SpeedSettings' fields
 
+# The options of `reproduce` that some experiments only use: those experiments, and the default there (None: none,
+# or one resolved from the data root). argparse leaves them None, so that an option given to an experiment
+# that does not use it is refused rather than ignored.
+_OWN_OPTIONS = {
+    "dataset": (("table5", "densenet", "superclass", "dcgan"), None),
+    "depth": (("densenet",), 40),
+    "model": (("superclass",), "vit"),
+    "fid_features": (("dcgan",), "auto"),
+    "source": (("adamatch",), "mnist"),
+    "target": (("adamatch",), None),
+    "norms": (("adamatch",), None),
+    **{name: (("table5", "densenet", "superclass"), None) for name in _SPEED_FLAGS},
+}
+
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
     """One flag per field of ``config_class``, none with a default: only the flags given are set."""
@@ -158,15 +172,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=str.lower,
                    help="table5: cifar10 (default), cifar100, tiny-imagenet, ...; densenet and dcgan: cifar100 when "
                         "present, else cifar10; superclass: cifar100 (vit) or oxford-pet (oxford_cnn) when present, "
-                        "else cifar10")
-    p.add_argument("--depth", type=int, choices=[40, 100], default=40, help="DenseNet-BC depth (default: 40)")
-    p.add_argument("--model", choices=["vit", "oxford_cnn", "oxford_cnn_controls"], default="vit",
+                        "else cifar10 (adamatch: see --source and --target)")
+    defaults = {name: default for name, (_, default) in _OWN_OPTIONS.items()}
+    p.add_argument("--depth", type=int, choices=[40, 100],
+                   help=f"densenet: DenseNet-BC depth (default: {defaults['depth']})")
+    p.add_argument("--model", choices=["vit", "oxford_cnn", "oxford_cnn_controls"],
                    help="superclass: the ViT of Table VII, the OxfordCNN of Table VIII, or OxfordCNN with the "
-                        "controls of issue 14 (default: vit)")
-    p.add_argument("--fid-features", choices=["auto", "inception", "random-conv"], default="auto",
-                   help="dcgan: FID features (default: auto, the Inception weights when installed)")
-    p.add_argument("--source", default="mnist", type=str.lower,
-                   help="adamatch: labelled source data set (default: mnist)")
+                        f"controls of issue 14 (default: {defaults['model']})")
+    p.add_argument("--fid-features", choices=["auto", "inception", "random-conv"],
+                   help=f"dcgan: FID features (default: {defaults['fid_features']}, the Inception weights when "
+                        "installed)")
+    p.add_argument("--source", type=str.lower,
+                   help=f"adamatch: labelled source data set (default: {defaults['source']})")
     p.add_argument("--target", type=str.lower,
                    help="adamatch: unlabelled target data set (default: svhn when present, else digits)")
     p.add_argument("--scale", choices=["smoke", "small", "paper", "converge"], default="smoke",
@@ -242,14 +259,23 @@ def _given(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "command_line", "argv")}
 
 
+def _own_options(args) -> None:
+    """Refuse an option of :data:`_OWN_OPTIONS` given to an experiment that does not use it; set the defaults of
+    those it uses and was not given."""
+    for name, (experiments, default) in _OWN_OPTIONS.items():
+        value = getattr(args, name, None)  # a speed flag not given is absent
+        if value is not None and args.experiment not in experiments:
+            users = " and ".join(filter(None, [", ".join(experiments[:-1]), experiments[-1]]))
+            raise ValueError(f"--{name.replace('_', '-')}: only the {users} experiment{'s' * (len(experiments) > 1)} "
+                             f"use{'s' * (len(experiments) == 1)} it, not {args.experiment}")
+        if value is None and default is not None and args.experiment in experiments:
+            setattr(args, name, default)
+
+
 def _reproduce(args) -> None:
     """``cbnorm reproduce EXPERIMENT``: each experiment's driver function with the flags that apply to it."""
+    _own_options(args)
     given = [name for name in _SPEED_FLAGS if hasattr(args, name)]
-    if given and args.experiment in ("dcgan", "adamatch"):
-        flag = "--" + given[0].replace("_", "-")
-        raise ValueError(f"{flag}: the speed settings apply to table5, densenet and superclass, not {args.experiment}")
-    if args.norms and args.experiment != "adamatch":
-        raise ValueError(f"--norms: only the adamatch experiment runs a subset of its layers, not {args.experiment}")
     common = dict(out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
                   threads=args.threads, progress=args.progress, command=args.command_line, parallel=args.parallel,
                   time_budget=args.time_budget, epochs=args.epochs)
