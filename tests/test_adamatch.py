@@ -257,6 +257,8 @@ def test_parallel_runs_give_the_sequential_metrics(tmp_path, mnist_like, digits)
         assert rules[0] == rules[1]
     summary = json.loads((two / "summary.json").read_text())
     assert summary["parallel"] == 2 and summary["scale"]["source_train"] == 64 == summary["scale"]["target_train"]
+    assert list(summary["seconds_per_epoch"]) == ["AdaMatch", "AdaMatch+SCB-Norm"]
+    assert "AdaMatch+SCB-Norm: " in (two / "table.md").read_text().split("Time per run on")[1]
 
 
 def test_table_names_the_seeds_that_ran():

@@ -76,8 +76,9 @@ class TestParallel:
             assert without_time(sequential) == without_time(parallel)
         summary = json.loads((two / "summary.json").read_text())
         assert summary["parallel"] == 2 and summary["device_name"]
-        assert all(row["seconds_per_epoch"] > 0 for row in summary["rows"])
-        assert "UCB-Norm at lr 0.005: " in (two / "table.md").read_text().split("Time per run on")[1]
+        assert list(summary["seconds_per_epoch"]) == ["BN, lr 0.005", "UCB-Norm, lr 0.005"]
+        assert all(seconds > 0 for seconds in summary["seconds_per_epoch"].values())
+        assert "UCB-Norm, lr 0.005: " in (two / "table.md").read_text().split("Time per run on")[1]
         assert (two / "logs" / f"{names[0]}.log").read_text()
 
     def test_parallel_dcgan_runs_give_the_sequential_metrics(self, tmp_path, digits, monkeypatch):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 
 from .parallel import RunState, run_parallel
+from .planner import timing_lines
 from .runs import command_line, resolve_device, results_folder, run_each, write_results
 
 __all__ = ["Finished", "LayerSeedSpec", "NOT_PLANNED", "Scale", "Spec", "drive", "drive_experiment"]
@@ -73,6 +74,18 @@ class Finished:
     plan: Optional[object]  # the --time-budget :class:`~.planner.Plan`, if any
     parallel: int
     device: str
+    runs: Sequence[tuple[Hashable, str]] = ()  # (key, title) of every run that was to run
+
+    def seconds_per_epoch(self) -> dict[str, float]:
+        """Seconds per epoch (training and evaluation) of each configuration that ran, mean over its seeds; a
+        configuration is named by its runs' title without the seed (keys end with the seed, titles with ", seed N")."""
+        per_config: dict[str, list[float]] = {}
+        for key, title in self.runs:
+            history = self.histories.get(key)
+            if history:
+                seconds = sum(row["seconds"] + row.get("fid_seconds", 0) for row in history) / len(history)
+                per_config.setdefault(title.removesuffix(f", seed {key[-1]}"), []).append(seconds)
+        return {config: sum(values) / len(values) for config, values in per_config.items()}
 
     def planned(self, key: Hashable) -> bool:
         """Whether the run ``key`` is part of what ran (everything, without a time budget)."""
@@ -88,6 +101,7 @@ class Finished:
         seconds = sum(row["seconds"] + row.get("fid_seconds", 0) for h in self.histories.values() for row in h)
         return {**fields, "scale": self.scale.to_dict(), "seeds": list(self.seeds), "command": self.command,
                 "device": str(where), "device_name": device_name(where), "parallel": self.parallel, "plan": plan,
+                "seconds_per_epoch": self.seconds_per_epoch(),
                 "train_seconds": seconds}
 
 
@@ -252,8 +266,9 @@ def drive(
                                            headline=spec.headline)
     else:
         histories, failures = run_each(runs, lambda key: spec.trainer(configure(key), *data))
-    done = Finished(scale, seeds, root, data, command, histories, failures, plan, parallel, spec.device)
+    done = Finished(scale, seeds, root, data, command, histories, failures, plan, parallel, spec.device, runs)
     table, results, figures = spec.results(done)
+    table += "\n".join(timing_lines(results["seconds_per_epoch"], results["device_name"])) + "\n"
     return write_results(root, table, results, figures, failures)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 __all__ = ["BudgetError", "EpochPart", "Plan", "Protocol", "plan_lines", "plan_runs", "time_epochs", "time_layers",
            "timing_lines"]
@@ -203,10 +203,9 @@ def _timed(step, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def timing_lines(rows: Sequence[dict], device_name: str) -> list[str]:
-    """The time per run of a reproduction, a line per table row: seconds per epoch of its runs on ``device_name``."""
-    timed = [f"{row['label']} at lr {row['lr']:g}: {row['seconds_per_epoch']:.2f} s" for row in rows
-             if row.get("seconds_per_epoch") is not None]
+def timing_lines(seconds_per_epoch: Mapping[str, float], device_name: str) -> list[str]:
+    """A table's time per run: the seconds per epoch of each configuration (by name) on ``device_name``."""
+    timed = [f"{config}: {seconds:.2f} s" for config, seconds in seconds_per_epoch.items()]
     return ["", f"Time per run on {device_name}, seconds per epoch (training and evaluation, mean over the seeds): "
             + ("; ".join(timed) or "none ran") + "."]
 

@@ -42,7 +42,7 @@ from .clusters import mixture_clusters, save_cluster_ids
 from .data import Dataset, available, load_dataset
 from .driver import NOT_PLANNED, Finished, Scale, Spec, drive_experiment
 from .metrics import at_fraction, mean_std
-from .planner import plan_lines, time_epochs, timing_lines
+from .planner import plan_lines, time_epochs
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
 from .runs import has_checkpoint
 from .stats import Interval, comparison, interval
@@ -291,7 +291,7 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
                          f"{verdict_cell} | {reach} |")
     if experiment.name != "table5" and dataset == "cifar100":
         lines += ["", "The paper gives one final error for the three cluster-based variants together."]
-    lines += plan_lines(results["plan"]) + timing_lines(results["rows"], results["device_name"])
+    lines += plan_lines(results["plan"])
     return "\n".join(lines) + "\n"
 
 
@@ -379,14 +379,12 @@ class Classification(Spec):
                     status = "ok"
                 baseline = None if key == baseline_key else {s: histories[(baseline_key, lr, s)] for s in seeds
                                                              if (baseline_key, lr, s) in histories}
-                per_epoch = [sum(row["seconds"] for row in h) / len(h) for h in finished.values() if h]
                 rows.append({"label": label, "norm": norm, "key": key, "lr": lr,
                              "seeds": [s for s in seeds if done.planned((key, lr, s))], "status": status,
                              "ours": [mean_std([100 * at_fraction(h, f, scale.epochs, experiment.metric)
                                                 for h in finished.values()]) for f in FRACTIONS],
                              "stats": _row_statistics(finished, baseline, scale, experiment.metric),
-                             "paper": _paper_numbers(experiment, self.dataset, norm, lr) if key == norm else None,
-                             "seconds_per_epoch": sum(per_epoch) / len(per_epoch) if per_epoch else None})
+                             "paper": _paper_numbers(experiment, self.dataset, norm, lr) if key == norm else None})
         results = done.summary(experiment=experiment.name, dataset=self.dataset, val_fraction=TrainConfig.val_fraction,
                                rows=rows)
         figures = lambda: _figures(experiment, self.dataset, scale, seeds, done.root, histories, done.data[0],  # noqa: E731
