@@ -771,7 +771,7 @@ class AdaMatch(LayerSeedSpec):
 
     def results(self, done: Finished):
         scale, seeds, root, norms, runs = done.scale, done.seeds, done.root, self.norms, done.histories
-        histories, failures = self.by_label(done)
+        histories = self.by_label(done)
         target_acc = {norm: {s: 100 * runs[norm, s][-1]["target_acc"] for s in seeds if runs.get((norm, s))}
                       for _, norm in norms}
         base_norm = norms[0][1]
@@ -793,7 +793,7 @@ class AdaMatch(LayerSeedSpec):
                                                                [target_acc[base_norm][s] for s in common])
             rows.append({"label": label, "norm": norm, "seeds": [s for s in seeds if (norm, s) in runs],
                          "final": final, "rules": per_rule, "target_difference": versus,
-                         "status": self.status(done, label, norm, failures)})
+                         "status": self.status(done, norm)})
         results = done.summary(experiment="adamatch", source=self.source, target=self.target, rows=rows)
         results["scale"].update(source_train=scale.train_size, source_test=scale.test_size)  # the names of old
         figures = lambda: adamatch_figures(root, histories, self.source, self.target, scale.name)  # noqa: E731

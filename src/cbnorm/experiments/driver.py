@@ -60,6 +60,11 @@ class Scale:
         return {**fields, **fields.pop("extra")}
 
 
+def _seconds(history: Sequence[dict]) -> float:
+    """The seconds a run's epochs took: training and evaluation, the DCGAN's FID included."""
+    return sum(row["seconds"] + row.get("fid_seconds", 0) for row in history)
+
+
 @dataclass
 class Finished:
     """What :func:`drive` hands :meth:`Spec.results`: the runs' histories and failures by key, and how they ran."""
@@ -83,13 +88,21 @@ class Finished:
         for key, title in self.runs:
             history = self.histories.get(key)
             if history:
-                seconds = sum(row["seconds"] + row.get("fid_seconds", 0) for row in history) / len(history)
-                per_config.setdefault(title.removesuffix(f", seed {key[-1]}"), []).append(seconds)
+                per_config.setdefault(title.removesuffix(f", seed {key[-1]}"), []).append(
+                    _seconds(history) / len(history))
         return {config: sum(values) / len(values) for config, values in per_config.items()}
 
     def planned(self, key: Hashable) -> bool:
         """Whether the run ``key`` is part of what ran (everything, without a time budget)."""
         return self.plan is None or key in self.plan.runs
+
+    def status(self, keys: Sequence[Hashable]) -> str:
+        """A table row's status from its runs ``keys``: outside the time budget's plan, failed (the first
+        failure), or ok."""
+        if not any(self.planned(key) for key in keys):
+            return NOT_PLANNED
+        failed = [self.failures[key] for key in keys if key in self.failures]
+        return f"failed: {failed[0]}" if failed else "ok"
 
     def summary(self, **fields) -> dict:
         """``summary.json``: the experiment's ``fields`` (``experiment``, ``rows``, ...), then what every
@@ -98,7 +111,7 @@ class Finished:
 
         where = resolve_device(self.device)
         plan = None if self.plan is None else {**self.plan.as_dict(), "text": self.plan.describe()}
-        seconds = sum(row["seconds"] + row.get("fid_seconds", 0) for h in self.histories.values() for row in h)
+        seconds = sum(_seconds(history) for history in self.histories.values())
         return {**fields, "scale": self.scale.to_dict(), "seeds": list(self.seeds), "command": self.command,
                 "device": str(where), "device_name": device_name(where), "parallel": self.parallel, "plan": plan,
                 "seconds_per_epoch": self.seconds_per_epoch(),
@@ -193,19 +206,14 @@ class LayerSeedSpec(Spec):
     def run_dir(root: Path, norm: str, seed: int) -> Path:
         return root / "runs" / f"{norm}-seed{seed}"
 
-    def by_label(self, done: Finished) -> tuple[dict, dict]:
-        """``(histories, failures)`` by label: each label's histories, one a seed that ran, and its first failure."""
-        histories = {label: [done.histories[norm, s] for s in done.seeds if (norm, s) in done.histories]
-                     for label, norm in self.norms}
-        failures = {label: done.failures[norm, s] for label, norm in self.norms for s in done.seeds
-                    if (norm, s) in done.failures}
-        return histories, failures
+    def by_label(self, done: Finished) -> dict:
+        """Each label's histories, one a seed that ran."""
+        return {label: [done.histories[norm, s] for s in done.seeds if (norm, s) in done.histories]
+                for label, norm in self.norms}
 
-    def status(self, done: Finished, label: str, norm: str, failures: dict) -> str:
-        """A row's status: outside the time budget's plan, failed (``failures`` by label) or ok."""
-        if not any(done.planned((norm, seed)) for seed in done.seeds):
-            return NOT_PLANNED
-        return f"failed: {failures[label]}" if label in failures else "ok"
+    def status(self, done: Finished, norm: str) -> str:
+        """The status of the row of ``norm``'s runs (:meth:`Finished.status`)."""
+        return done.status([(norm, seed) for seed in done.seeds])
 
 
 def _plan(spec: Spec, scale: Scale, seeds: Sequence[int], data: tuple, minutes: float):

@@ -423,7 +423,7 @@ class DCGAN(LayerSeedSpec):
         scale, seeds, root, (data,), norms = done.scale, done.seeds, done.root, done.data, self.norms
         metric = FEATURES[self.fid_features]
         runs = done.histories
-        histories, failures = self.by_label(done)
+        histories = self.by_label(done)
         grids = {
             label: self.run_dir(root, norm, s) / "samples" / f"epoch-{scale.epochs:04d}.png"
             for label, norm in norms
@@ -457,7 +457,7 @@ class DCGAN(LayerSeedSpec):
             common = sorted(set(final[norm]) & set(final[base]))
             versus = None if norm == base else comparison([final[norm][s] for s in common],
                                                           [final[base][s] for s in common], higher_is_better=False)
-            rows.append({"label": label, "norm": norm, "status": self.status(done, label, norm, failures),
+            rows.append({"label": label, "norm": norm, "status": self.status(done, norm),
                          "final": mean_std(finals), "best": mean_std(bests),
                          "final_interval": interval(finals).to_dict(), "best_interval": interval(bests).to_dict(),
                          "final_difference": versus, "seeds": [s for s in seeds if done.planned((norm, s))]})

@@ -40,7 +40,7 @@ from cbnorm.factory import norm_layer_names
 
 from .clusters import mixture_clusters, save_cluster_ids
 from .data import Dataset, available, load_dataset
-from .driver import NOT_PLANNED, Finished, Scale, Spec, drive_experiment
+from .driver import Finished, Scale, Spec, drive_experiment
 from .metrics import at_fraction, mean_std
 from .planner import plan_lines, time_epochs
 from .plots import activation_figure, curves_figure, run_activations, run_snapshots, tsne_figure
@@ -368,15 +368,8 @@ class Classification(Spec):
         for label, norm, _, key in norms:
             for lr in lrs:
                 finished = {s: histories[(key, lr, s)] for s in seeds if (key, lr, s) in histories}
-                failed = [done.failures[(key, lr, s)] for s in seeds if (key, lr, s) in done.failures]
-                if not _registered(norm):
-                    status = f"missing: no {norm!r} layer is registered"
-                elif not any(done.planned((key, lr, s)) for s in seeds):
-                    status = NOT_PLANNED
-                elif failed:
-                    status = f"failed: {failed[0]}"
-                else:
-                    status = "ok"
+                status = (done.status([(key, lr, s) for s in seeds]) if _registered(norm)
+                          else f"missing: no {norm!r} layer is registered")
                 baseline = None if key == baseline_key else {s: histories[(baseline_key, lr, s)] for s in seeds
                                                              if (baseline_key, lr, s) in histories}
                 rows.append({"label": label, "norm": norm, "key": key, "lr": lr,

@@ -315,7 +315,6 @@ class Superclasses(Spec):
         experiment, scale, seeds, (data,) = self.experiment, done.scale, done.seeds, done.data
         norms, lr = self.variants(), experiment.lr
         histories = {(key, s): h for (key, _, s), h in done.histories.items()}
-        failures = {(key, s): error for (key, _, s), error in done.failures.items()}
         run_dir = lambda key, seed: done.root / "runs" / _run_name(key, lr, seed)  # noqa: E731
 
         def scores_row(label, norm, epoch, superclass, per_seed, status, paper_epoch, paper, baseline):
@@ -335,12 +334,10 @@ class Superclasses(Spec):
         rows = []
         for label, norm, overrides, key in norms:
             finished = {s: histories[(key, s)] for s in seeds if (key, s) in histories}
-            failed = [failures[(key, s)] for s in seeds if (key, s) in failures]
-            if not any(done.planned((key, lr, s)) for s in seeds):
-                rows.append(scores_row(label, norm, scale.epochs, "—", {}, NOT_PLANNED,
-                                       "last", None, None))
+            status = done.status([(key, lr, s) for s in seeds])
+            if status == NOT_PLANNED:
+                rows.append(scores_row(label, norm, scale.epochs, "—", {}, status, "last", None, None))
                 continue
-            status = f"failed: {failed[0]}" if failed else "ok"
             given = ("shuffled" if overrides.get("clusters") == "shuffled-superclass" else "given") if supervised_norm(
                 norm) else "—"
             vs = None if key == base_key else base_final
@@ -349,7 +346,7 @@ class Superclasses(Spec):
                 rows.append(scores_row(label, norm, epoch, given, per_seed, status, paper_epoch,
                                        experiment.paper.get((norm, paper_epoch)) if not overrides else None,
                                        vs if epoch == scale.epochs else None))
-            if failed or overrides:
+            if status != "ok" or overrides:
                 continue
             for rule_label, rule in UNKNOWN_RULES.get(norm, ()):
                 per_seed = {s: evaluate_unknown(run_dir(key, s), rule, data, self.device) for s in finished}
