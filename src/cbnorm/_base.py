@@ -162,8 +162,8 @@ class _RunningMixtureNorm(_ClusterNorm):
         :meth:`_require`, so that a synchronised step never reads it on the host.
         """
         ranks = distributed.world_size(self.process_group)
-        what = f"{self._name}: expected at least {least} value{'s' * (least > 1)} per channel in the global batch " \
-               "when training, got"
+        what = (f"{self._name}: expected at least {least} value{'s' * (least > 1)} per channel in the global batch "
+                "when training, got")
         where = f"over the {ranks} ranks (input of shape {tuple(x.shape)} on this rank)"
         return self._require(torch.as_tensor(count >= least), f"{what} fewer {where}",
                              lambda: f"{what} {int(count)} {where}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .metrics import read_metrics
+from .reproduce import first_epoch_reaching
 from .stats import Interval, claim_verdict, paired, verdict
 from .train import best_val_row
 
@@ -137,10 +138,8 @@ def findings(results: Path) -> list[Finding]:
         final = _per_seed(folder, runs["batchnorm"], _final("test_acc"), SEEDS)
         if final:
             target = sum(final.values()) / len(final)
-            def epochs_to_target(history):
-                return next((r["epoch"] for r in history if 100 * r["test_acc"] >= target), len(history) + 1)
-
-            reach = {key: _per_seed(folder, run, epochs_to_target, SEEDS) for key, run in runs.items()}
+            reach = {key: _per_seed(folder, run, lambda h: first_epoch_reaching(h, target / 100) or len(h) + 1, SEEDS)
+                     for key, run in runs.items()}
             for key, (label, _) in layers.items():
                 gain = _gain(reach[key], reach["batchnorm"], lower_is_better=True)
                 add("C1", f"{label} vs BN, epochs to reach BN's mean final test accuracy ({target:.2f}%; never: the "
