@@ -26,6 +26,8 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .speed import SpeedSettings
+
 __all__ = ["main"]
 
 
@@ -46,7 +48,7 @@ def _kwargs(text: str) -> dict:
 # The optional dependencies (module -> package), all in the `experiments` extra.
 OPTIONAL = {"sklearn": "scikit-learn", "scipy": "scipy", "matplotlib": "matplotlib", "tqdm": "tqdm", "PIL": "pillow"}
 _CONFIGS = {"train": "TrainConfig", "gan": "GANConfig", "adamatch": "AdaMatchConfig"}
-_SPEED_FLAGS = ("bf16", "channels_last", "cudnn_benchmark", "compile")  # SpeedSettings' fields
+_SPEED_FLAGS = tuple(f.name for f in dataclasses.fields(SpeedSettings))
 
 # The options of `reproduce` that some experiments only use: those experiments, and the default there (None: none,
 # or one resolved from the data root). argparse leaves them None, so that an option given to an experiment
@@ -124,8 +126,6 @@ layer), resumable at every epoch.
 
 def _add_gpu_harness_flags(parser: argparse.ArgumentParser) -> None:
     """Concurrent runs, a time budget, the epochs and the CUDA speed settings of a reproduction."""
-    from .speed import SpeedSettings
-
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="train up to N runs at once, each in its own process (default: 1)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
