@@ -53,14 +53,110 @@ class TestSpeedSettings:
         assert speed.autocast_dtype(off, cuda) is None and speed.memory_format(off) == torch.contiguous_format
         assert speed.autocast_dtype(speed.resolve_speed(TrainConfig(), cpu), cpu) is None
 
-    def test_runs_from_before_the_settings_or_from_another_device_resume(self, tmp_path, digits):
-        history = train(_config(tmp_path / "run"), digits)
-        path = tmp_path / "run" / "checkpoint.pt"
+    @pytest.mark.parametrize("kind", ["train", "gan", "adamatch"])
+    def test_runs_from_before_the_settings_or_from_another_device_resume(self, tmp_path, digits, kind):
+        """Every kind of run records the settings it used (all off on the CPU); its first epoch's checkpoint
+        without them, or without a loss scaler (as before either existed), or started on CUDA, resumes to the
+        same second epoch."""
+        trainer, config = _run(kind, tmp_path / "run", digits)
+        history = trainer(config)
+        recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert {name: recorded[name] for name in speed.SPEED_FIELDS} == dict.fromkeys(speed.SPEED_FIELDS, False)
+        first = torch.load(tmp_path / "run" / "checkpoint-previous.pt", weights_only=True)
+        assert len(first["history"]) == 1
         for saved in ({}, {"bf16": True, "channels_last": True, "cudnn_benchmark": True}):  # older; started on CUDA
-            state = torch.load(path, weights_only=True)
-            state["config"] = {**{k: v for k, v in state["config"].items() if k not in speed.SPEED_FIELDS}, **saved}
-            torch.save(state, path)
-            assert train(_config(tmp_path / "run"), digits) == history
+            state = dict(first, config={**{k: v for k, v in first["config"].items() if k not in speed.SPEED_FIELDS},
+                                        **saved})
+            state.pop("scaler", None)
+            torch.save(state, tmp_path / "run" / "checkpoint.pt")
+            assert without_time(trainer(config)) == without_time(history)
+
+    def test_every_reproduction_gives_its_runs_the_speed_settings(self, tmp_path):
+        settings = {"channels_last": False, "compile": True}
+        specs = [(rep.Classification(experiment=TWO_LAYERS, dataset="digits"), TINY),
+                 (gan.DCGAN(dataset="digits", fid_features="random-conv"), gan.GAN_SCALES["smoke"]),
+                 (adamatch.AdaMatch(source="mnist", target="digits"), adamatch.ADAMATCH_SCALES["smoke"])]
+        for spec, scale in specs:
+            key = spec.runs(scale, (0,))[-1][0]
+            given = dataclasses.replace(spec, speed_settings=settings).configure(key, scale, tmp_path)
+            default = spec.configure(key, scale, tmp_path)
+            assert (given.bf16, given.channels_last, given.cudnn_benchmark, given.compile) == (True, False, True, True)
+            assert (default.channels_last, default.compile) == (True, False)
+
+    def test_a_checkpoint_missing_a_state_is_refused_before_anything_loads(self, tmp_path, digits):
+        trainer, config = _run("gan", tmp_path / "run", digits)
+        trainer(config)
+        path = tmp_path / "run" / "checkpoint.pt"
+        state = torch.load(path, weights_only=True)
+        del state["opt_d"]
+        torch.save(state, path)
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=r"expected its checkpoint to hold \['discriminator', 'generator', "
+                                             r"'opt_d', 'opt_g', 'scaler'\], got no opt_d; pass --overwrite"):
+            trainer(config)
+        assert path.read_bytes() == before
+
+
+def _run(kind: str, out, digits):
+    """``(trainer(config), config)`` of a 2-epoch run of ``kind`` on digits, resumable in ``out``."""
+    common = dict(epochs=2, threads=1, progress=False, out=str(out), resume=True)
+    if kind == "train":
+        return lambda config: train(config, digits), _config(out)
+    if kind == "gan":
+        config = gan.GANConfig(**GAN_RUN, norm="ucb", **common)
+        return lambda config: gan.train_gan(config, digits), config
+    config = adamatch.AdaMatchConfig(**ADAMATCH_RUN, norm="scb", **common)
+    return lambda config: adamatch.train_adamatch(config, digits, digits), config
+
+
+GAN_RUN = dict(dataset="digits", train_size=64, width=8, batch_size=32, fid_every=2, fid_samples=16, fid_reference=16,
+               fid_features="random-conv")
+ADAMATCH_RUN = dict(source_train_size=32, target_train_size=32, source_test_size=16, target_test_size=16, depth=10,
+                    width=1, batch_size=16, uratio=1, image_size=16)
+
+
+class TestLossScaling:
+    """The float16 autocast's loss scaler (CUDA), exercised on the CPU in float32: with a power-of-two scale,
+    scaling the losses and unscaling the gradients is exact, so a step must equal the unscaled one bitwise."""
+
+    cpu = torch.device("cpu")
+
+    @staticmethod
+    def scalers():
+        return [torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", init_scale=2.0**10,
+                                                                                 growth_interval=1)]
+
+    def test_gan_steps(self, digits):
+        config = speed.resolve_speed(gan.GANConfig(**GAN_RUN, norm="ucb"), self.cpu)
+        results, scalers = [], self.scalers()
+        for scaler in scalers:
+            torch.manual_seed(0)
+            loader, stateful, _ = gan._setup(config, digits, self.cpu)
+            images = next(loader.epoch(1))[0]
+            g, d, opt_g, opt_d = (stateful[k] for k in ("generator", "discriminator", "opt_g", "opt_d"))
+            losses = [gan.gan_step(g, d, images, opt_g, opt_d, scaler, config, self.cpu) for _ in range(3)]
+            results.append((losses, g.state_dict(), d.state_dict()))
+        assert scalers[1].get_scale() == 2.0**13  # one update per step (of both networks), each growing it
+        (losses, *nets), (scaled_losses, *scaled_nets) = results
+        assert losses == scaled_losses
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(nets, scaled_nets) for k in a)
+
+    def test_adamatch_steps_and_their_gradient_variance(self, digits):
+        config = speed.resolve_speed(adamatch.AdaMatchConfig(**ADAMATCH_RUN, norm="scb", grad_every=1), self.cpu)
+        results, scalers = [], self.scalers()
+        for scaler in scalers:
+            torch.manual_seed(0)
+            data, stateful, _ = adamatch._setup(config, digits, digits, self.cpu)
+            xs, ys, xt, _ = next(adamatch._epoch_batches(config, data, 1))
+            augmentation = torch.Generator().manual_seed(0)
+            model, optimizer, scheduler = (stateful[k] for k in ("model", "optimizer", "scheduler"))
+            measured = [adamatch.adamatch_step(model, xs, ys, xt, 0.5, augmentation, optimizer, scheduler, scaler,
+                                               config, self.cpu, probe=True)[2] for _ in range(2)]
+            results.append((measured, model.state_dict()))
+        assert scalers[1].get_scale() == 2.0**12
+        (measured, weights), (scaled_measured, scaled_weights) = results
+        assert measured == scaled_measured and all(v > 0 for pair in measured for v in pair)
+        assert all(torch.equal(weights[k], scaled_weights[k]) for k in weights)
 
 
 class TestParallel:

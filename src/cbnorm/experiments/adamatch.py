@@ -83,7 +83,7 @@ import cbnorm
 from cbnorm.functional import POSTERIOR_SCOPES, UNKNOWN_RULES
 from cbnorm.layers import SCBNorm
 
-from . import augment
+from . import augment, speed
 from .config import RUN_CONTROL, AdaMatchConfig
 from .data import Dataset, Split, atomic_write, available, load_dataset
 from .device_data import images_on
@@ -91,7 +91,7 @@ from .driver import Finished, LayerSeedSpec, Scale, drive_experiment
 from .metrics import confusion_matrix, macro_scores
 from .models.wide_resnet import WideResNet
 from .planner import EpochPart, plan_lines, time_layers
-from .runs import RunFolder, autocast, clustered, keyed_generator, resolve_device
+from .runs import RunFolder, clustered, keyed_generator, resolve_device
 from .stats import comparison, interval
 from .train import _subset, norm_kwargs, supervised_norm
 
@@ -200,31 +200,36 @@ def _domain_ids(n: int, domain: int, device) -> Tensor:
     return torch.full((n,), domain, dtype=torch.long, device=device)
 
 
-def _flat_variance(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> float:
+def _flat_variance(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor], scale: float = 1.0) -> float:
     flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
-    return float(flat.double().var(unbiased=False))
+    return float(flat.double().var(unbiased=False)) / scale**2
 
 
 def backward(loss_source: Tensor, loss_target: Tensor, mu: float, params: Sequence[Tensor],
-             probe: bool) -> Optional[tuple[float, float]]:
-    """Set ``p.grad`` to the gradient of ``loss_source + mu * loss_target``. With ``probe`` the two terms'
-    gradients are taken apart first and their variances over the entries returned (Figure 12)."""
+             probe: bool, scaler=None) -> Optional[tuple[float, float]]:
+    """Set ``p.grad`` to the gradient of ``loss_source + mu * loss_target``, times the loss ``scaler``'s scale
+    when it has one (its ``step`` divides it out). With ``probe`` the two terms' gradients are taken apart first
+    and their variances over the entries returned (Figure 12), without the scale; ``None`` when a float16
+    gradient overflowed (the scaler skips that step)."""
+    scale = scaler.scale if scaler is not None else lambda loss: loss
     if not probe:
-        (loss_source + mu * loss_target).backward()
+        scale(loss_source + mu * loss_target).backward()
         return None
-    grad_source = torch.autograd.grad(loss_source, params, retain_graph=True, allow_unused=True)
-    grad_target = torch.autograd.grad(loss_target, params, allow_unused=True)
+    grad_source = torch.autograd.grad(scale(loss_source), params, retain_graph=True, allow_unused=True)
+    grad_target = torch.autograd.grad(scale(loss_target), params, allow_unused=True)
     for p, a, b in zip(params, grad_source, grad_target):
         a = torch.zeros_like(p) if a is None else a
         p.grad = a if b is None else a + mu * b
-    return _flat_variance(grad_source, params), _flat_variance(grad_target, params)
+    factor = scaler.get_scale() if scaler is not None else 1.0  # 1.0 for a scaler that does nothing
+    variances = _flat_variance(grad_source, params, factor), _flat_variance(grad_target, params, factor)
+    return variances if all(map(math.isfinite, variances)) else None
 
 
 # -- the loop -------------------------------------------------------------------------------------------------
 
 
-def _to_input(images: Tensor, device) -> Tensor:
-    return images.to(device).float() / 255
+def _to_input(images: Tensor, device, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    return (images.to(device).float() / 255).contiguous(memory_format=memory_format)
 
 
 def _steps_per_epoch(config: AdaMatchConfig, data: Domains) -> int:
@@ -263,34 +268,38 @@ def _epoch_batches(config: AdaMatchConfig, data: Domains, epoch: int):
 
 
 def adamatch_step(model, xs: Tensor, labels: Tensor, xt: Tensor, progress: float, augmentation: torch.Generator,
-                  optimizer, scheduler, config: AdaMatchConfig, device, probe: bool):
+                  optimizer, scheduler, scaler, config: AdaMatchConfig, device, probe: bool):
     """One training step (the module docstring's 1 to 5) on source images ``xs`` with their ``labels`` (on
     ``device``) and target images ``xt``, at ``progress = t / T``: both domains' weak and strong views drawn
-    from ``augmentation``, the joint and the source-only passes, the update (with the gradient-variance
-    probe when ``probe``) and the scheduler's step. Returns :func:`adamatch_objective`'s terms, the loss and
-    the probe's two variances (``None`` without it)."""
+    from ``augmentation``, the joint and the source-only passes under a resolved ``config``'s autocast, the
+    update (the loss scaled by ``scaler``; with the gradient-variance probe when ``probe``) and the scheduler's
+    step. Returns :func:`adamatch_objective`'s terms, the loss and the probe's two variances (``None`` without
+    it)."""
     n_s, n_t = len(xs), len(xt)
     supervised = supervised_norm(config.norm)
     weak_s, strong_s = augment.weak(xs, augmentation), augment.strong(xs, augmentation)
     weak_t, strong_t = augment.weak(xt, augmentation), augment.strong(xt, augmentation)
     source_ids = _domain_ids(2 * n_s, SOURCE, device) if supervised else None
     joint_ids = torch.cat([source_ids, _domain_ids(2 * n_t, TARGET, device)]) if supervised else None
-    with autocast(device, config.amp, torch.bfloat16):
+    layout = speed.memory_format(config)
+    with speed.autocast(config, device):
         with clustered(joint_ids):
-            joint = model(_to_input(torch.cat([weak_s, strong_s, weak_t, strong_t]), device))
+            joint = model(_to_input(torch.cat([weak_s, strong_s, weak_t, strong_t]), device, layout)).float()
         with cbnorm.preserve_running_stats(model), clustered(source_ids):
-            source_only = model(_to_input(torch.cat([weak_s, strong_s]), device))
+            source_only = model(_to_input(torch.cat([weak_s, strong_s]), device, layout)).float()
     out = adamatch_objective(joint, source_only, labels, progress, config.tau)
     loss = out["loss_source"] + out["mu"] * out["loss_target"]
     optimizer.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    measured = backward(out["loss_source"], out["loss_target"], out["mu"], params, probe)
-    optimizer.step()
+    measured = backward(out["loss_source"], out["loss_target"], out["mu"], params, probe, scaler)
+    scaler.step(optimizer)
+    scaler.update()
     scheduler.step()
     return out, loss, measured
 
 
-def _train_epoch(model, data: Domains, epoch: int, optimizer, scheduler, config: AdaMatchConfig, device, bar) -> dict:
+def _train_epoch(train_step, model, data: Domains, epoch: int, optimizer, config: AdaMatchConfig, device,
+                 bar) -> dict:
     model.train()
     steps = _steps_per_epoch(config, data)
     total = steps * config.epochs
@@ -301,8 +310,8 @@ def _train_epoch(model, data: Domains, epoch: int, optimizer, scheduler, config:
     mu = 0.0
     for step, (xs, ys, xt, yt) in enumerate(_epoch_batches(config, data, epoch)):
         labels = ys.to(device)
-        out, loss, measured = adamatch_step(model, xs, labels, xt, ((epoch - 1) * steps + step) / total, augmentation,
-                                            optimizer, scheduler, config, device, _probed(config, step))
+        out, loss, measured = train_step(xs, labels, xt, ((epoch - 1) * steps + step) / total, augmentation,
+                                         _probed(config, step))
         mu = out["mu"]
         if measured is not None:
             variances["source"].append(measured[0])
@@ -369,16 +378,18 @@ def rules(norm: str) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, domain: int, rule: dict, batch_size: int, device, amp: bool) -> dict:
-    """Cross-entropy, accuracy and macro precision/recall/F1 of ``model`` (eval mode) on one domain's test split."""
+def evaluate(model: nn.Module, split: Split, domain: int, rule: dict, batch_size: int, device,
+             config: AdaMatchConfig) -> dict:
+    """Cross-entropy, accuracy and macro precision/recall/F1 of ``model`` (eval mode) on one domain's test split,
+    under a resolved ``config``'s autocast and memory format."""
     model.eval()
     confusion, loss_sum = 0, 0.0
     ids_domain = {"source": SOURCE, "domain": domain, None: None}[rule["ids"]]
     with inference_rule(model, rule.get("unknown"), rule.get("posterior")):
         for images, labels in zip(split.images.split(batch_size), split.labels.split(batch_size)):
             ids = None if ids_domain is None else _domain_ids(len(images), ids_domain, device)
-            with autocast(device, amp, torch.bfloat16), clustered(ids):
-                logits = model(_to_input(images, device)).float()
+            with speed.autocast(config, device), clustered(ids):
+                logits = model(_to_input(images, device, speed.memory_format(config))).float()
             loss_sum += nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item()
             confusion = confusion + confusion_matrix(logits.argmax(1).cpu(), labels, logits.shape[1])
     scores = macro_scores(confusion)
@@ -392,7 +403,7 @@ def evaluate(model: nn.Module, split: Split, domain: int, rule: dict, batch_size
 def _evaluate_both(model, data: Domains, rule: dict, config: AdaMatchConfig, device) -> dict:
     row = {}
     for name, split, domain in (("source", data.source_test, SOURCE), ("target", data.target_test, TARGET)):
-        for key, value in evaluate(model, split, domain, rule, config.eval_batch_size, device, config.amp).items():
+        for key, value in evaluate(model, split, domain, rule, config.eval_batch_size, device, config).items():
             row[f"{name}_{key}"] = value
     return row
 
@@ -444,16 +455,25 @@ def load_domains(config: AdaMatchConfig, source: Optional[Dataset] = None, targe
 
 
 def _setup(config: AdaMatchConfig, source: Optional[Dataset], target: Optional[Dataset],
-           device) -> tuple[Domains, dict]:
-    """A run's domains (the training images on ``device``, where the batches and their augmentation are made)
-    and its ``model``, ``optimizer`` and ``scheduler``."""
+           device) -> tuple[Domains, dict, Callable]:
+    """A run with a resolved ``config`` on ``device``: its domains (the training images on ``device``, where the
+    batches and their augmentation are made); what its checkpoint holds (``model``, ``optimizer``,
+    ``scheduler`` and the float16 autocast's loss ``scaler``); ``step(xs, labels, xt, progress, augmentation,
+    probe)``, :func:`adamatch_step` with the model compiled under ``compile``."""
     data = load_domains(config, source, target)
     data = dataclasses.replace(data, source_train=images_on(data.source_train, device),
                                target_train=images_on(data.target_train, device))
-    model = build_model(config, data.num_classes).to(device)
+    model = speed.prepare_model(build_model(config, data.num_classes).to(device), config)
     optimizer = torch.optim.Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     scheduler = _scheduler(config, optimizer, _steps_per_epoch(config, data) * config.epochs)
-    return data, dict(model=model, optimizer=optimizer, scheduler=scheduler)
+    scaler = speed.grad_scaler(config, device)
+    trained = speed.compiled(model, config)
+
+    def step(xs, labels, xt, progress, augmentation, probe):
+        return adamatch_step(trained, xs, labels, xt, progress, augmentation, optimizer, scheduler, scaler, config,
+                             device, probe)
+
+    return data, dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler), step
 
 
 def time_adamatch_epochs(config: AdaMatchConfig, source: Dataset, target: Dataset, device: torch.device,
@@ -464,10 +484,12 @@ def time_adamatch_epochs(config: AdaMatchConfig, source: Dataset, target: Datase
     probe the gradient variance, every ``grad_every``-th, timed apart), the evaluation of both test sets (one
     batch timed, times their batches), and its share of the last epoch's evaluations under every inference rule
     of the layer (``inference.json``, timed as the paper's rule). Not included: the checkpoint of each epoch."""
+    config = speed.resolve_speed(config, device)
+
     def epoch(norm: str) -> list[EpochPart]:
         layer = dataclasses.replace(config, norm=norm)
-        data, stateful = _setup(layer, source, target, device)
-        model, optimizer, scheduler = stateful.values()
+        data, stateful, step = _setup(layer, source, target, device)
+        model = stateful["model"]
         xs, ys, xt, _ = next(_epoch_batches(layer, data, 1))
         labels, augmentation = ys.to(device), keyed_generator(config.seed, 1, 2)
         per_epoch = _steps_per_epoch(layer, data)
@@ -479,11 +501,11 @@ def time_adamatch_epochs(config: AdaMatchConfig, source: Dataset, target: Datase
 
         def train_step(probe: bool):
             model.train()
-            adamatch_step(model, xs, labels, xt, 0.5, augmentation, optimizer, scheduler, layer, device, probe)
+            step(xs, labels, xt, 0.5, augmentation, probe)
 
         return [EpochPart(lambda: train_step(False), per_epoch - probed, steps, warmup),
                 EpochPart(lambda: train_step(True), probed, steps, warmup),
-                EpochPart(lambda: evaluate(model, test, SOURCE, paper_rule, size, device, config.amp),
+                EpochPart(lambda: evaluate(model, test, SOURCE, paper_rule, size, device, layer),
                           batches * (1 + len(rules(norm)) / config.epochs), 1, 1)]
 
     return time_layers(norms, epoch, device)
@@ -502,6 +524,7 @@ def train_adamatch(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    config = speed.resolve_speed(config, device)  # config.json records what the device uses
     out = Path(config.out)
     folder = RunFolder(
         out,
@@ -515,8 +538,8 @@ def train_adamatch(
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    data, stateful = _setup(config, source, target, device)
-    model, optimizer, scheduler = stateful.values()
+    data, stateful, train_step = _setup(config, source, target, device)
+    model, optimizer = stateful["model"], stateful["optimizer"]
     steps = _steps_per_epoch(config, data)
     history = folder.restore(device, **stateful)
     norm = "none (plain WRN)" if config.norm == "none" else f"{config.norm} (K={config.num_clusters}) as initial layer"
@@ -526,14 +549,14 @@ def train_adamatch(
         f"AdaMatch, WRN-{config.depth}-{config.width} + {norm} | "
         f"Adam lr {config.lr:g} cosine to x{config.lr_floor:g} | "
         f"{config.epochs} epochs x {steps} steps of {config.batch_size} + {config.uratio * config.batch_size} | "
-        f"seed {config.seed} | {device} | {out}"
+        f"seed {config.seed} | {device} ({speed.describe(config)}) | {out}"
     )
     paper_rule = rules(config.norm)[0]
     for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=None if config.progress else True) as bar:
-            row = {"epoch": epoch, **_train_epoch(model, data, epoch, optimizer, scheduler, config, device, bar)}
+            row = {"epoch": epoch, **_train_epoch(train_step, model, data, epoch, optimizer, config, device, bar)}
         row.update(_evaluate_both(model, data, paper_rule, config, device))
         row.update(lr=lr, seconds=time.perf_counter() - start)
         folder.save(row, device, **stateful)
@@ -811,8 +834,8 @@ def reproduce_adamatch(source: str, target: str, scale: Union[str, Scale], *,
     ``table.md`` (Table VI beside the paper's, and the SCB inference rules), ``summary.json``,
     ``figure12.png`` (gradient variance) and ``curves.png``. Running the command again resumes
     unfinished runs and reuses finished ones. ``data``: the source and target data sets, not loaded
-    again; ``options`` are those of :func:`~cbnorm.experiments.reproduce.reproduce` but the speed
-    settings (``out``, ``seeds``, ``device``, ``parallel``, ``time_budget``, ``epochs``, ...);
+    again; ``options`` are those of :func:`~cbnorm.experiments.reproduce.reproduce` (``out``, ``seeds``,
+    ``device``, ``parallel``, ``time_budget``, ``epochs``, ``speed_settings``, ...);
     ``timer``: what times the layers for ``time_budget`` (default :func:`time_adamatch_epochs`, which
     says what an epoch includes).
     """

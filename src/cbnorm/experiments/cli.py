@@ -61,7 +61,6 @@ _OWN_OPTIONS = {
     "source": (("adamatch",), "mnist"),
     "target": (("adamatch",), None),
     "norms": (("adamatch",), None),
-    **{name: (("table5", "densenet", "superclass"), None) for name in _SPEED_FLAGS},
 }
 
 
@@ -195,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help="writes OUT/results/EXPERIMENT-DATASET/SCALE/ (default: .)")
     p.add_argument("--data-dir", help="data root (default: $CBNORM_DATA)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
-    p.add_argument("--amp", action="store_true", help="mixed precision")
+    p.add_argument("--amp", action="store_true", help=config.AMP_HELP)
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads of torch (0: its default); on a busy 2-core machine 1 is faster")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -275,16 +274,15 @@ def _own_options(args) -> None:
 def _reproduce(args) -> None:
     """``cbnorm reproduce EXPERIMENT``: each experiment's driver function with the flags that apply to it."""
     _own_options(args)
-    given = [name for name in _SPEED_FLAGS if hasattr(args, name)]
+    speed_settings = {name: getattr(args, name) for name in _SPEED_FLAGS if hasattr(args, name)}  # those given
     common = dict(out=args.out, data_dir=args.data_dir, seeds=args.seeds, device=args.device, amp=args.amp,
                   threads=args.threads, progress=args.progress, command=args.command_line, parallel=args.parallel,
-                  time_budget=args.time_budget, epochs=args.epochs)
-    speed_settings = {name: getattr(args, name) for name in given}
+                  time_budget=args.time_budget, epochs=args.epochs, speed_settings=speed_settings)
     if args.experiment == "superclass":
         from .superclass import default_dataset, reproduce_superclass
 
         reproduce_superclass(args.model, args.dataset or default_dataset(args.model, args.data_dir), args.scale,
-                             speed_settings=speed_settings, **common)
+                             **common)
     elif args.experiment == "adamatch":
         from .adamatch import ADAMATCH_NORMS, adamatch_target, reproduce_adamatch
 
@@ -308,7 +306,7 @@ def _reproduce(args) -> None:
             name, dataset = "table5", args.dataset or "cifar10"
         else:
             name, dataset = f"densenet{args.depth}", args.dataset or densenet_dataset(args.data_dir)
-        reproduce(name, dataset, args.scale, speed_settings=speed_settings, **common)
+        reproduce(name, dataset, args.scale, **common)
 
 
 def _run(args) -> None:

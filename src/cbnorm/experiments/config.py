@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .speed import SpeedSettings
+from .speed import SPEED_FIELDS, SpeedSettings
 
 __all__ = ["DATASET_NAMES", "RUN_CONTROL", "SELECTIONS", "AdaMatchConfig", "GANConfig", "RunSettings",
            "TrainConfig", "check_fields", "option"]
@@ -20,8 +20,13 @@ DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "svhn", "tiny-
 # Which epoch's test accuracy a table reports (TrainConfig.select).
 SELECTIONS = ("last", "best-val")
 
-# Config fields that may change when a run is resumed: they do not change what is computed.
-RUN_CONTROL = frozenset({"data_dir", "device", "threads", "out", "resume", "overwrite", "progress", "eval_batch_size"})
+# What --amp means for every kind of run (cbnorm.experiments.speed.autocast_dtype).
+AMP_HELP = "mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU"
+
+# Config fields that may change when a run is resumed: they do not change what is computed (the speed settings
+# change how it is rounded, as the device does).
+RUN_CONTROL = frozenset({"data_dir", "device", "threads", "out", "resume", "overwrite", "progress",
+                         "eval_batch_size"}) | SPEED_FIELDS
 
 
 def option(text: str, **kwargs):
@@ -38,11 +43,11 @@ def check_fields(config, checks: Iterable[tuple[str, bool, str]]) -> None:
 
 
 @dataclass
-class RunSettings:
+class RunSettings(SpeedSettings):
     """The fields of a run's config that say where and how it runs; a config dataclass inherits them."""
 
     device: str = option("auto (CUDA when present), cpu, cuda, ...", default="auto")
-    amp: bool = option("mixed precision (bfloat16 autocast)", default=False)
+    amp: bool = option(AMP_HELP, default=False)
     threads: int = option("CPU threads for torch (0: torch's default)", default=0)
     resume: bool = option("continue the run in --out from its checkpoint (with more --epochs, where the schedule "
                           "allows)", default=False)
@@ -87,7 +92,7 @@ class TrainConfig(SpeedSettings):
     # the run
     seed: int = option("seed of the initialisation, data order and augmentation", default=0)
     device: str = option("auto (CUDA when present), cpu, cuda, cuda:1, ...", default="auto")
-    amp: bool = option("mixed precision: float16 on CUDA, bfloat16 on CPU", default=False)
+    amp: bool = option(AMP_HELP, default=False)
     threads: int = option("CPU threads for torch (0: torch's default)", default=0)
     out: str = option("run directory", default="runs/run")
     resume: bool = option("continue the run in --out from its checkpoint (with more --epochs, where the schedule "

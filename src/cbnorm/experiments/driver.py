@@ -126,7 +126,9 @@ class Spec:
 
     ``trainer(config, *data)`` trains one run and returns its history; it must be a module-level
     function, which ``parallel`` hands to a spawned process. ``given`` is the data the caller passed:
-    what ``parallel``'s processes share (otherwise each loads its own, sparing the shared memory)."""
+    what ``parallel``'s processes share (otherwise each loads its own, sparing the shared memory).
+    ``speed_settings``: the :class:`~cbnorm.experiments.speed.SpeedSettings` fields of every run (e.g.
+    ``{"compile": True}``)."""
 
     name: str = ""  # how errors name the experiment: table5, superclass, dcgan, ...
     data_dir: Optional[str] = None
@@ -134,6 +136,7 @@ class Spec:
     amp: bool = False
     threads: int = 0
     progress: bool = True
+    speed_settings: Optional[Mapping[str, bool]] = None
     given: tuple = ()
     headline: tuple[str, str, str] = RunState.headline  # the --parallel display's metric: key, label, format
 
@@ -163,9 +166,10 @@ class Spec:
         raise NotImplementedError
 
     def run_settings(self) -> dict:
-        """The config fields of where and how every run runs; each resumes its folder."""
+        """The config fields of where and how every run runs, its speed settings among them; each resumes its
+        folder."""
         return dict(data_dir=self.data_dir, device=self.device, amp=self.amp, threads=self.threads,
-                    progress=self.progress, resume=True)
+                    progress=self.progress, resume=True, **(self.speed_settings or {}))
 
     def layers(self, scale: Scale) -> list[tuple[str, str]]:
         """``(layer key, registry name)`` of the layers a time budget plans, in the table's order."""
@@ -288,8 +292,8 @@ def drive_experiment(spec_class: type, scale: Union[str, Scale], scales: Mapping
     """:func:`drive` a ``spec_class`` built from ``options`` at ``scale`` (or the scale of that name in
     ``scales``). The options of :func:`drive` (``out``, ``seeds``, ``epochs``, ``parallel``, ``time_budget``,
     ``command``) go to it, the others are the spec's fields (``name``, ``data_dir``, ``device``, ``amp``,
-    ``threads``, ``progress`` and the experiment's own). ``data``: what the trainer takes after the config
-    (a data set, or a tuple of them), not loaded again."""
+    ``threads``, ``progress``, ``speed_settings`` and the experiment's own). ``data``: what the trainer takes
+    after the config (a data set, or a tuple of them), not loaded again."""
     if isinstance(scale, str):
         if scale not in scales:
             raise ValueError(f"--scale {scale}: the {options.get('name')} experiment has the scales "

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from cbnorm import _cache
 
+from . import speed
 from .config import RUN_CONTROL, GANConfig
 from .data import Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
@@ -51,7 +52,7 @@ from .fid import FEATURES, FeatureStats, feature_extractor, frechet_distance, ps
 from .metrics import mean_std
 from .models.dcgan import Discriminator, Generator
 from .planner import EpochPart, plan_lines, time_layers
-from .runs import RunFolder, autocast, keyed_generator, resolve_device
+from .runs import RunFolder, keyed_generator, resolve_device
 from .stats import Interval, comparison, interval
 from .train import _subset, norm_kwargs
 
@@ -146,17 +147,24 @@ def save_grid(images: Tensor, path: Union[str, os.PathLike], columns: int = 8, p
 # -- the loop ------------------------------------------------------------------------------------------------
 
 
-def _setup(config: GANConfig, data: Dataset, device) -> tuple[DeviceLoader, dict]:
-    """The training batches of a run (images in ``[-1, 1]``) and its ``generator``, ``discriminator``, ``opt_g``
-    and ``opt_d``, on ``device``."""
+def _setup(config: GANConfig, data: Dataset, device) -> tuple[DeviceLoader, dict, Callable[[Tensor], list]]:
+    """A run with a resolved ``config`` on ``device``: its training batches (images in ``[-1, 1]``, in its
+    memory format); what its checkpoint holds (``generator``, ``discriminator``, ``opt_g``, ``opt_d`` and the
+    float16 autocast's loss ``scaler``); ``step(images)``, :func:`gan_step` with the networks compiled under
+    ``compile``."""
     train_split = data.train.subset(_subset(data.train, config.train_size))
-    generator, discriminator = (m.to(device) for m in build_gan(config, data.in_channels, data.train.images.shape[-1]))
+    generator, discriminator = (speed.prepare_model(m.to(device), config)
+                                for m in build_gan(config, data.in_channels, data.train.images.shape[-1]))
     betas = (config.beta1, config.beta2)
     opt_g = torch.optim.Adam(generator.parameters(), config.lr, betas=betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), config.lr, betas=betas)
     half = torch.full((data.in_channels,), 0.5)
-    loader = DeviceLoader(train_split, config.batch_size, half, half, train=True, seed=config.seed, device=device)
-    return loader, dict(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d)
+    loader = DeviceLoader(train_split, config.batch_size, half, half, train=True, seed=config.seed, device=device,
+                          memory_format=speed.memory_format(config))
+    scaler = speed.grad_scaler(config, device)
+    stateful = dict(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
+    networks = (speed.compiled(generator, config), speed.compiled(discriminator, config))
+    return loader, stateful, lambda images: gan_step(*networks, images, opt_g, opt_d, scaler, config, device)
 
 
 def _table(metric_key: str, metric_label: str) -> list[tuple]:
@@ -190,33 +198,36 @@ def _resolved(config: GANConfig) -> GANConfig:
     return dataclasses.replace(config, fid_features=resolve_features("auto"))
 
 
-def gan_step(generator, discriminator, images: Tensor, opt_g, opt_d, config: GANConfig, device) -> list[float]:
-    """One discriminator step, then one generator step, on the real ``images`` (both networks in training mode):
-    ``[D loss, G loss, mean sigmoid D of the real images, of the generated ones]``."""
+def gan_step(generator, discriminator, images: Tensor, opt_g, opt_d, scaler, config: GANConfig,
+             device) -> list[float]:
+    """One discriminator step, then one generator step, on the real ``images`` (both networks in training mode),
+    under a resolved ``config``'s autocast, both losses scaled by ``scaler`` (one scale, updated after both
+    steps): ``[D loss, G loss, mean sigmoid D of the real images, of the generated ones]``."""
     softplus = nn.functional.softplus
     z = torch.randn(len(images), config.latent_dim, device=device)
-    with autocast(device, config.amp, torch.bfloat16):
+    with speed.autocast(config, device):
         fake = generator(z)
         real_logits, fake_logits = discriminator(images).float(), discriminator(fake.detach()).float()
         loss_d = softplus(-real_logits).mean() + softplus(fake_logits).mean()
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    with autocast(device, config.amp, torch.bfloat16):
+    scaler.scale(loss_d).backward()
+    scaler.step(opt_d)
+    with speed.autocast(config, device):
         loss_g = softplus(-discriminator(fake).float()).mean()
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
+    scaler.scale(loss_g).backward()
+    scaler.step(opt_g)
+    scaler.update()
     return [loss_d.item(), loss_g.item(), real_logits.sigmoid().mean().item(), fake_logits.sigmoid().mean().item()]
 
 
-def _train_epoch(generator, discriminator, loader: Loader, epoch: int, opt_g, opt_d, config: GANConfig, device, bar):
-    generator.train()
-    discriminator.train()
+def _train_epoch(step, stateful: dict, loader: Loader, epoch: int, bar):
+    stateful["generator"].train()
+    stateful["discriminator"].train()
     sums = torch.zeros(4, dtype=torch.float64)
     steps = 0
     for images, _, _ in loader.epoch(epoch):
-        values = gan_step(generator, discriminator, images, opt_g, opt_d, config, device)
+        values = step(images)
         loss_d, loss_g = values[:2]
         if not (math.isfinite(loss_d) and math.isfinite(loss_g)):
             raise FloatingPointError(f"epoch {epoch}: the GAN losses became non-finite (D {loss_d}, G {loss_g})")
@@ -239,7 +250,7 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    config = _resolved(config)
+    config = speed.resolve_speed(_resolved(config), device)  # config.json records what the device uses
     metric = FEATURES[config.fid_features]
     out = Path(config.out)
     folder = RunFolder(
@@ -256,8 +267,8 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
-    loader, stateful = _setup(config, data, device)
-    generator, discriminator, opt_g, opt_d = stateful.values()
+    loader, stateful, step = _setup(config, data, device)
+    generator = stateful["generator"]
     betas = (config.beta1, config.beta2)
     history = folder.restore(device, **stateful)
     norm = config.norm if config.norm == "batchnorm" else f"{config.norm} (K={config.num_components}) x2 + batchnorm"
@@ -265,7 +276,7 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
         f"{config.dataset} ({len(loader.labels)} train) | DCGAN, generator norms: {norm} | Adam lr {config.lr:g} "
         f"betas {betas} | {config.epochs} epochs x {len(loader)} batches of {config.batch_size} | "
         f"{metric.label} of {config.fid_samples} samples vs {config.fid_reference or len(data.train)} training images "
-        f"every {config.fid_every} epochs | seed {config.seed} | {device} | {out}"
+        f"every {config.fid_every} epochs | seed {config.seed} | {device} ({speed.describe(config)}) | {out}"
     )
 
     evaluated = fid_epochs(config)
@@ -278,7 +289,7 @@ def train_gan(config: GANConfig, data: Optional[Dataset] = None) -> list[dict]:
         ) as bar:
             row = {
                 "epoch": epoch,
-                **_train_epoch(generator, discriminator, loader, epoch, opt_g, opt_d, config, device, bar),
+                **_train_epoch(step, stateful, loader, epoch, bar),
             }
         row.update(lr=config.lr, seconds=time.perf_counter() - start)
         if epoch in evaluated:
@@ -320,14 +331,15 @@ def time_gan_epochs(config: GANConfig, data: Dataset, device: torch.device, norm
     feature extractor, times the batches of ``fid_samples`` images, and one Fréchet distance). Not included: the
     feature extractor's loading and the reference statistics (once, cached for every run and the table), the
     8 x 8 sample grid and the checkpoint of each epoch."""
+    config = speed.resolve_speed(config, device)
     extractor = feature_extractor(config.fid_features).to(device)
     evaluations = len(fid_epochs(config)) / config.epochs
     batch = min(config.eval_batch_size, config.fid_samples)
 
     def epoch(norm: str) -> list[EpochPart]:
-        loader, stateful = _setup(dataclasses.replace(config, norm=norm), data, device)
+        loader, stateful, step = _setup(dataclasses.replace(config, norm=norm), data, device)
         images = next(loader.epoch(1))[0]
-        generator, discriminator, opt_g, opt_d = stateful.values()  # in training mode, as gan_step needs
+        generator = stateful["generator"]  # in training mode, as gan_step needs
         features = FeatureStats(extractor.dim)
         identity = torch.eye(extractor.dim, dtype=torch.float64)  # stands for the reference's square root
 
@@ -335,7 +347,7 @@ def time_gan_epochs(config: GANConfig, data: Dataset, device: torch.device, norm
             for fake in generate(generator, batch, config.seed, 1, batch, device):
                 features.update(extractor(fake.to(device)))
 
-        return [EpochPart(lambda: gan_step(generator, discriminator, images, opt_g, opt_d, config, device),
+        return [EpochPart(lambda: step(images),
                           len(loader), steps, warmup),
                 EpochPart(fid_batch, evaluations * math.ceil(config.fid_samples / batch), steps, warmup),
                 EpochPart(lambda: frechet_distance(*features.mean_cov(), *features.mean_cov(), cov1_sqrt=identity),
@@ -476,8 +488,8 @@ def reproduce_dcgan(dataset: str, scale: Union[str, Scale], *, fid_features: str
     the paper's claim, with the FID of real test images at the same sample size), ``summary.json``,
     ``figure10.png`` (FID curves) and ``figure11.png`` (final samples). Running the command again
     resumes unfinished runs and reuses finished ones. ``data`` skips loading the data set; ``options``
-    are those of :func:`~cbnorm.experiments.reproduce.reproduce` but the speed settings (``out``,
-    ``seeds``, ``device``, ``parallel``, ``time_budget``, ``epochs``, ...); ``timer``: what times the
+    are those of :func:`~cbnorm.experiments.reproduce.reproduce` (``out``, ``seeds``, ``device``,
+    ``parallel``, ``time_budget``, ``epochs``, ``speed_settings``, ...); ``timer``: what times the
     layers for ``time_budget`` (default :func:`time_gan_epochs`, which says what an epoch includes).
     """
     return drive_experiment(DCGAN, scale, GAN_SCALES, name="dcgan", dataset=dataset, norms=tuple(norms),

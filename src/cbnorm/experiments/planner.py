@@ -138,7 +138,7 @@ def time_epochs(experiment, data, train_size: int, test_size: int, device, norms
 
     from . import speed
     from .models import build_model
-    from .runs import autocast, clustered
+    from .runs import clustered
     from .train import TrainConfig, norm_kwargs, supervised_norm
 
     train_images = train_size or len(data.train)
@@ -148,7 +148,6 @@ def time_epochs(experiment, data, train_size: int, test_size: int, device, norms
 
     def epoch(norm: str) -> list[EpochPart]:
         config = speed.resolve_speed(TrainConfig(model=experiment.model, norm=norm, **(speed_settings or {})), device)
-        dtype = speed.autocast_dtype(config, device)
         model = build_model(experiment.model, data.num_classes, data.in_channels, None if norm == "none" else norm,
                             norm_kwargs(norm, experiment.k, {}))
         model = speed.compiled(speed.prepare_model(model.to(device), config), config)
@@ -167,7 +166,7 @@ def time_epochs(experiment, data, train_size: int, test_size: int, device, norms
         def train_step():
             images, labels, ids = train_batch
             model.train()
-            with autocast(device, dtype is not None, dtype), clustered(ids):
+            with speed.autocast(config, device), clustered(ids):
                 loss = nn.functional.cross_entropy(model(images).float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -176,7 +175,7 @@ def time_epochs(experiment, data, train_size: int, test_size: int, device, norms
         def eval_step():
             images, _, ids = eval_batch
             model.eval()
-            with torch.no_grad(), autocast(device, dtype is not None, dtype), clustered(ids):
+            with torch.no_grad(), speed.autocast(config, device), clustered(ids):
                 model(images)
 
         return [EpochPart(train_step, math.ceil(train_images / experiment.batch_size), steps, warmup),

@@ -299,12 +299,10 @@ def _table(experiment: Experiment, dataset: str, scale: Scale, results: dict) ->
 class Classification(Spec):
     """Table V or a DenseNet experiment, for :func:`~cbnorm.experiments.driver.drive`: a run per
     (variant, learning rate, seed), trained by :func:`~cbnorm.experiments.train.train`. ``timer``
-    times the layers for a time budget (default :func:`~cbnorm.experiments.planner.time_epochs`);
-    ``speed_settings``: the :class:`~cbnorm.experiments.speed.SpeedSettings` fields of every run."""
+    times the layers for a time budget (default :func:`~cbnorm.experiments.planner.time_epochs`)."""
 
     experiment: Experiment
     dataset: str
-    speed_settings: Optional[dict] = None
     timer: Optional[Callable] = None
 
     @property
@@ -356,7 +354,7 @@ class Classification(Spec):
             batch_size=experiment.batch_size, select=scale.select, seed=seed,
             out=str(root / "runs" / _run_name(label_key, lr, seed)),
             snapshots=4 if scale.tsne_points and norm in ("scb", "ucb") and scale.epochs >= 4 else 0,
-            **self.run_settings(), **(self.speed_settings or {}),
+            **self.run_settings(),
         )
         return TrainConfig(**{**fields, **overrides})
 

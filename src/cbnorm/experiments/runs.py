@@ -43,7 +43,7 @@ from .distributed import Ranks, gather_objects
 from .metrics import COLUMNS, format_header, format_row, write_metrics
 
 __all__ = ["RUN_CONTROL", "RunFolder", "RunSettings", "RunsFailed", "autocast", "check_fields", "clustered",
-           "command_line", "config_diff", "grad_scaler", "has_checkpoint", "keyed_generator", "option",
+           "command_line", "config_diff", "has_checkpoint", "keyed_generator", "option",
            "resolve_device", "results_folder", "rng_states", "run_each", "set_rng_states", "write_results"]
 
 T = TypeVar("T")
@@ -62,13 +62,6 @@ def autocast(device: torch.device, enabled: bool, dtype: Optional[torch.dtype] =
     """Mixed precision on ``device``: ``dtype``, by default float16 on CUDA and bfloat16 elsewhere."""
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-def grad_scaler(enabled: bool):
-    """Loss scaling for float16 autocast (CUDA); a no-op scaler otherwise."""
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def clustered(ids: Optional[Tensor]):
@@ -335,10 +328,21 @@ class RunFolder:
         return self._checkpoint
 
     def restore(self, device: torch.device, **stateful) -> list[dict]:
-        """Load the checkpoint into the objects named as in :meth:`save`, and the RNG states; the history so far."""
+        """Load the checkpoint into the objects named as in :meth:`save`, and the RNG states; the history so far.
+
+        A loss scaler the checkpoint holds no state of (the run had no float16 autocast until now, or was saved
+        before scalers were checkpointed) starts afresh; any other object missing is a :class:`ValueError`,
+        raised before anything is loaded."""
         if self._checkpoint is not None:
+            fresh = {name for name, obj in stateful.items()
+                     if isinstance(obj, torch.amp.GradScaler) and not self._checkpoint.get(name)}
+            missing = sorted(set(stateful) - set(self._checkpoint) - fresh)
+            if missing:
+                raise ValueError(f"cannot resume {self.out}: expected its checkpoint to hold {sorted(stateful)}, "
+                                 f"got no {', '.join(missing)}; pass --overwrite to start the run again")
             for name, obj in stateful.items():
-                obj.load_state_dict(self._checkpoint[name])
+                if name not in fresh:
+                    obj.load_state_dict(self._checkpoint[name])
             per_rank = self._checkpoint.get("rng_ranks") or []  # a run resumed on as many ranks gets each its own
             same = len(per_rank) == self.ranks.world_size
             set_rng_states(per_rank[self.ranks.rank] if same else self._checkpoint["rng"], device)

@@ -8,7 +8,7 @@ false on the CPU, whatever was asked), and may be resumed with other settings, a
 ==================  =======  ==============================================================
 field (flag)        default  effect on CUDA
 ==================  =======  ==============================================================
-``bf16``            on       bfloat16 autocast of the forward pass (``--amp`` asks float16)
+``bf16``            on       bfloat16 autocast of the forward pass (``--amp``: float16, loss-scaled)
 ``channels_last``   on       model and batches in the channels-last (NHWC) memory format
 ``cudnn_benchmark`` on       cuDNN times its convolution algorithms and keeps the fastest
 ``compile``         off      ``torch.compile`` of the model (any device); the first steps compile
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["SPEED_FIELDS", "SpeedSettings", "autocast_dtype", "compiled", "describe", "device_name", "memory_format",
-           "prepare_model", "resolve_speed"]
+__all__ = ["SPEED_FIELDS", "SpeedSettings", "autocast", "autocast_dtype", "compiled", "describe", "device_name",
+           "grad_scaler", "memory_format", "prepare_model", "resolve_speed"]
 
 SPEED_FIELDS = frozenset({"bf16", "channels_last", "cudnn_benchmark", "compile"})
 
@@ -62,6 +62,23 @@ def autocast_dtype(config, device: torch.device) -> Optional[torch.dtype]:
     if config.amp:
         return torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.bfloat16 if config.bf16 else None
+
+
+def autocast(config, device: torch.device):
+    """The autocast of a resolved ``config``'s forward passes on ``device``: :func:`autocast_dtype`'s, off for
+    float32."""
+    import torch
+
+    dtype = autocast_dtype(config, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(config, device: torch.device):
+    """The loss scaling of a ``config``'s float16 autocast (``amp`` on CUDA); a scaler that does nothing otherwise
+    (its ``scale(loss)`` is ``loss``, its ``step(optimizer)`` is ``optimizer.step()``)."""
+    import torch
+
+    return torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
 
 
 def prepare_model(model: nn.Module, config) -> nn.Module:

@@ -258,7 +258,6 @@ class Superclasses(Spec):
 
     experiment: SuperclassExperiment
     dataset: str
-    speed_settings: Optional[dict] = None
     timer: Optional[Callable] = None
     num_clusters: int = 0  # the data set's superclasses, set by prepare()
 
@@ -307,7 +306,6 @@ class Superclasses(Spec):
             norm=norm, num_clusters=self.num_clusters, clusters="superclass", optimizer=experiment.optimizer, lr=lr,
             weight_decay=experiment.weight_decay, epochs=scale.epochs, batch_size=experiment.batch_size, seed=seed,
             out=str(root / "runs" / _run_name(label_key, lr, seed)), **self.run_settings(),
-            **(self.speed_settings or {}),
         )
         return TrainConfig(**{**fields, **overrides})
 

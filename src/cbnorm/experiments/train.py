@@ -45,8 +45,7 @@ from .data import DATASETS, Dataset, Loader, Split, atomic_write, load_dataset
 from .device_data import DeviceLoader
 from .metrics import COLUMNS, confusion_matrix, macro_scores
 from .models import build_model
-from .runs import RunFolder, autocast, clustered, grad_scaler, resolve_device
-from .speed import SPEED_FIELDS
+from .runs import RunFolder, autocast, clustered, resolve_device
 
 __all__ = ["SELECTIONS", "Setup", "TrainConfig", "best_val_row", "setup", "train"]
 
@@ -174,13 +173,12 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
 
 def _train_epoch(model, loader: Loader, epoch: int, optimizer, scaler, config: TrainConfig, device, bar) -> dict:
     model.train()
-    dtype = speed.autocast_dtype(config, device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     batches = zip(loader.epoch(epoch), loader.global_batch_sizes)
     for step, ((images, labels, ids), global_batch) in enumerate(batches):
-        with autocast(device, dtype is not None, dtype), clustered(ids):
+        with speed.autocast(config, device), clustered(ids):
             logits = model(images)
             # the mean over the global batch, times the ranks: DDP's average of the ranks' gradients is its gradient
             total = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
@@ -297,7 +295,7 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
         dataclasses.asdict(config),
         resume=config.resume,
         overwrite=config.overwrite,
-        run_control=RUN_CONTROL | SPEED_FIELDS,
+        run_control=RUN_CONTROL,
         epochs_fixed=_epochs_fixed(config),
         ranks=ranks,
         columns=columns,
@@ -332,7 +330,7 @@ def _train(config: TrainConfig, data: Optional[Dataset], device: torch.device, r
     )
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
-    scaler = grad_scaler(config.amp and device.type == "cuda")
+    scaler = speed.grad_scaler(config, device)
     stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     history = folder.restore(device, **stateful)
     trained = distributed.wrap_model(model, ranks, device)  # DDP, statistics over the global batch
