@@ -164,7 +164,6 @@ class TestFindings:
     def test_table5_to_a_plateau(self, tmp_path):
         """Best-validation and last-epoch gains, and the epochs each layer takes to reach BN's mean final accuracy."""
         from cbnorm.experiments.findings import findings
-        from cbnorm.experiments.metrics import write_metrics
 
         curves = {  # per seed: (val_acc, test_acc) of each epoch
             "batchnorm": [[(0.3, 0.30), (0.5, 0.50), (0.4, 0.52)], [(0.3, 0.31), (0.5, 0.51), (0.4, 0.53)],
@@ -172,11 +171,7 @@ class TestFindings:
             "scb": [[(0.6, 0.55), (0.5, 0.54), (0.4, 0.56)], [(0.6, 0.56), (0.5, 0.55), (0.4, 0.57)],
                     [(0.6, 0.54), (0.5, 0.56), (0.4, 0.55)]],
         }
-        folder = tmp_path / "table5-cifar10" / "converge"
-        for key, seeds in curves.items():
-            for seed, epochs in enumerate(seeds):
-                history = [{"epoch": e + 1, "val_acc": v, "test_acc": t} for e, (v, t) in enumerate(epochs)]
-                write_metrics(folder / "runs" / f"{key}-lr0.005-seed{seed}", {}, history)
+        write_curves(tmp_path / "table5-cifar10" / "converge", curves)
         rows = {f.what: f for f in findings(tmp_path) if f.source}
         best = rows["SCB-Norm vs BN, lr 0.005, test accuracy at the best-validation epoch"]
         assert best.gain.mean == pytest.approx(100 * (0.55 - 0.51)) and best.gain.n == 3  # epoch 1 vs epoch 2
@@ -189,3 +184,22 @@ class TestFindings:
         assert reach.gain.mean == pytest.approx(5 / 3)  # BN reaches 52% at epochs 3, 3 and 2; SCB-Norm at 1, 1, 1
         assert reach.verdict.startswith("confirmed at this scale")
         assert not [f for f in findings(tmp_path) if "UCB-Norm (weight)" in f.what and f.gain.n]  # no such runs
+
+    def test_table5_to_a_plateau_with_more_seeds_supersedes_the_first_run(self, tmp_path):
+        from cbnorm.experiments.findings import findings
+
+        three = {"batchnorm": [[(0.5, 0.50)]] * 3, "scb": [[(0.5, 0.60)]] * 3}
+        write_curves(tmp_path / "table5-cifar10" / "converge", three)
+        write_curves(tmp_path / "table5-cifar10" / "converge-5seeds", {k: v * 2 for k, v in three.items()})
+        rows = [f for f in findings(tmp_path) if f.what.startswith("SCB-Norm vs BN, lr 0.005")]
+        assert len(rows) == 2 and all(f.gain.n == 6 and f.source.endswith("converge-5seeds") for f in rows)
+
+
+def write_curves(folder, curves: dict) -> None:
+    """Table V runs of each layer key: per seed, ``(val_acc, test_acc)`` of each epoch."""
+    from cbnorm.experiments.metrics import write_metrics
+
+    for key, seeds in curves.items():
+        for seed, epochs in enumerate(seeds):
+            history = [{"epoch": e + 1, "val_acc": v, "test_acc": t} for e, (v, t) in enumerate(epochs)]
+            write_metrics(folder / "runs" / f"{key}-lr0.005-seed{seed}", {}, history)

@@ -77,9 +77,11 @@ SEEDS = range(10)
 MIN_SEEDS = 3
 CONVERGE_SCALE = ("2,500 CIFAR-10 training images (2,250 after a 10% validation hold-out) / 1,000 test, 30 epochs "
                   "(270 steps)")
+# Table V to a plateau: the 5-seed run holds the 3-seed one's runs (reused as they were) and two seeds more.
+CONVERGE_FOLDERS = ("table5-cifar10/converge-5seeds", "table5-cifar10/converge")
 # Results that answer a claim at a scale of their own: a verdict against the paper's number holds there.
 SMALLER_REGIME = {
-    "table5-cifar10/converge": "2,500 CIFAR-10 training images, 30 epochs; the paper: all 50,000, 100 epochs",
+    **dict.fromkeys(CONVERGE_FOLDERS, "2,500 CIFAR-10 training images, 30 epochs; the paper: all 50,000, 100 epochs"),
     "superclass-controls-oxford_cnn-cifar10/small": "CIFAR-10, 4 epochs, 45-48% accuracy; the paper: Oxford-IIIT Pet, "
                                                     "epoch 113 of 200",
     "adamatch-mnist-digits/small-4seeds": "digits as target, 192 steps of WRN-10-2; the paper: SVHN, 10 epochs of "
@@ -122,8 +124,9 @@ def findings(results: Path) -> list[Finding]:
                 "2,560 train / 1,000 test CIFAR-10 images, 4 epochs (40 steps)", gain,
                 claim_verdict(gain, claimed), str(folder))
     # C1 to a plateau (issue 14): Table V's lr-0.005 layers on a fixed subset, several seeds, best-val.
-    folder = results / "table5-cifar10" / "converge"
-    if folder.is_dir():
+    converge = next((results / name for name in CONVERGE_FOLDERS if (results / name).is_dir()), None)
+    if converge is not None:
+        folder = converge
         layers = {"scb": ("SCB-Norm", 1.42), "ucb": ("UCB-Norm (moving_average)", 1.84),
                   "ucb-weight": ("UCB-Norm (weight)", 1.84)}
         runs = {key: (lambda s, key=key: f"{key}-lr0.005-seed{s}") for key in ("batchnorm", *layers)}
@@ -230,7 +233,7 @@ def findings(results: Path) -> list[Finding]:
     # Claims without a number to compare, or without a run here.
     add_static = lambda claim, what, paper, why: out.append(  # noqa: E731
         Finding(claim, what, paper, "—", None, f"not testable here ({why})", ""))
-    if not (results / "table5-cifar10" / "converge").is_dir():
+    if converge is None:
         add_static("C1", "BN, SCB-Norm, UCB-Norm (both updates) to a plateau, lr 0.005, best-val", "+1.42 / +1.84",
                    "the `converge` scale has not run")
     add_static("C2", "activations closer to normal (Figure 2)", "histograms only", "the paper gives no statistic")
