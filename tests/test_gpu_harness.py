@@ -83,6 +83,17 @@ class TestSpeedSettings:
             assert (given.bf16, given.channels_last, given.cudnn_benchmark, given.compile) == (True, False, True, True)
             assert (default.channels_last, default.compile) == (True, False)
 
+    def test_a_compiled_adamatch_run_probes_the_gradient_variance_as_the_eager_one(self, tmp_path, digits):
+        """The probe takes two gradients of one compiled graph, which torch's donated buffers would refuse."""
+        runs = [adamatch.train_adamatch(adamatch.AdaMatchConfig(**ADAMATCH_RUN, norm="scb", epochs=1, threads=1,
+                                                                progress=False, compile=compile,
+                                                                out=str(tmp_path / str(compile))), digits, digits)
+                for compile in (False, True)]
+        eager, compiled = (history[0] for history in runs)
+        for key in ("loss", "grad_var_source_mean", "grad_var_target_mean"):  # fused kernels round differently
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-2)
+        assert json.loads((tmp_path / "True" / "config.json").read_text())["compile"] is True
+
     def test_a_checkpoint_missing_a_state_is_refused_before_anything_loads(self, tmp_path, digits):
         trainer, config = _run("gan", tmp_path / "run", digits)
         trainer(config)

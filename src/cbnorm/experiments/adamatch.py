@@ -470,8 +470,9 @@ def _setup(config: AdaMatchConfig, source: Optional[Dataset], target: Optional[D
     trained = speed.compiled(model, config)
 
     def step(xs, labels, xt, progress, augmentation, probe):
-        return adamatch_step(trained, xs, labels, xt, progress, augmentation, optimizer, scheduler, scaler, config,
-                             device, probe)
+        with speed.retained_graphs(config):  # the probe takes two gradients of one graph
+            return adamatch_step(trained, xs, labels, xt, progress, augmentation, optimizer, scheduler, scaler,
+                                 config, device, probe)
 
     return data, dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler), step
 

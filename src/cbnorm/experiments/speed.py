@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["SPEED_FIELDS", "SpeedSettings", "autocast", "autocast_dtype", "compiled", "describe", "device_name",
-           "grad_scaler", "memory_format", "prepare_model", "resolve_speed"]
+           "grad_scaler", "memory_format", "prepare_model", "resolve_speed", "retained_graphs"]
 
 SPEED_FIELDS = frozenset({"bf16", "channels_last", "cudnn_benchmark", "compile"})
 
@@ -97,6 +97,19 @@ def compiled(module: nn.Module, config) -> nn.Module:
     import torch
 
     return torch.compile(module) if config.compile else module
+
+
+def retained_graphs(config):
+    """A context in which the backward graph of a module :func:`compiled` under ``config.compile`` may be kept
+    for a second gradient (``retain_graph=True``): torch's donated buffers, which forbid it, are off while it
+    compiles and runs. Nothing without ``compile``, or on a torch without donated buffers."""
+    import contextlib
+
+    from torch._functorch import config as functorch_config
+
+    if config.compile and hasattr(functorch_config, "donated_buffer"):
+        return functorch_config.patch(donated_buffer=False)
+    return contextlib.nullcontext()
 
 
 def describe(config) -> str:
