@@ -186,13 +186,14 @@ class TestFindings:
         assert not [f for f in findings(tmp_path) if "UCB-Norm (weight)" in f.what and f.gain.n]  # no such runs
 
     def test_table5_to_a_plateau_with_more_seeds_supersedes_the_first_run(self, tmp_path):
-        from cbnorm.experiments.findings import findings
+        from cbnorm.experiments.findings import CONVERGE_FOLDERS, findings
 
+        more, first = CONVERGE_FOLDERS
         three = {"batchnorm": [[(0.5, 0.50)]] * 3, "scb": [[(0.5, 0.60)]] * 3}
-        write_curves(tmp_path / "table5-cifar10" / "converge", three)
-        write_curves(tmp_path / "table5-cifar10" / "converge-5seeds", {k: v * 2 for k, v in three.items()})
+        write_curves(tmp_path / first, three)
+        write_curves(tmp_path / more, {k: v * 2 for k, v in three.items()})
         rows = [f for f in findings(tmp_path) if f.what.startswith("SCB-Norm vs BN, lr 0.005")]
-        assert len(rows) == 2 and all(f.gain.n == 6 and f.source.endswith("converge-5seeds") for f in rows)
+        assert len(rows) == 2 and all(f.gain.n == 6 and f.source.endswith(more) for f in rows)
 
 
 def write_curves(folder, curves: dict) -> None:
