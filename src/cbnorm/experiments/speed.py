@@ -105,9 +105,11 @@ def retained_graphs(config):
     compiles and runs. Nothing without ``compile``, or on a torch without donated buffers."""
     import contextlib
 
+    if not config.compile:  # every AdaMatch step asks: answer without importing
+        return contextlib.nullcontext()
     from torch._functorch import config as functorch_config
 
-    if config.compile and hasattr(functorch_config, "donated_buffer"):
+    if hasattr(functorch_config, "donated_buffer"):
         return functorch_config.patch(donated_buffer=False)
     return contextlib.nullcontext()
 
